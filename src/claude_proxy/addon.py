@@ -1,0 +1,291 @@
+"""The mitmproxy addon that enforces the allowlist at every point a destination is named.
+
+Every hook fails closed: mitmproxy lets traffic through when a hook raises, so each hook catches
+its own errors and refuses. The addon also owns the `next_layer` decision (mitmproxy's NextLayer
+addon is not loaded), so no connection can end up relayed as raw TCP or TLS uninspected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_hooks
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from claude_proxy import policy
+from claude_proxy.decisions import log_decision, printable
+from claude_proxy.policy import Allowlist, Decision
+
+logger = logging.getLogger(__name__)
+
+REFUSAL_HEADER = "X-Claude-Proxy"
+UNSUPPORTED_OPTIONS = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
+Target = tuple[str, int]
+
+
+class CloseTunnel(layer.Layer):
+    """Closes the client connection at once: nothing inside the tunnel goes anywhere."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield commands.CloseConnection(self.context.client)
+
+
+class Enforcer:
+    def __init__(self) -> None:
+        self.allowlist = Allowlist(())
+        self.tunnels: dict[str, Target] = {}  # client connection id → its CONNECT target
+        self.in_flight = 0  # allowed requests whose response has not ended
+
+    def load(self, loader: object) -> None:
+        add = loader.add_option  # type: ignore[attr-defined]
+        add(
+            "sandbox_allow",
+            Sequence[str],
+            list(policy.DEFAULT_RULES),
+            "Destinations the proxy lets through; everything else is refused. Each rule is a host "
+            "(api.anthropic.com), *.domain for every subdomain at any depth but not the domain "
+            "itself, or an IP literal, with an optional :port (default 443).",
+        )
+        add(
+            "sandbox_allowlist_source",
+            str,
+            "the built-in defaults",
+            "Where the allowlist comes from, named in every refusal.",
+        )
+        add(
+            "sandbox_remote_clients",
+            bool,
+            False,
+            "Accept clients from other machines and listen on non-loopback addresses. Anyone who "
+            "can reach the port can then use the proxy.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "sandbox_allow" in updated:
+            try:
+                self.allowlist = Allowlist.from_texts(ctx.options.sandbox_allow)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"Cannot parse the allowlist: {e}") from e
+        for name in UNSUPPORTED_OPTIONS:
+            if name in updated and getattr(ctx.options, name, None):
+                raise exceptions.OptionsError(
+                    f"{name} is not supported: claude-proxy inspects every connection"
+                )
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            raise exceptions.OptionsError(
+                "connection_strategy must be lazy: no upstream connection before a request is checked"
+            )
+        if updated & {"mode", "listen_host", "sandbox_remote_clients"}:
+            check_listen(ctx.options.mode, ctx.options.listen_host, ctx.options.sandbox_remote_clients)
+
+    # Connections
+
+    def client_connected(self, client: connection.Client) -> None:
+        try:
+            if not ctx.options.sandbox_remote_clients and not is_loopback(client.peername[0]):
+                client.error = "claude-proxy accepts loopback clients only"
+        except Exception:
+            logger.exception("refusing a client: the check failed")
+            client.error = "internal error"
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.tunnels.pop(client.id, None)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        host, port = flow.request.host, flow.request.port
+        decision = self.decide(host, port)
+        if decision.allowed:
+            self.tunnels[flow.client_conn.id] = (policy.normalize_host(host), port)
+            log_decision(flow, decision, host=host, port=port, status=200)
+        else:
+            self.refuse(flow, host, port, decision)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        try:
+            nextlayer.layer = self._next_layer(nextlayer)
+        except Exception:
+            logger.exception("closing a tunnel: the layer decision failed")
+            nextlayer.layer = CloseTunnel(nextlayer.context)
+
+    def _next_layer(self, nextlayer: layer.NextLayer) -> layer.Layer | None:
+        context = nextlayer.context
+        target = self.tunnels.get(context.client.id)
+        if target is None:
+            if len(context.layers) == 1 and isinstance(context.layers[0], layers.modes.HttpProxy):
+                return layers.HttpLayer(context, HTTPMode.regular)
+            return CloseTunnel(context)
+        if context.client.tls:
+            # Inside our TLS only HTTP goes, so that every request is checked.
+            return layers.HttpLayer(context, HTTPMode.transparent)
+        data = nextlayer.data_client()
+        if len(data) < 3:
+            return None  # wait for more bytes
+        if not starts_like_tls_record(data):
+            logger.info("closed tunnel to %s:%d: it does not start with TLS", *target)
+            return CloseTunnel(context)
+        try:
+            hello = parse_client_hello(data)
+        except ValueError:
+            logger.info("closed tunnel to %s:%d: malformed TLS ClientHello", *target)
+            return CloseTunnel(context)
+        if hello is None:
+            return None  # the ClientHello is not complete yet
+        if hello.sni is not None and not names_target(hello.sni, target, port_allowed=False):
+            logger.info("closed tunnel to %s:%d: SNI %s", *target, printable(hello.sni))
+            return CloseTunnel(context)
+        server_tls = layers.ServerTLSLayer(context)
+        server_tls.child_layer = layers.ClientTLSLayer(context)
+        return server_tls
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Backstop: no upstream connection the policy (and the tunnel) would not allow."""
+        try:
+            address = data.server.address
+            target = self.tunnels.get(data.client.id)
+            if address is None:
+                data.server.error = "claude-proxy: no destination"
+            elif target is not None and (policy.normalize_host(address[0]), address[1]) != target:
+                data.server.error = "claude-proxy: not the CONNECT destination"
+            elif not (decision := self.decide(*address)).allowed:
+                data.server.error = f"claude-proxy: {decision.reason}"
+        except Exception:
+            logger.exception("refusing an upstream connection: the check failed")
+            data.server.error = "claude-proxy: internal error"
+        if data.server.error:
+            logger.warning("BLOCK upstream connection: %s", printable(data.server.error))
+
+    # Requests
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        try:
+            target = self.tunnels.get(flow.client_conn.id)
+            host, port = target or (flow.request.host, flow.request.port)
+            decision = self.decide(host, port)
+            if decision.allowed and (mismatch := misnamed(flow, (policy.normalize_host(host), port))):
+                decision = Decision(False, mismatch)
+        except Exception:
+            logger.exception("refusing a request: the check failed")
+            host, port = flow.request.host, flow.request.port
+            decision = Decision(False, "internal error in the policy check")
+        if not decision.allowed:
+            self.refuse(flow, host, port, decision)
+            return
+        flow.metadata["claude_proxy.decision"] = (decision, host, port)
+        flow.request.stream = True
+        self.in_flight += 1
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and "claude_proxy.decision" in flow.metadata:
+            flow.response.stream = True  # SSE events and large bodies pass as they arrive
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, flow.response.status_code if flow.response else None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow, None)
+
+    def _finish(self, flow: http.HTTPFlow, status: int | None) -> None:
+        allowed = flow.metadata.pop("claude_proxy.decision", None)
+        if allowed is not None:
+            self.in_flight -= 1
+            decision, host, port = allowed
+            log_decision(flow, decision, host=host, port=port, status=status)
+
+    # Helpers
+
+    def decide(self, host: str, port: int) -> Decision:
+        try:
+            return self.allowlist.decide(host, port)
+        except Exception:
+            logger.exception("refusing %s:%d: the policy failed", printable(host), port)
+            return Decision(False, "internal error in the policy")
+
+    def refuse(self, flow: http.HTTPFlow, host: str, port: int, decision: Decision) -> None:
+        flow.response = refusal(flow.request.method, host, port, decision.reason)
+        log_decision(flow, decision, host=host, port=port, status=403)
+
+
+def refusal(method: str, host: str, port: int, reason: str) -> http.Response:
+    where = printable(f"{host}:{port}")
+    body = (
+        f"claude-proxy refused {where}: {printable(reason)}.\n"
+        "This is the sandbox's policy, not a network fault: do not retry another way.\n"
+        f"The allowlist is {ctx.options.sandbox_allowlist_source}; "
+        "`claude-proxy check HOST[:PORT]` shows which rule decides.\n"
+    )
+    headers = {
+        REFUSAL_HEADER: "refused",
+        "Proxy-Status": f'claude-proxy; error=http_request_denied; details="{ascii_header(reason)}"',
+        "Content-Type": "text/plain; charset=utf-8",
+        "Cache-Control": "no-store",
+    }
+    return http.Response.make(403, b"" if method == "HEAD" else body.encode(), headers)
+
+
+def misnamed(flow: http.HTTPFlow, target: Target) -> str | None:
+    """Why the request names another destination than `target`, or None when it does not.
+
+    Host header, HTTP/2 :authority and an absolute-form URL's host must each name the target.
+    """
+    hosts = flow.request.headers.get_all("host")
+    if len(hosts) > 1:
+        return "more than one Host header"
+    named = {"Host header": hosts[0] if hosts else "", "authority": flow.request.authority}
+    for what, value in named.items():
+        if value and not names_target(value, target):
+            return f"{what} {printable(value)} does not name {target[0]}"
+    return None
+
+
+def names_target(authority: str, target: Target, *, port_allowed: bool = True) -> bool:
+    """Whether `host[:port]` names `target`; a name that cannot be parsed names nothing."""
+    try:
+        host, port = policy.split_host_port(authority)
+        if port is not None and (not port_allowed or port != target[1]):
+            return False
+        return policy.normalize_host(host) == target[0]
+    except ValueError:
+        return False
+
+
+def check_listen(modes: Sequence[str], listen_host: str, remote_ok: bool) -> None:
+    for spec in modes:
+        try:
+            mode = mode_specs.ProxyMode.parse(spec)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"Cannot parse mode {spec!r}: {e}") from e
+        if not isinstance(mode, mode_specs.RegularMode):
+            raise exceptions.OptionsError(
+                f"mode {spec!r} is not supported: claude-proxy runs as a regular HTTP(S) proxy"
+            )
+        host = mode.listen_host(listen_host)
+        if not remote_ok and not is_loopback(host):
+            raise exceptions.OptionsError(
+                f"listening on {host or 'all addresses'!r} would let other machines use the proxy; "
+                "use 127.0.0.1, or pass --expose-to-network if that is really meant"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def ascii_header(text: str) -> str:
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)

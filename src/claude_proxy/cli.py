@@ -1,0 +1,171 @@
+"""Command line: parse, dispatch, and turn a ProxyError into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from claude_proxy import ca, logs, paths, policy, service
+from claude_proxy.errors import ExitCode, ProxyError
+
+COMMANDS = ("run", "ca", "env", "check")
+SHELLS = ("sh", "zsh", "fish", "nu")
+ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args))
+    except ProxyError as e:
+        print(f"claude-proxy: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.OK)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "run")  # `claude-proxy` alone runs the proxy
+    parser = argparse.ArgumentParser(
+        prog="claude-proxy",
+        description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts.",
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad usage/rule/option, "
+        "3 cannot listen (port in use), 4 CA unusable.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy (the default)")
+    run.add_argument("--host", default=service.DEFAULT_HOST, help="listen address (%(default)s)")
+    run.add_argument("--port", type=port, default=service.DEFAULT_PORT, help="(%(default)s)")
+    add_allow(run)
+    run.add_argument(
+        "--set",
+        dest="mitmproxy_options",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a mitmproxy option, as mitmdump --set does",
+    )
+    run.add_argument(
+        "--expose-to-network",
+        action="store_true",
+        help="allow a non-loopback --host: anyone who can reach the port can use the proxy",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="log more")
+    run.set_defaults(func=cmd_run)
+
+    ca_cmd = sub.add_parser("ca", help="make the CA if missing; print its path and fingerprints")
+    ca_cmd.add_argument("--sha1", action="store_true", help="print only the SHA-1 fingerprint")
+    ca_cmd.set_defaults(func=cmd_ca)
+
+    env = sub.add_parser("env", help="print the environment Claude Code needs to use the proxy")
+    env.add_argument("--shell", choices=SHELLS, default=default_shell())
+    env.add_argument("--host", default=service.DEFAULT_HOST)
+    env.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    env.set_defaults(func=cmd_env)
+
+    check = sub.add_parser("check", help="say whether HOST[:PORT] would be allowed, and why")
+    check.add_argument("destination", metavar="HOST[:PORT]")
+    add_allow(check)
+    check.set_defaults(func=cmd_check)
+    return parser.parse_args(argv)
+
+
+def add_allow(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="also allow RULE: host, *.domain (subdomains only) or IP, with optional :port",
+    )
+
+
+def port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535; 0 picks a free one)")
+    return int(text)
+
+
+def default_shell() -> str:
+    name = os.path.basename(os.environ.get("SHELL", ""))
+    return name if name in SHELLS else "sh"
+
+
+def allowlist(extra: Sequence[str]) -> policy.Allowlist:
+    try:
+        return policy.Allowlist.from_texts([*policy.DEFAULT_RULES, *extra])
+    except ValueError as e:
+        raise ProxyError(f"invalid --allow {e}; see --help for the rule syntax", ExitCode.USAGE)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    allowlist(args.allow)  # refuse a bad rule before anything else happens
+    logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose)
+    confdir = paths.config_dir()
+    ca.ensure_ca(confdir)
+    settings = service.Settings(
+        confdir=confdir,
+        rules=[*policy.DEFAULT_RULES, *args.allow],
+        allowlist_source=ALLOWLIST_SOURCE,
+        host=args.host,
+        port=args.port,
+        expose_to_network=args.expose_to_network,
+        mitmproxy_options=args.mitmproxy_options,
+    )
+    asyncio.run(service.serve(settings))
+    return ExitCode.OK
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    authority = ca.ensure_ca(paths.config_dir())
+    if args.sha1:
+        print(authority.sha1)
+    else:
+        print(f"certificate: {authority.cert_path}")
+        print(f"private key: {authority.key_path}")
+        print(f"SHA-1:       {authority.colons(authority.sha1)}")
+        print(f"SHA-256:     {authority.colons(authority.sha256)}")
+    return ExitCode.OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    proxy = f"http://{args.host}:{args.port}"
+    cert = ca.cert_path(paths.config_dir())
+    if not cert.exists():
+        print(f"claude-proxy: {cert} does not exist yet; run `claude-proxy ca`", file=sys.stderr)
+    variables = {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "NODE_EXTRA_CA_CERTS": str(cert)}
+    for name, value in variables.items():
+        print(export_line(args.shell, name, value))
+    return ExitCode.OK
+
+
+def export_line(shell: str, name: str, value: str) -> str:
+    if shell == "fish":
+        escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+        return f"set -gx {name} '{escaped}'"
+    if shell == "nu":
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'$env.{name} = "{escaped}"'
+    return f"export {name}='" + value.replace("'", "'\\''") + "'"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    rules = allowlist(args.allow)
+    try:
+        host, port_or_none = policy.split_host_port(args.destination, what="destination")
+    except ValueError as e:
+        raise ProxyError(f"{e}; write HOST or HOST:PORT", ExitCode.USAGE) from None
+    port_number = policy.DEFAULT_PORT if port_or_none is None else port_or_none
+    decision = rules.decide(host, port_number)
+    where = f"{host}:{port_number}"
+    if decision.allowed:
+        print(f"allow {where} (rule {decision.rule})")
+        return ExitCode.OK
+    print(f"refuse {where}: {decision.reason}")
+    return ExitCode.FAILURE

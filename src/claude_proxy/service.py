@@ -1,0 +1,149 @@
+"""The headless service: a mitmproxy master with only the addons the sandbox needs.
+
+Left out on purpose: NextLayer (the Enforcer decides every layer), the onboarding app (mitm.it),
+the web UI, the console, flow storage, replay and every addon that rewrites traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, master, options
+from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
+
+from claude_proxy.addon import Enforcer
+from claude_proxy.errors import ExitCode, ProxyError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9051
+DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
+
+
+@dataclass(frozen=True)
+class Settings:
+    confdir: Path
+    rules: Sequence[str]
+    allowlist_source: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    expose_to_network: bool = False
+    mitmproxy_options: Sequence[str] = field(default_factory=tuple)  # NAME=VALUE, as --set takes
+    drain_seconds: float = DRAIN_SECONDS
+
+
+class StartupCheck(errorcheck.ErrorCheck):
+    """Turns errors logged while starting (port in use, a broken script) into one ProxyError."""
+
+    name = "errorcheck"  # Master.run looks the check up by this name
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    async def shutdown_if_errored(self) -> None:
+        await asyncio.sleep(0)  # let pending log records arrive
+        if records := self.logger.has_errored:
+            raise startup_error(self.settings, records[0].getMessage())
+
+    def running(self) -> None:
+        if ctx.options.deferred:
+            logger.error("unknown mitmproxy option(s): %s", ", ".join(ctx.options.deferred))
+            return
+        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
+        where = ", ".join(f"{host}:{port}" for host, port, *_ in addresses)
+        logger.info("claude-proxy listening on %s", where)
+
+
+class HideNextLayerWarning(logging.Filter):
+    """The Enforcer decides every layer, so mitmproxy's NextLayer addon is missing on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without nextlayer addon" not in record.getMessage()
+
+
+def startup_error(settings: Settings, message: str) -> ProxyError:
+    where = f"{settings.host}:{settings.port}"
+    lowered = message.lower()
+    if "address already in use" in lowered:
+        return ProxyError(
+            f"cannot listen on {where}: the port is in use (is claude-proxy already running? "
+            "`claude-proxy status` tells); stop it or choose another --port",
+            ExitCode.ADDRESS,
+        )
+    if "bind" in lowered or "address" in lowered or "permission denied" in lowered:
+        return ProxyError(f"cannot listen on {where}: {message}", ExitCode.ADDRESS)
+    return ProxyError(f"cannot start: {message}", ExitCode.USAGE)
+
+
+def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
+    """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
+    logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
+    enforcer = Enforcer()
+    m = master.Master(options.Options(), with_termlog=False)
+    try:
+        # Proxyserver registers connection_strategy with the default "eager", which the Enforcer
+        # refuses; set "lazy" before the Enforcer arrives.
+        m.addons.add(core.Core(), proxyserver.Proxyserver())
+        m.options.update(connection_strategy="lazy")
+        # The Enforcer comes before every addon that could answer a request or open a connection,
+        # and before user scripts, so its checks always see a flow first.
+        m.addons.add(
+            enforcer,
+            tlsconfig.TlsConfig(),
+            disable_h2c.DisableH2C(),
+            script.ScriptLoader(),
+            StartupCheck(settings),
+        )
+        m.options.update(
+            confdir=str(settings.confdir),
+            listen_host=settings.host,
+            listen_port=settings.port,
+            sandbox_allow=list(settings.rules),
+            sandbox_allowlist_source=settings.allowlist_source,
+            sandbox_remote_clients=settings.expose_to_network,
+        )
+        m.options.set(*settings.mitmproxy_options, defer=True)
+    except exceptions.OptionsError as e:
+        raise ProxyError(str(e), ExitCode.USAGE) from e
+    return m, enforcer
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain requests in flight (bounded) and return."""
+    m, enforcer = build_master(settings)
+    loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if draining:  # a second signal: stop now
+            m.shutdown()
+            return
+        logger.warning("%s: draining, then stopping", signal.Signals(signum).name)
+        draining.append(loop.create_task(drain(m, enforcer, settings.drain_seconds)))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await m.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    logger.info("claude-proxy stopped")
+
+
+async def drain(m: master.Master, enforcer: Enforcer, seconds: float) -> None:
+    """Stop listening, let responses in flight finish (at most `seconds`), then shut down."""
+    m.options.update(server=False)
+    deadline = asyncio.get_running_loop().time() + seconds
+    while enforcer.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if enforcer.in_flight:
+        logger.warning("stopping with %d request(s) still in flight", enforcer.in_flight)
+    m.shutdown()
