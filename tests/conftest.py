@@ -1,0 +1,193 @@
+"""Real parts: the claude-proxy process, a local HTTPS upstream with a trustme certificate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.upstream import Upstream
+
+SCRIPTS = Path(__file__).parent / "scripts"
+UPSTREAM_NAMES = ["api.anthropic.com", "claude.ai", "platform.claude.com", "statsig.anthropic.com"]
+EXECUTABLE = Path(sys.executable).with_name("claude-proxy")
+
+
+class ProxyProcess:
+    """The real `claude-proxy` console script, on an ephemeral port with a temporary HOME."""
+
+    def __init__(self, home: Path, args: Sequence[str], env: dict[str, str]) -> None:
+        self.home = home
+        self.stderr: list[str] = []
+        self.listening = threading.Event()
+        self.port = 0
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+        full_env.update(HOME=str(home), PYTHONUNBUFFERED="1", **env)
+        self.proc = subprocess.Popen(
+            [str(EXECUTABLE), *args],
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.rstrip("\n"))
+            if "listening on 127.0.0.1:" in line and not self.listening.is_set():
+                self.port = int(line.rsplit(":", 1)[1])
+                self.listening.set()
+
+    def wait_listening(self, timeout: float = 30) -> ProxyProcess:
+        deadline = time.monotonic() + timeout
+        while not self.listening.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("proxy did not start:\n" + "\n".join(self.stderr))
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_cert))
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        """Everything the proxy wrote: stderr and its rotating log file."""
+        logs = list((self.home / ".local" / "state" / "claude-proxy").rglob("*.log*"))
+        return "\n".join(self.stderr + [p.read_text() for p in logs])
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def upstream_ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("upstream") / "upstream-ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def upstream_server(tls_ca: trustme.CA) -> Iterator[Upstream]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert(*UPSTREAM_NAMES).configure_cert(context)
+    server = Upstream(context)
+    server.serve_in_background()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def upstream(upstream_server: Upstream) -> Upstream:
+    upstream_server.reset()
+    return upstream_server
+
+
+def start_proxy(
+    home: Path,
+    upstream: Upstream,
+    upstream_ca_file: Path,
+    *extra: str,
+    scripts: Sequence[str] = ("route_to_upstream.py",),
+) -> ProxyProcess:
+    args = ["--port", "0", "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
+    for name in scripts:
+        args += ["--set", f"scripts={SCRIPTS / name}"]
+    env = {"CLAUDE_PROXY_TEST_UPSTREAM_PORT": str(upstream.port)}
+    return ProxyProcess(home, [*args, *extra], env).wait_listening()
+
+
+@pytest.fixture(scope="session")
+def proxy(
+    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """One proxy shared by the tests that only send traffic through it."""
+    process = start_proxy(tmp_path_factory.mktemp("home"), upstream_server, upstream_ca_file)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home dir & more"
+    path.mkdir()
+    return path
+
+
+def curl(proxy: ProxyProcess, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    assert shutil.which("curl"), "curl is needed (the CI script installs it)"
+    return subprocess.run(
+        ["curl", "-sS", "--proxy", proxy.url, "--cacert", str(proxy.ca_cert), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def send_connect(proxy: ProxyProcess, authority: bytes, extra: bytes = b"") -> socket.socket:
+    """Open a connection to the proxy and send a CONNECT for `authority` (raw bytes)."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n" + extra)
+    sock.sendall(b"\r\n")
+    return sock
+
+
+def read_head(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """Read up to the end of a response head (or until the peer closes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ssl.SSLError, ConnectionError, TimeoutError):
+        pass
+    return data
+
+
+def open_tunnel(proxy: ProxyProcess, host: str, port: int = 443, sni: str | None = None) -> ssl.SSLSocket:
+    """CONNECT to host:port, then TLS inside the tunnel, trusting the proxy's CA."""
+    sock = send_connect(proxy, f"{host}:{port}".encode())
+    head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    context = proxy.client_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context.wrap_socket(sock, server_hostname=sni or host)
+
+
+def signal_name(code: int) -> str:
+    return signal.Signals(-code).name if code < 0 else str(code)

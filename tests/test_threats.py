@@ -1,0 +1,248 @@
+"""Every vector of the threat model, against the real proxy; proof is what reached the upstream."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from tests.conftest import (
+    ProxyProcess,
+    curl,
+    open_tunnel,
+    read_head,
+    read_until_closed,
+    send_connect,
+)
+from tests.upstream import Upstream
+
+REFUSED_CONNECTS = [
+    b"mozilla.org:443",
+    b"127.0.0.1:443",  # IPv4 literal
+    b"[::1]:443",  # IPv6 literal
+    b"2130706433:443",  # 127.0.0.1 as a decimal number
+    b"0x7f.1:443",  # hex and short forms of an IPv4 address
+    b"api.anthropic.com.evil.example:443",  # merely starts like an allowed name
+    b"evilanthropic.com:443",  # merely ends like one
+    b"anthropic.com.:8443",  # allowed host, other port
+    b"api.anthropic.com:80",
+    b"api.anthropic.com:8443",
+    b"user@api.anthropic.com:443",  # userinfo
+    b"api%2eanthropic.com:443",  # percent-encoding
+    "аpi.anthropic.com:443".encode(),  # Cyrillic a: a Unicode look-alike
+    b"xn--pi-7kc.anthropic.com.evil.example:443",
+    b"mitm.it:443",  # mitmproxy's onboarding host
+    b"mitm.it:80",
+    b"localhost:443",
+]
+
+
+@pytest.mark.parametrize("authority", REFUSED_CONNECTS, ids=lambda a: a.decode(errors="replace"))
+def test_refused_connect_never_reaches_upstream(
+    proxy: ProxyProcess, upstream: Upstream, authority: bytes
+) -> None:
+    sock = send_connect(proxy, authority)
+    head = read_head(sock)
+    sock.close()
+    status_line = head.split(b"\r\n", 1)[0]
+    assert status_line.split()[1] in (b"400", b"403"), head
+    assert upstream.seen.connections == 0
+
+
+def test_refusal_says_why_and_where_the_allowlist_lives(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    result = curl(proxy, "-i", "https://mozilla.org/")
+    assert "CONNECT tunnel failed, response 403" in result.stderr
+    assert "x-claude-proxy: refused" in result.stdout.lower()
+    assert 'details="mozilla.org is not on the allowlist"' in result.stdout
+    sock = send_connect(proxy, b"mozilla.org:443")
+    body = read_until_closed(sock).decode().split("\r\n\r\n", 1)[1]
+    assert body.startswith("claude-proxy refused mozilla.org:443: mozilla.org is not on the allowlist")
+    assert "sandbox's policy, not a network fault: do not retry another way" in body
+    assert "The allowlist is the built-in defaults plus the --allow flags" in body
+    assert upstream.seen.connections == 0
+
+
+def test_refusal_of_head_has_no_body(proxy: ProxyProcess, upstream: Upstream) -> None:
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"HEAD http://mozilla.org/ HTTP/1.1\r\nHost: mozilla.org\r\n\r\n")
+    head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 403")
+    assert b"content-length: 0" in head.lower()
+    sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(1)  # nothing follows the head
+    sock.close()
+    assert upstream.seen.connections == 0
+
+
+def test_allowed_host_goes_through(proxy: ProxyProcess, upstream: Upstream) -> None:
+    result = curl(proxy, "https://api.anthropic.com/v1/models")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from upstream\n"
+    assert upstream.seen.requests == [("GET", "/v1/models", "api.anthropic.com")]
+    assert upstream.seen.snis == ["api.anthropic.com"]
+
+
+def test_raw_bytes_in_allowed_tunnel_close_it(proxy: ProxyProcess, upstream: Upstream) -> None:
+    sock = send_connect(proxy, b"api.anthropic.com:443")
+    assert read_head(sock).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+    assert read_until_closed(sock) == b""
+    assert upstream.seen.connections == 0
+
+
+def test_ssh_banner_in_allowed_tunnel_closes_it(proxy: ProxyProcess, upstream: Upstream) -> None:
+    sock = send_connect(proxy, b"api.anthropic.com:443")
+    assert read_head(sock).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+    assert read_until_closed(sock) == b""
+    assert upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize("sni", ["evil.example", "claude.ai", "api.anthropic.com.evil.example"])
+def test_sni_must_name_the_connect_host(proxy: ProxyProcess, upstream: Upstream, sni: str) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        open_tunnel(proxy, "api.anthropic.com", sni=sni)
+    assert upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: claude.ai\r\n\r\n",  # allowed, but not this tunnel's host
+        b"GET / HTTP/1.1\r\nHost: api.anthropic.com:8443\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nHost: evil.example\r\n\r\n",
+        b"GET https://evil.example/ HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+        b"GET https://claude.ai/ HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ],
+    ids=["host", "other-allowed-host", "host-port", "two-hosts", "absolute", "absolute-allowed",
+         "websocket"],
+)
+def test_request_naming_another_host_in_tunnel(
+    proxy: ProxyProcess, upstream: Upstream, request_head: bytes
+) -> None:
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    tls.sendall(request_head)
+    head = read_head(tls)
+    tls.close()
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert b"x-claude-proxy: refused" in head.lower()
+    assert upstream.seen.requests == []
+
+
+def test_second_request_on_kept_alive_tunnel_naming_another_host(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    tls.sendall(b"GET /first HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+    first = read_head(tls)
+    assert first.startswith(b"HTTP/1.1 200"), first
+    tls.recv(65536)  # the body, if it came separately
+    tls.sendall(b"GET /second HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    second = read_head(tls)
+    tls.close()
+    assert b"403" in second.split(b"\r\n")[0] or b"HTTP/1.1 403" in second, second
+    assert upstream.seen.requests == [("GET", "/first", "api.anthropic.com")]
+
+
+def h2_request(tls: ssl.SSLSocket, authority: str) -> int:
+    """Send one HTTP/2 GET with the given :authority; return the response status."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", "/")],
+        end_stream=True,
+    )
+    tls.sendall(conn.data_to_send())
+    while True:
+        data = tls.recv(65536)
+        assert data, "connection closed before a response"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                return int(dict(event.headers)[b":status"])
+        tls.sendall(conn.data_to_send())
+
+
+@pytest.mark.parametrize(
+    ("authority", "status", "reached"),
+    [("evil.example", 403, 0), ("claude.ai", 403, 0), ("api.anthropic.com", 200, 1)],
+)
+def test_http2_authority_must_name_the_connect_host(
+    proxy: ProxyProcess, upstream: Upstream, authority: str, status: int, reached: int
+) -> None:
+    sock = send_connect(proxy, b"api.anthropic.com:443")
+    assert read_head(sock).startswith(b"HTTP/1.1 200")
+    context = proxy.client_context()
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(sock, server_hostname="api.anthropic.com")
+    assert tls.selected_alpn_protocol() == "h2"
+    assert h2_request(tls, authority) == status
+    tls.close()
+    assert len(upstream.seen.requests) == reached
+    if reached:
+        assert upstream.seen.requests[0][2] == "api.anthropic.com"
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET http://evil.example/ HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+        b"GET http://api.anthropic.com:443/ HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+        b"GET http://api.anthropic.com/ HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",  # port 80
+        b"GET http://mitm.it/ HTTP/1.1\r\nHost: mitm.it\r\n\r\n",
+        b"GET http://127.0.0.1:443/ HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n",  # origin-form, the Host names the target
+    ],
+    ids=["url-evil", "host-evil", "port-80", "onboarding", "ip-url", "origin-form"],
+)
+def test_plain_http_requests(proxy: ProxyProcess, upstream: Upstream, request_head: bytes) -> None:
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(request_head)
+    head = read_head(sock)
+    sock.close()
+    assert head.split(b" ")[1] in (b"400", b"403"), head
+    assert upstream.seen.connections == 0
+
+
+def test_garbage_to_the_listener_is_refused_and_others_still_served(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    for garbage in (b"\x00\xff\xfe garbage\r\n\r\n", b"\x16\x03\x01\x00\x05hello", b"\r\n" * 50):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        sock.sendall(garbage)
+        sock.shutdown(socket.SHUT_WR)
+        read_until_closed(sock)
+        sock.close()
+    assert upstream.seen.connections == 0
+    result = curl(proxy, "https://api.anthropic.com/still-serving")
+    assert result.returncode == 0, result.stderr
+    assert upstream.seen.requests == [("GET", "/still-serving", "api.anthropic.com")]
+
+
+def test_websocket_to_allowed_host_works(proxy: ProxyProcess, upstream: Upstream) -> None:
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    tls.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: api.anthropic.com\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = read_head(tls)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    mask = b"\x01\x02\x03\x04"
+    payload = b"ping"
+    tls.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload)))
+    echoed = tls.recv(2 + len(payload))
+    tls.close()
+    assert echoed == bytes([0x81, len(payload)]) + payload
+    assert upstream.seen.requests == [("GET", "/ws", "api.anthropic.com")]

@@ -1,0 +1,217 @@
+"""A local HTTPS upstream that counts what reaches it: TCP connections, SNI, requests.
+
+It plays api.anthropic.com (and every other host: the routing script sends every upstream
+connection here, so a leak to any host would be counted).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+
+
+@dataclass
+class Seen:
+    connections: int = 0
+    snis: list[str | None] = field(default_factory=list)
+    requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Host
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+
+class Upstream(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.tls = tls
+        self.lock = threading.Lock()
+        self.seen = Seen()
+        self.gates: dict[str, threading.Event] = {}
+        tls.sni_callback = self._sni
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def reset(self) -> None:
+        with self.lock:
+            self.seen = Seen()
+            self.gates.clear()
+
+    def gate(self, name: str) -> threading.Event:
+        """An event a handler waits on before it sends the rest of a response."""
+        with self.lock:
+            return self.gates.setdefault(name, threading.Event())
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = super().get_request()
+        with self.lock:
+            self.seen.connections += 1
+        return sock, addr
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        super().finish_request(wrapped, client_address)
+
+    def _sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        with self.lock:
+            self.seen.snis.append(name)
+
+    def serve_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, daemon=True)
+        thread.start()
+        return thread
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Upstream
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _record(self) -> None:
+        with self.server.lock:
+            self.server.seen.requests.append(
+                (self.command, self.path, self.headers.get("Host", ""))
+            )
+            self.server.seen.headers.append(dict(self.headers.items()))
+
+    def do_GET(self) -> None:
+        self._record()
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            return self._websocket()
+        if url.path == "/sse":
+            return self._sse(int(query.get("n", "3")), query.get("gate", ""))
+        if url.path == "/bytes":
+            return self._bytes(int(query["size"]), query.get("gate", ""))
+        body = b"hello from upstream\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self._record()
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self._record()
+        length = int(self.headers.get("Content-Length", "0"))
+        body = self.rfile.read(length)
+        if urlsplit(self.path).path == "/v1/messages":
+            return self._messages(json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _sse(self, n: int, gate: str) -> None:
+        """`n` events; with a gate, the last one only after the test has seen the first."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for i in range(n):
+            if gate and i == n - 1:
+                self.server.gate(gate).wait(timeout=10)
+            self.wfile.write(f"event: tick\ndata: {i} {time.time()}\n\n".encode())
+            self.wfile.flush()
+        self.close_connection = True
+
+    def _bytes(self, size: int, gate: str) -> None:
+        """`size` bytes; with a gate, the second half only after the test has seen the first."""
+        chunk = b"x" * 65536
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        sent = 0
+        while sent < size:
+            if gate and sent >= size // 2:
+                self.server.gate(gate).wait(timeout=10)
+                gate = ""
+            piece = chunk[: min(len(chunk), size - sent)]
+            self.wfile.write(piece)
+            sent += len(piece)
+        self.wfile.flush()
+
+    def _messages(self, request: dict[str, object]) -> None:
+        """A minimal streaming Messages API response, as the anthropic SDK parses it."""
+        words = ["Hello", " from", " the", " upstream"]
+        events: list[tuple[str, dict[str, object]]] = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": "msg_test", "type": "message", "role": "assistant", "content": [],
+                "model": request.get("model", "test"), "stop_reason": None,
+                "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        ]
+        for word in words:
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                   "delta": {"type": "text_delta", "text": word}}))
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {
+                "stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": len(words)}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for name, data in events:
+            self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+            self.wfile.flush()
+        self.close_connection = True
+
+    def _websocket(self) -> None:
+        """Accept the upgrade, then echo one unmasked text frame back for each masked one."""
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        while frame := read_frame(self.rfile):
+            opcode, payload = frame
+            if opcode == 0x8:
+                self.wfile.write(bytes([0x88, 0]))
+                break
+            self.wfile.write(bytes([0x80 | opcode, len(payload)]) + payload)
+            self.wfile.flush()
+        self.close_connection = True
+
+
+def read_frame(stream: object) -> tuple[int, bytes] | None:
+    """Read one small WebSocket frame (payload < 126 bytes)."""
+    head = stream.read(2)  # type: ignore[attr-defined]
+    if len(head) < 2:
+        return None
+    opcode, length, masked = head[0] & 0x0F, head[1] & 0x7F, head[1] & 0x80
+    mask = stream.read(4) if masked else b"\0\0\0\0"  # type: ignore[attr-defined]
+    data = stream.read(length)  # type: ignore[attr-defined]
+    return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
