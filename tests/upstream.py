@@ -79,6 +79,7 @@ class Upstream(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     server: Upstream
 
     def log_message(self, format: str, *args: object) -> None:
@@ -89,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.seen.requests.append(
                 (self.command, self.path, self.headers.get("Host", ""))
             )
-            self.server.seen.headers.append(dict(self.headers.items()))
+            self.server.seen.headers.append({k.lower(): v for k, v in self.headers.items()})
 
     def do_GET(self) -> None:
         self._record()

@@ -1,28 +1,25 @@
-"""Test-only mitmproxy script: every upstream connection goes to the local test upstream.
+"""Test-only mitmproxy script: every upstream TCP connection goes to the local test upstream.
 
-The address is swapped only for the TCP connect and restored at once, so the proxy (and its
-backstop, which runs before scripts) sees the real destination name everywhere else. Routing
-every host here means a leak to any host would be counted by the upstream.
+Like an /etc/hosts entry for every name: the proxy keeps the real destination everywhere (its
+checks, SNI, Host, logs); only the socket connects to 127.0.0.1. Routing every host here means a
+leak to any host would be counted by the upstream.
 """
 
+import asyncio
 import os
-
-from mitmproxy.proxy import server_hooks
+from typing import Any
 
 UPSTREAM = ("127.0.0.1", int(os.environ["CLAUDE_PROXY_TEST_UPSTREAM_PORT"]))
-_original: dict[str, tuple[str, int]] = {}
+_open_connection = asyncio.open_connection
 
 
-def server_connect(data: server_hooks.ServerConnectionHookData) -> None:
-    if data.server.address is not None and not data.server.error:
-        _original[data.server.id] = data.server.address
-        data.server.address = UPSTREAM
+async def _to_upstream(host: Any = None, port: Any = None, **kwargs: Any) -> Any:
+    return await _open_connection(*UPSTREAM, **kwargs)
 
 
-def server_connected(data: server_hooks.ServerConnectionHookData) -> None:
-    if (address := _original.pop(data.server.id, None)) is not None:
-        data.server.address = address
+def running() -> None:
+    asyncio.open_connection = _to_upstream
 
 
-def server_connect_error(data: server_hooks.ServerConnectionHookData) -> None:
-    server_connected(data)
+def done() -> None:
+    asyncio.open_connection = _open_connection
