@@ -74,6 +74,7 @@ def test_sse_events_arrive_as_sent(proxy: ProxyProcess, upstream: Upstream) -> N
         gate.set()
         rest = [line for line in lines if line.startswith("data:")]
     assert [line.split()[1] for line in rest] == ["1", "2"]
+    assert upstream.seen.gate_waits == [True]  # the first event came before the last was sent
 
 
 def test_large_download_streams(proxy: ProxyProcess, upstream: Upstream) -> None:
@@ -89,6 +90,7 @@ def test_large_download_streams(proxy: ProxyProcess, upstream: Upstream) -> None
             if received >= size // 2:
                 gate.set()
     assert received == size
+    assert upstream.seen.gate_waits == [True]  # half arrived before the rest was sent
 
 
 def test_curl_upload_reaches_upstream(proxy: ProxyProcess, upstream: Upstream) -> None:

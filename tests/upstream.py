@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+GATE_SECONDS = 5
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Seen:
     snis: list[str | None] = field(default_factory=list)
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Host
     headers: list[dict[str, str]] = field(default_factory=list)
+    gate_waits: list[bool] = field(default_factory=list)  # False: the gate timed out
 
 
 class Upstream(ThreadingHTTPServer):
@@ -53,6 +55,11 @@ class Upstream(ThreadingHTTPServer):
         """An event a handler waits on before it sends the rest of a response."""
         with self.lock:
             return self.gates.setdefault(name, threading.Event())
+
+    def wait_gate(self, name: str) -> None:
+        opened = self.gate(name).wait(timeout=GATE_SECONDS)
+        with self.lock:
+            self.seen.gate_waits.append(opened)
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, addr = super().get_request()
@@ -135,7 +142,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         for i in range(n):
             if gate and i == n - 1:
-                self.server.gate(gate).wait(timeout=10)
+                self.server.wait_gate(gate)
             self.wfile.write(f"event: tick\ndata: {i} {time.time()}\n\n".encode())
             self.wfile.flush()
         self.close_connection = True
@@ -150,7 +157,7 @@ class Handler(BaseHTTPRequestHandler):
         sent = 0
         while sent < size:
             if gate and sent >= size // 2:
-                self.server.gate(gate).wait(timeout=10)
+                self.server.wait_gate(gate)
                 gate = ""
             piece = chunk[: min(len(chunk), size - sent)]
             self.wfile.write(piece)
