@@ -39,13 +39,31 @@ class Settings:
 
 
 class StartupCheck(errorcheck.ErrorCheck):
-    """Turns errors logged while starting (port in use, a broken script) into one ProxyError."""
+    """Turns errors logged while starting (port in use, a broken script) into one ProxyError.
+
+    Until the proxy listens, error records stay off the console: the ProxyError says it in one
+    line (the log file still gets the full record).
+    """
 
     name = "errorcheck"  # Master.run looks the check up by this name
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
+        self.consoles = [
+            h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler
+        ]
+        for handler in self.consoles:
+            handler.addFilter(self.quiet_errors)
+
+    @staticmethod
+    def quiet_errors(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    def finish(self) -> None:
+        super().finish()
+        for handler in self.consoles:
+            handler.removeFilter(self.quiet_errors)
 
     async def shutdown_if_errored(self) -> None:
         await asyncio.sleep(0)  # let pending log records arrive

@@ -1,0 +1,179 @@
+"""The service's life: first run, bad input, port in use, damaged CA, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import EXECUTABLE, ProxyProcess, curl, start_proxy
+from tests.upstream import Upstream
+
+
+def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(home)
+    return subprocess.run(
+        [str(EXECUTABLE), *args], env=env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_first_run_makes_a_private_ca_and_reuses_it(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    confdir = home / ".config" / "claude-proxy"
+    first = start_proxy(home, upstream, upstream_ca_file)
+    assert first.stop() == 0
+    assert mode(confdir) == 0o700
+    assert mode(confdir / "mitmproxy-ca.pem") == 0o600
+    assert mode(confdir / "mitmproxy-ca.p12") == 0o600
+    fingerprint = run_cli(home, "ca", "--sha1").stdout
+    cert = (confdir / "mitmproxy-ca.pem").read_bytes()
+    second = start_proxy(home, upstream, upstream_ca_file)
+    assert curl(second, "https://api.anthropic.com/").returncode == 0
+    assert second.stop() == 0
+    assert (confdir / "mitmproxy-ca.pem").read_bytes() == cert
+    assert run_cli(home, "ca", "--sha1").stdout == fingerprint
+
+
+def test_log_file_is_written_and_private(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    curl(proxy, "https://example.com/")
+    assert proxy.stop() == 0
+    log = home / ".local" / "state" / "claude-proxy" / "log" / "claude-proxy.log"
+    assert mode(log) == 0o600
+    assert 'BLOCK CONNECT example.com:443 - 403 "example.com is not on the allowlist"' in (
+        log.read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--allow", "*.com"], 2, "invalid --allow rule '*.com' is too broad"),
+        (["--allow", "https://x.example"], 2, "not a URL"),
+        (["--allow", "x.example:99999"], 2, "bad port"),
+        (["--port", "http"], 2, "is not a port"),
+        (["--host", "0.0.0.0"], 2, "would let other machines use the proxy"),
+        (["--set", "connection_strategy=eager"], 2, "connection_strategy must be lazy"),
+        (["--set", "ignore_hosts=.*"], 2, "ignore_hosts is not supported"),
+        (["--set", "mode=transparent"], 2, "mode 'transparent' is not supported"),
+        (["--set", "listen_host=0.0.0.0"], 2, "would let other machines use the proxy"),
+        (["--set", "no_such_option=1", "--port", "0"], 2, "unknown mitmproxy option(s)"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    home: Path, args: list[str], code: int, message: str
+) -> None:
+    assert run_cli(home, "ca").returncode == 0
+    result = run_cli(home, *args)
+    assert result.returncode == code
+    lines = result.stderr.strip().splitlines()
+    assert message in lines[-1]
+    assert len(lines) == 1 or "usage:" in lines[0]
+
+
+def test_port_in_use(home: Path) -> None:
+    assert run_cli(home, "ca").returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(home, "--port", str(port))
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines() == [
+        f"claude-proxy: cannot listen on 127.0.0.1:{port}: the port is in use (is claude-proxy "
+        "already running? `claude-proxy status` tells); stop it or choose another --port"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("garbage", "cannot parse it"),
+        ("missing key", "exists but mitmproxy-ca.pem does not"),
+        ("other cert", "is not the certificate in mitmproxy-ca.pem"),
+    ],
+)
+def test_damaged_ca_is_an_error_and_left_alone(home: Path, damage: str, why: str) -> None:
+    assert run_cli(home, "ca").returncode == 0
+    confdir = home / ".config" / "claude-proxy"
+    key = confdir / "mitmproxy-ca.pem"
+    if damage == "garbage":
+        key.write_bytes(b"not a pem")
+    elif damage == "missing key":
+        key.unlink()
+    else:
+        (confdir / "mitmproxy-ca-cert.pem").write_bytes(key.read_bytes())  # key+cert: fine
+        other = home / "other"
+        assert run_cli(other, "ca").returncode == 0
+        (confdir / "mitmproxy-ca-cert.pem").write_bytes(
+            (other / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem").read_bytes()
+        )
+    before = {p.name: p.read_bytes() for p in confdir.iterdir()}
+    for args in ([], ["ca"]):
+        result = run_cli(home, *args, *(["--port", "0"] if not args else []))
+        assert result.returncode == 4
+        assert why in result.stderr
+        assert "never replaced automatically" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in confdir.iterdir()} == before
+
+
+def test_sigterm_drains_a_stream_in_flight_then_exits_0(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    gate = upstream.gate("drain")
+    events: list[str] = []
+    first_seen = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30) as c:
+            with c.stream("GET", "https://api.anthropic.com/sse?n=3&gate=drain") as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(line)
+                        first_seen.set()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert first_seen.wait(10)
+    proxy.proc.send_signal(signal.SIGTERM)
+    # The listener closes at once; the stream in flight carries on.
+    for _ in range(100):
+        if "draining" in "\n".join(proxy.stderr):
+            break
+        threading.Event().wait(0.05)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+    assert proxy.proc.poll() is None
+    gate.set()
+    thread.join(10)
+    assert [e.split()[1] for e in events] == ["0", "1", "2"]
+    assert proxy.proc.wait(15) == 0
+    assert upstream.seen.gate_waits == [True]
+
+
+def test_sigint_stops_with_0(home: Path, upstream: Upstream, upstream_ca_file: Path) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    assert proxy.stop(signal.SIGINT) == 0
+
+
+def test_shared_proxy_still_serves(proxy: ProxyProcess, upstream: Upstream) -> None:
+    assert curl(proxy, "https://claude.ai/login").returncode == 0
+    assert upstream.seen.requests == [("GET", "/login", "claude.ai")]
