@@ -179,7 +179,9 @@ def read_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
     return data
 
 
-def open_tunnel(proxy: ProxyProcess, host: str, port: int = 443, sni: str | None = None) -> ssl.SSLSocket:
+def open_tunnel(
+    proxy: ProxyProcess, host: str, port: int = 443, sni: str | None = None
+) -> ssl.SSLSocket:
     """CONNECT to host:port, then TLS inside the tunnel, trusting the proxy's CA."""
     sock = send_connect(proxy, f"{host}:{port}".encode())
     head = read_head(sock)

@@ -63,9 +63,10 @@ def test_sse_events_arrive_as_sent(proxy: ProxyProcess, upstream: Upstream) -> N
     would time out: the first event would then arrive with the others, not before the last.
     """
     gate = upstream.gate("sse")
-    with httpx_client(proxy) as client, client.stream(
-        "GET", "https://api.anthropic.com/sse?n=3&gate=sse"
-    ) as response:
+    with (
+        httpx_client(proxy) as client,
+        client.stream("GET", "https://api.anthropic.com/sse?n=3&gate=sse") as response,
+    ):
         assert response.headers["content-type"] == "text/event-stream"
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data:"))
@@ -82,9 +83,10 @@ def test_large_download_streams(proxy: ProxyProcess, upstream: Upstream) -> None
     size = 64 * 1024 * 1024
     gate = upstream.gate("bytes")
     received = 0
-    with httpx_client(proxy) as client, client.stream(
-        "GET", f"https://api.anthropic.com/bytes?size={size}&gate=bytes"
-    ) as response:
+    with (
+        httpx_client(proxy) as client,
+        client.stream("GET", f"https://api.anthropic.com/bytes?size={size}&gate=bytes") as response,
+    ):
         for chunk in response.iter_raw():
             received += len(chunk)
             if received >= size // 2:
@@ -102,9 +104,12 @@ def test_curl_upload_reaches_upstream(proxy: ProxyProcess, upstream: Upstream) -
 def test_log_has_decisions_and_no_secrets(proxy: ProxyProcess, upstream: Upstream) -> None:
     curl(
         proxy,
-        "-H", "Authorization: Bearer secret-bearer-token",
-        "-H", "Cookie: session=secret-cookie",
-        "-H", "x-api-key: secret-api-key",
+        "-H",
+        "Authorization: Bearer secret-bearer-token",
+        "-H",
+        "Cookie: session=secret-cookie",
+        "-H",
+        "x-api-key: secret-api-key",
         "https://api.anthropic.com/v1/models?key=secret-query",
     )
     curl(proxy, "-H", "Authorization: Bearer secret-bearer-token", "https://example.com/")
@@ -122,9 +127,7 @@ def test_log_has_decisions_and_no_secrets(proxy: ProxyProcess, upstream: Upstrea
 def test_a_bug_in_the_policy_refuses(
     home, upstream: Upstream, upstream_ca_file, script: str, connect_status: bytes
 ) -> None:
-    broken = start_proxy(
-        home, upstream, upstream_ca_file, scripts=("route_to_upstream.py", script)
-    )
+    broken = start_proxy(home, upstream, upstream_ca_file, scripts=("route_to_upstream.py", script))
     try:
         sock = send_connect(broken, b"api.anthropic.com:443")
         assert sock.recv(100).split()[1] == connect_status

@@ -21,7 +21,11 @@ def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     env["HOME"] = str(home)
     return subprocess.run(
-        [str(EXECUTABLE), *args], env=env, capture_output=True, text=True, timeout=60,
+        [str(EXECUTABLE), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
         stdin=subprocess.DEVNULL,
     )
 
@@ -76,9 +80,7 @@ def test_log_file_is_written_and_private(
         (["--set", "no_such_option=1", "--port", "0"], 2, "unknown mitmproxy option(s)"),
     ],
 )
-def test_bad_input_is_one_clear_line(
-    home: Path, args: list[str], code: int, message: str
-) -> None:
+def test_bad_input_is_one_clear_line(home: Path, args: list[str], code: int, message: str) -> None:
     assert run_cli(home, "ca").returncode == 0
     result = run_cli(home, *args)
     assert result.returncode == code
@@ -143,12 +145,15 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(
     first_seen = threading.Event()
 
     def client() -> None:
-        with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30) as c:
-            with c.stream("GET", "https://api.anthropic.com/sse?n=3&gate=drain") as response:
-                for line in response.iter_lines():
-                    if line.startswith("data:"):
-                        events.append(line)
-                        first_seen.set()
+        url = "https://api.anthropic.com/sse?n=3&gate=drain"
+        with (
+            httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30) as c,
+            c.stream("GET", url) as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    first_seen.set()
 
     thread = threading.Thread(target=client)
     thread.start()

@@ -33,7 +33,7 @@ REFUSED_CONNECTS = [
     b"api.anthropic.com:8443",
     b"user@api.anthropic.com:443",  # userinfo
     b"api%2eanthropic.com:443",  # percent-encoding
-    "аpi.anthropic.com:443".encode(),  # Cyrillic a: a Unicode look-alike
+    "\u0430pi.anthropic.com:443".encode(),  # Cyrillic a: a Unicode look-alike
     b"xn--pi-7kc.anthropic.com.evil.example:443",
     b"mitm.it:443",  # mitmproxy's onboarding host
     b"mitm.it:80",
@@ -62,7 +62,9 @@ def test_refusal_says_why_and_where_the_allowlist_lives(
     assert 'details="mozilla.org is not on the allowlist"' in result.stdout
     sock = send_connect(proxy, b"mozilla.org:443")
     body = read_until_closed(sock).decode().split("\r\n\r\n", 1)[1]
-    assert body.startswith("claude-proxy refused mozilla.org:443: mozilla.org is not on the allowlist")
+    assert body.startswith(
+        "claude-proxy refused mozilla.org:443: mozilla.org is not on the allowlist"
+    )
     assert "sandbox's policy, not a network fault: do not retry another way" in body
     assert "The allowlist is the built-in defaults plus the --allow flags" in body
     assert upstream.seen.connections == 0
@@ -124,8 +126,15 @@ def test_sni_must_name_the_connect_host(proxy: ProxyProcess, upstream: Upstream,
         b"GET / HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     ],
-    ids=["host", "other-allowed-host", "host-port", "two-hosts", "absolute", "absolute-allowed",
-         "websocket"],
+    ids=[
+        "host",
+        "other-allowed-host",
+        "host-port",
+        "two-hosts",
+        "absolute",
+        "absolute-allowed",
+        "websocket",
+    ],
 )
 def test_request_naming_another_host_in_tunnel(
     proxy: ProxyProcess, upstream: Upstream, request_head: bytes
@@ -240,8 +249,11 @@ def test_websocket_to_allowed_host_works(proxy: ProxyProcess, upstream: Upstream
     assert head.startswith(b"HTTP/1.1 101"), head
     mask = b"\x01\x02\x03\x04"
     payload = b"ping"
-    tls.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(
-        b ^ mask[i % 4] for i, b in enumerate(payload)))
+    tls.sendall(
+        bytes([0x81, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
     echoed = tls.recv(2 + len(payload))
     tls.close()
     assert echoed == bytes([0x81, len(payload)]) + payload

@@ -168,21 +168,52 @@ class Handler(BaseHTTPRequestHandler):
         """A minimal streaming Messages API response, as the anthropic SDK parses it."""
         words = ["Hello", " from", " the", " upstream"]
         events: list[tuple[str, dict[str, object]]] = [
-            ("message_start", {"type": "message_start", "message": {
-                "id": "msg_test", "type": "message", "role": "assistant", "content": [],
-                "model": request.get("model", "test"), "stop_reason": None,
-                "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}}),
-            ("content_block_start", {"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}}),
+            (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_test",
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [],
+                        "model": request.get("model", "test"),
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 3, "output_tokens": 0},
+                    },
+                },
+            ),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
         ]
         for word in words:
-            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                   "delta": {"type": "text_delta", "text": word}}))
+            events.append(
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": word},
+                    },
+                )
+            )
         events += [
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta", "delta": {
-                "stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": len(words)}}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": len(words)},
+                },
+            ),
             ("message_stop", {"type": "message_stop"}),
         ]
         self.send_response(200)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from collections.abc import Sequence
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -80,10 +79,13 @@ class Enforcer:
                 )
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             raise exceptions.OptionsError(
-                "connection_strategy must be lazy: no upstream connection before a request is checked"
+                "connection_strategy must be lazy: "
+                "no upstream connection before a request is checked"
             )
         if updated & {"mode", "listen_host", "sandbox_remote_clients"}:
-            check_listen(ctx.options.mode, ctx.options.listen_host, ctx.options.sandbox_remote_clients)
+            check_listen(
+                ctx.options.mode, ctx.options.listen_host, ctx.options.sandbox_remote_clients
+            )
 
     # Connections
 
@@ -170,7 +172,9 @@ class Enforcer:
             target = self.tunnels.get(flow.client_conn.id)
             host, port = target or (flow.request.host, flow.request.port)
             decision = self.decide(host, port)
-            if decision.allowed and (mismatch := misnamed(flow, (policy.normalize_host(host), port))):
+            if decision.allowed and (
+                mismatch := misnamed(flow, (policy.normalize_host(host), port))
+            ):
                 decision = Decision(False, mismatch)
         except Exception:
             logger.exception("refusing a request: the check failed")
@@ -222,9 +226,10 @@ def refusal(method: str, host: str, port: int, reason: str) -> http.Response:
         f"The allowlist is {ctx.options.sandbox_allowlist_source}; "
         "`claude-proxy check HOST[:PORT]` shows which rule decides.\n"
     )
+    details = ascii_header(reason)
     headers = {
         REFUSAL_HEADER: "refused",
-        "Proxy-Status": f'claude-proxy; error=http_request_denied; details="{ascii_header(reason)}"',
+        "Proxy-Status": f'claude-proxy; error=http_request_denied; details="{details}"',
         "Content-Type": "text/plain; charset=utf-8",
         "Cache-Control": "no-store",
     }

@@ -76,7 +76,7 @@ def load_ca(confdir: Path) -> CertificateAuthority:
     return CertificateAuthority(
         key_path=key_file,
         cert_path=cert_file,
-        sha1=cert.fingerprint(hashes.SHA1()).hex().upper(),  # noqa: S303 - a name, not a MAC
+        sha1=cert.fingerprint(hashes.SHA1()).hex().upper(),
         sha256=cert.fingerprint(hashes.SHA256()).hex().upper(),
     )
 

@@ -101,7 +101,9 @@ def allowlist(extra: Sequence[str]) -> policy.Allowlist:
     try:
         return policy.Allowlist.from_texts([*policy.DEFAULT_RULES, *extra])
     except ValueError as e:
-        raise ProxyError(f"invalid --allow {e}; see --help for the rule syntax", ExitCode.USAGE)
+        raise ProxyError(
+            f"invalid --allow {e}; see --help for the rule syntax", ExitCode.USAGE
+        ) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -114,8 +114,16 @@ def normalize_host(host: str) -> str:
     return _canonical_name(host)
 
 
+def _to_a_labels(name: str) -> str:
+    """`bücher.example` → `xn--bcher-kva.example` (IDNA 2003, as Python's codec does it)."""
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("is not a valid host name") from None
+
+
 def parse_rule(text: str) -> Rule:
-    """Parse one allowlist rule: `host`, `*.domain`, an IP literal, each with an optional `:port`."""
+    """Parse one allowlist rule: `host`, `*.domain` or an IP literal, with an optional `:port`."""
     raw = text.strip()
     what = f"rule {text!r}"
     if not raw:
@@ -131,11 +139,13 @@ def parse_rule(text: str) -> Rule:
     if "*" in name:
         raise ValueError(f"{what}: '*' is allowed only as a whole first label, as in *.example.com")
     try:
-        canonical = _canonical_name(name.encode("idna").decode("ascii"))
-    except (UnicodeError, ValueError) as e:
+        canonical = _canonical_name(name if name.isascii() else _to_a_labels(name))
+    except ValueError as e:
         raise ValueError(f"{what}: {name!r} {e}") from None
     if wildcard and "." not in canonical:
-        raise ValueError(f"{what} is too broad: a wildcard needs a domain with a dot (*.example.com)")
+        raise ValueError(
+            f"{what} is too broad: a wildcard needs a domain with a dot (*.example.com)"
+        )
     return Rule(text=raw, host=canonical, port=port, wildcard=wildcard)
 
 

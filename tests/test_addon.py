@@ -1,0 +1,233 @@
+"""The Enforcer addon in mitmproxy's own test idiom (taddons, tflow)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from mitmproxy import connection, exceptions
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow, tutils
+
+from claude_proxy import addon
+from claude_proxy.addon import Enforcer
+from claude_proxy.policy import DEFAULT_RULES
+
+
+@pytest.fixture
+def enforcer() -> Iterator[Enforcer]:
+    """An Enforcer configured as the service configures it."""
+    e = Enforcer()
+    with taddons.context(e) as tctx:
+        tctx.configure(e, sandbox_allow=list(DEFAULT_RULES), listen_host="127.0.0.1")
+        yield e
+
+
+def connect_flow(host: str, port: int = 443) -> tflow.http.HTTPFlow:
+    f = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=host, port=port, path=b""))
+    return f
+
+
+def tunnel_request(
+    enforcer: Enforcer, tunnel: str = "api.anthropic.com", **headers: str
+) -> tflow.http.HTTPFlow:
+    """A request inside an allowed CONNECT tunnel to `tunnel`."""
+    host = tunnel
+    connect = connect_flow(host)
+    enforcer.http_connect(connect)
+    assert connect.response is None
+    f = tflow.tflow(client_conn=connect.client_conn)
+    f.request.host, f.request.port, f.request.scheme = host, 443, "https"
+    f.request.headers.clear()
+    for name, value in headers.items():
+        f.request.headers.add(name.replace("_", "-"), value)
+    return f
+
+
+def test_connect_refused_with_reason() -> None:
+    enforcer = Enforcer()
+    with taddons.context(enforcer) as tctx:
+        tctx.configure(
+            enforcer, sandbox_allow=["claude.ai"], sandbox_allowlist_source="the test list"
+        )
+        f = connect_flow("example.com")
+        enforcer.http_connect(f)
+        assert f.response is not None
+        assert f.response.status_code == 403
+        assert f.response.headers[addon.REFUSAL_HEADER] == "refused"
+        assert "http_request_denied" in f.response.headers["Proxy-Status"]
+        body = f.response.text or ""
+        assert "example.com:443" in body and "the test list" in body
+        assert f.client_conn.id not in enforcer.tunnels
+
+
+def test_connect_allowed_records_the_tunnel(enforcer: Enforcer) -> None:
+    f = connect_flow("API.Anthropic.com.")
+    enforcer.http_connect(f)
+    assert f.response is None
+    assert enforcer.tunnels[f.client_conn.id] == ("api.anthropic.com", 443)
+    enforcer.client_disconnected(f.client_conn)
+    assert enforcer.tunnels == {}
+
+
+@pytest.mark.parametrize(
+    ("headers", "authority", "allowed"),
+    [
+        ({"host": "api.anthropic.com"}, "", True),
+        ({"host": "API.anthropic.com.:443"}, "", True),
+        ({}, "api.anthropic.com", True),  # HTTP/2: :authority alone
+        ({"host": "evil.example"}, "", False),
+        ({"host": "claude.ai"}, "", False),
+        ({"host": "api.anthropic.com:8443"}, "", False),
+        ({}, "evil.example", False),
+        ({"host": "api.anthropic.com"}, "evil.example:443", False),
+        ({"host": "api.anthropic.com@evil.example"}, "", False),
+    ],
+)
+def test_request_names_must_match_tunnel(
+    enforcer: Enforcer, headers: dict[str, str], authority: str, allowed: bool
+) -> None:
+    f = tunnel_request(enforcer, **headers)
+    f.request.authority = authority
+    enforcer.requestheaders(f)
+    assert (f.response is None) is allowed
+    assert f.request.stream is allowed
+    assert enforcer.in_flight == int(allowed)
+
+
+def test_two_host_headers_are_refused(enforcer: Enforcer) -> None:
+    f = tunnel_request(enforcer, host="api.anthropic.com")
+    f.request.headers.add("host", "api.anthropic.com")
+    enforcer.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 403
+
+
+def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
+    enforcer = Enforcer()
+    with taddons.context(enforcer) as tctx:
+        tctx.configure(enforcer, sandbox_allow=["plain.example:80"])
+        f = tflow.tflow()
+        f.request.host, f.request.port = "evil.example", 80
+        f.request.headers["host"] = "plain.example"
+        enforcer.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 403
+        ok = tflow.tflow()
+        ok.request.host, ok.request.port = "plain.example", 80
+        ok.request.headers["host"] = "plain.example"
+        enforcer.requestheaders(ok)
+        assert ok.response is None
+
+
+def test_head_refusal_has_no_body(enforcer: Enforcer) -> None:
+    f = tflow.tflow(req=tutils.treq(method=b"HEAD", host="example.com", port=443))
+    enforcer.requestheaders(f)
+    assert f.response is not None
+    assert f.response.status_code == 403 and f.response.content == b""
+
+
+def test_policy_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.MonkeyPatch) -> None:
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(enforcer.allowlist, "decide", broken)
+    connect = connect_flow("api.anthropic.com")
+    enforcer.http_connect(connect)
+    assert connect.response is not None and connect.response.status_code == 403
+    f = tflow.tflow()
+    f.request.host, f.request.port = "api.anthropic.com", 443
+    enforcer.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 403
+
+
+def test_name_check_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tunnel_request(enforcer, host="api.anthropic.com")
+    monkeypatch.setattr(addon, "misnamed", lambda *_: 1 / 0)
+    enforcer.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 403
+    assert enforcer.in_flight == 0
+
+
+def test_responses_stream_and_in_flight_is_counted(enforcer: Enforcer) -> None:
+    f = tunnel_request(enforcer, host="api.anthropic.com")
+    enforcer.requestheaders(f)
+    assert enforcer.in_flight == 1
+    f.response = tutils.tresp()
+    enforcer.responseheaders(f)
+    assert f.response.stream is True
+    enforcer.response(f)
+    assert enforcer.in_flight == 0
+    g = tunnel_request(enforcer, host="api.anthropic.com")
+    enforcer.requestheaders(g)
+    enforcer.error(g)
+    enforcer.error(g)  # counted once, however the flow ends
+    assert enforcer.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "tunnel", "refused"),
+    [
+        (("api.anthropic.com", 443), None, False),
+        (("evil.example", 443), None, True),
+        (("127.0.0.1", 443), None, True),
+        (("claude.ai", 443), "api.anthropic.com", True),  # allowed, but not the tunnel's host
+        (("api.anthropic.com", 443), "api.anthropic.com", False),
+        (None, None, True),
+    ],
+)
+def test_server_connect_backstop(
+    enforcer: Enforcer, address: tuple[str, int] | None, tunnel: str | None, refused: bool
+) -> None:
+    client = tflow.tclient_conn()
+    if tunnel:
+        enforcer.tunnels[client.id] = (tunnel, 443)
+    server = connection.Server(address=address)
+    enforcer.server_connect(server_hooks.ServerConnectionHookData(server, client))
+    assert bool(server.error) is refused
+
+
+@pytest.mark.parametrize(
+    ("peer", "remote_ok", "refused"),
+    [
+        ("127.0.0.1", False, False),
+        ("127.0.0.2", False, False),
+        ("::1", False, False),
+        ("::ffff:127.0.0.1", False, False),
+        ("192.168.1.20", False, True),
+        ("10.0.0.5", False, True),
+        ("2001:db8::1", False, True),
+        ("192.168.1.20", True, False),
+    ],
+)
+def test_clients_from_other_machines(peer: str, remote_ok: bool, refused: bool) -> None:
+    enforcer = Enforcer()
+    with taddons.context(enforcer) as tctx:
+        tctx.configure(
+            enforcer,
+            sandbox_remote_clients=remote_ok,
+            listen_host="0.0.0.0" if remote_ok else "127.0.0.1",
+        )
+        client = tflow.tclient_conn()
+        client.peername = (peer, 50000)
+        enforcer.client_connected(client)
+        assert bool(client.error) is refused
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sandbox_allow": ["*.com"]}, "Cannot parse the allowlist"),
+        ({"ignore_hosts": [".*"]}, "ignore_hosts is not supported"),
+        ({"allow_hosts": ["x"]}, "allow_hosts is not supported"),
+        ({"tcp_hosts": ["x"]}, "tcp_hosts is not supported"),
+        ({"mode": ["transparent"]}, "is not supported"),
+        ({"mode": ["regular@0.0.0.0:8080"]}, "would let other machines"),
+        ({"listen_host": "192.168.1.2"}, "would let other machines"),
+    ],
+)
+def test_bad_options(options: dict[str, object], message: str) -> None:
+    enforcer = Enforcer()
+    with taddons.context(enforcer) as tctx:
+        tctx.configure(enforcer, listen_host="127.0.0.1")
+        with pytest.raises(exceptions.OptionsError, match=message):
+            tctx.configure(enforcer, **options)
