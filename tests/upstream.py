@@ -72,7 +72,10 @@ class Upstream(ThreadingHTTPServer):
             wrapped = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return
-        super().finish_request(wrapped, client_address)
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()  # wrap_socket took the descriptor: shutdown_request cannot close it
 
     def _sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         with self.lock:
@@ -106,7 +109,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Upgrade", "").lower() == "websocket":
             return self._websocket()
         if url.path == "/sse":
-            return self._sse(int(query.get("n", "3")), query.get("gate", ""))
+            return self._sse(
+                int(query.get("n", "3")), query.get("gate", ""), float(query.get("gap", "0"))
+            )
         if url.path == "/bytes":
             return self._bytes(int(query["size"]), query.get("gate", ""))
         body = b"hello from upstream\n"
@@ -133,7 +138,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _sse(self, n: int, gate: str) -> None:
+    def _sse(self, n: int, gate: str, gap: float) -> None:
         """`n` events; with a gate, the last one only after the test has seen the first."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -143,6 +148,8 @@ class Handler(BaseHTTPRequestHandler):
         for i in range(n):
             if gate and i == n - 1:
                 self.server.wait_gate(gate)
+            elif gap and i:
+                time.sleep(gap)
             self.wfile.write(f"event: tick\ndata: {i} {time.time()}\n\n".encode())
             self.wfile.flush()
         self.close_connection = True

@@ -1,0 +1,293 @@
+"""Benchmark: direct connection vs plain mitmdump vs claude-proxy, side by side, in one run.
+
+    uv run python scripts/bench.py [--seconds 3] [--download-mb 1024] [--json out.json]
+
+Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
+and both proxies route upstream connections to it with the same test script. The machine is
+shared and noisy: the figures that matter are medians and ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.upstream import Upstream  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ROUTE = ROOT / "tests" / "scripts" / "route_to_upstream.py"
+HOST = "api.anthropic.com"
+BLOCKED = b"127.0.0.1:9"  # refused by claude-proxy's policy; mitmdump tries it (ECONNREFUSED)
+
+
+@dataclass
+class Target:
+    """How a client reaches the upstream: directly, or through a proxy on `port`."""
+
+    name: str
+    port: int | None
+    trust: Path
+    process: subprocess.Popen[bytes] | None = None
+    start_seconds: float = 0.0
+
+    def tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.trust))
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def connect(self, upstream_port: int) -> ssl.SSLSocket:
+        if self.port is None:
+            raw = socket.create_connection(("127.0.0.1", upstream_port), timeout=20)
+        else:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+            raw.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+            head = read_head(raw)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{self.name}: CONNECT failed: {head[:80]!r}")
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.tls_context().wrap_socket(raw, server_hostname=HOST)
+
+    def rss_kb(self, field: str = "VmRSS") -> int | None:
+        if self.process is None:
+            return None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return None
+
+
+def read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data[:80]!r}")
+        data += chunk
+    return data
+
+
+def get(sock: ssl.SSLSocket, path: str, sink: Callable[[bytes], None] | None = None) -> int:
+    """One GET with a Content-Length response; returns the body size."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    data = read_head(sock)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    received = len(body)
+    if sink:
+        sink(body)
+    while received < length:
+        chunk = sock.recv(min(1 << 20, length - received))
+        if not chunk:
+            raise ConnectionError("body cut short")
+        received += len(chunk)
+        if sink:
+            sink(chunk)
+    return received
+
+
+def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstream) -> Target:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env.update(
+        HOME=str(home),
+        CLAUDE_PROXY_TEST_UPSTREAM_PORT=str(upstream.port),
+        CLAUDE_PROXY_TEST_UNROUTED=BLOCKED.decode(),
+    )
+    began = time.perf_counter()
+    process = subprocess.Popen(
+        args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output = process.stdout
+    assert output is not None
+    for raw in output:
+        line = raw.decode(errors="replace")
+        if match := re.search(r"listening (?:on|at) \S*:(\d+)", line):
+            port = int(match[1])
+            break
+    else:
+        raise RuntimeError(f"{name} did not start")
+    elapsed = time.perf_counter() - began
+    threading.Thread(target=output.read, daemon=True).start()  # keep the pipe drained
+    return Target(name, port, trust, process, elapsed)
+
+
+def start_claude_proxy(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
+    home = work / "claude-home"
+    home.mkdir(exist_ok=True)
+    args = [
+        str(BIN / "claude-proxy"), "--port", "0",
+        "--set", f"scripts={ROUTE}",
+        "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+    ]  # fmt: skip
+    trust = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
+    return start("claude-proxy", args, home, trust, upstream)
+
+
+def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
+    confdir = work / "mitmdump-conf"
+    args = [
+        str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", "0",
+        "--set", f"confdir={confdir}", "-s", str(ROUTE),
+        "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+    ]  # fmt: skip
+    return start("mitmdump", args, work, confdir / "mitmproxy-ca-cert.pem", upstream)
+
+
+def refused_per_second(target: Target, seconds: float) -> float | None:
+    if target.port is None:
+        return None
+    count, deadline = 0, time.perf_counter() + seconds
+    began = time.perf_counter()
+    while time.perf_counter() < deadline and count < 100_000:
+        with socket.create_connection(("127.0.0.1", target.port), timeout=30) as sock:
+            sock.sendall(b"CONNECT " + BLOCKED + b" HTTP/1.1\r\nHost: " + BLOCKED + b"\r\n\r\n")
+            status = read_head(sock).split(b" ", 2)[1]
+            assert status in (b"403", b"502"), status
+        count += 1
+    return count / (time.perf_counter() - began)
+
+
+def keepalive_per_second(target: Target, upstream: Upstream, seconds: float) -> float:
+    sock = target.connect(upstream.port)
+    get(sock, "/warm")
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds and count < 200_000:
+        get(sock, "/ka")
+        count += 1
+    sock.close()
+    return count / (time.perf_counter() - began)
+
+
+def fresh_connection_ms(target: Target, upstream: Upstream, rounds: int) -> float:
+    timings = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        sock = target.connect(upstream.port)
+        get(sock, "/fresh")
+        timings.append((time.perf_counter() - began) * 1000)
+        sock.close()
+    return statistics.median(timings)
+
+
+def first_event_ms(target: Target, upstream: Upstream, rounds: int) -> float:
+    """Request to first SSE event, on an open connection; events are 50 ms apart."""
+    timings = []
+    for _ in range(rounds):
+        sock = target.connect(upstream.port)
+        began = time.perf_counter()
+        sock.sendall(f"GET /sse?n=6&gap=0.05 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        data = b""
+        while b"data: 0" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        timings.append((time.perf_counter() - began) * 1000)
+        while sock.recv(65536):
+            pass
+        sock.close()
+    return statistics.median(timings)
+
+
+def download(target: Target, upstream: Upstream, size: int) -> tuple[float, int | None]:
+    """MB/s for one `size`-byte body, and the proxy's peak RSS (kB) afterwards."""
+    sock = target.connect(upstream.port)
+    began = time.perf_counter()
+    received = get(sock, f"/bytes?size={size}")
+    elapsed = time.perf_counter() - began
+    sock.close()
+    assert received == size
+    return size / elapsed / 1e6, target.rss_kb("VmHWM")
+
+
+def measure(
+    target: Target, upstream: Upstream, args: argparse.Namespace
+) -> dict[str, float | int | None]:
+    print(f"measuring {target.name}…", file=sys.stderr, flush=True)
+    idle = target.rss_kb()
+    result: dict[str, float | int | None] = {
+        "start_s": round(target.start_seconds, 2) if target.process else None,
+        "idle_rss_mb": round(idle / 1024, 1) if idle else None,
+    }
+    refused = refused_per_second(target, args.seconds)
+    result["refused_per_s"] = round(refused) if refused else None
+    result["keepalive_rps"] = round(keepalive_per_second(target, upstream, args.seconds))
+    result["fresh_conn_p50_ms"] = round(fresh_connection_ms(target, upstream, args.rounds), 2)
+    result["first_sse_event_p50_ms"] = round(first_event_ms(target, upstream, 15), 2)
+    mbps, peak = download(target, upstream, args.download_mb * 1024 * 1024)
+    result["download_mb_per_s"] = round(mbps, 1)
+    result["peak_rss_mb"] = round(peak / 1024, 1) if peak else None
+    return result
+
+
+def ratio(a: float | int | None, b: float | int | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
+    parser.add_argument("--rounds", type=int, default=40, help="fresh connections to time")
+    parser.add_argument("--download-mb", type=int, default=1024)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    ca = trustme.CA()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        upstream_ca = work / "upstream-ca.pem"
+        ca.cert_pem.write_to_path(str(upstream_ca))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(HOST).configure_cert(context)
+        upstream = Upstream(context)
+        upstream.serve_in_background()
+
+        results: dict[str, dict[str, float | int | None]] = {}
+        results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
+        for starter in (start_mitmdump, start_claude_proxy):
+            target = starter(work, upstream, upstream_ca)
+            try:
+                results[target.name] = measure(target, upstream, args)
+            finally:
+                assert target.process is not None
+                target.process.terminate()
+                target.process.wait(30)
+        upstream.shutdown()
+
+    columns = list(results["direct"])
+    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}"
+          f"{'cp/direct':>11}{'cp/mitmdump':>13}")  # fmt: skip
+    for key in columns:
+        d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
+        print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
+              f"{c if c is not None else '-':>14}{ratio(c, d):>11}{ratio(c, m):>13}")  # fmt: skip
+    document = json.dumps(results, indent=2)
+    print(document)
+    if args.json:
+        args.json.write_text(document + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
