@@ -258,3 +258,15 @@ def test_websocket_to_allowed_host_works(proxy: ProxyProcess, upstream: Upstream
     tls.close()
     assert echoed == bytes([0x81, len(payload)]) + payload
     assert upstream.seen.requests == [("GET", "/ws", "api.anthropic.com")]
+
+
+def test_no_upstream_connection_before_a_request_passes(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """An allowed CONNECT and a finished TLS handshake still open nothing upstream."""
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    assert tls.version() is not None
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    assert read_head(tls).startswith(b"HTTP/1.1 403")
+    tls.close()
+    assert upstream.seen.connections == 0

@@ -120,6 +120,10 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
             StartupCheck(settings),
         )
         m.options.update(
+            # The leaf certificate comes from the SNI (already checked against the CONNECT host),
+            # so the client's TLS handshake needs no upstream connection: that opens only once
+            # a request has passed every check, and a fresh connection is ~2 ms faster.
+            upstream_cert=False,
             confdir=str(settings.confdir),
             listen_host=settings.host,
             listen_port=settings.port,
