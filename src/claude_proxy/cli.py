@@ -7,11 +7,12 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from claude_proxy import ca, logs, paths, policy, service
+from claude_proxy import agent, ca, logs, paths, policy, service
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status")
 SHELLS = ("sh", "zsh", "fish", "nu")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
 
@@ -57,6 +58,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="allow a non-loopback --host: anyone who can reach the port can use the proxy",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="decision lines to the log file only, not stderr"
+    )
     run.set_defaults(func=cmd_run)
 
     ca_cmd = sub.add_parser("ca", help="make the CA if missing; print its path and fingerprints")
@@ -73,6 +77,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     check.add_argument("destination", metavar="HOST[:PORT]")
     add_allow(check)
     check.set_defaults(func=cmd_check)
+
+    plist = sub.add_parser("plist", help="render the launchd agent's plist from its template")
+    plist.add_argument(
+        "--template", type=Path, required=True, help="launchd/local.claude-proxy.plist"
+    )
+    plist.add_argument(
+        "--executable",
+        type=Path,
+        default=Path(sys.argv[0]).absolute(),
+        help="the claude-proxy launchd starts (default: this one)",
+    )
+    plist.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
+    plist.set_defaults(func=cmd_plist)
+
+    status = sub.add_parser("status", help="is the agent installed, serving and trusted?")
+    status.add_argument("--host", default=service.DEFAULT_HOST)
+    status.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    status.set_defaults(func=cmd_status)
     return parser.parse_args(argv)
 
 
@@ -108,7 +131,7 @@ def allowlist(extra: Sequence[str]) -> policy.Allowlist:
 
 def cmd_run(args: argparse.Namespace) -> int:
     allowlist(args.allow)  # refuse a bad rule before anything else happens
-    logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose)
+    logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose, quiet=args.quiet)
     confdir = paths.config_dir()
     ca.ensure_ca(confdir)
     settings = service.Settings(
@@ -171,3 +194,35 @@ def cmd_check(args: argparse.Namespace) -> int:
         return ExitCode.OK
     print(f"refuse {where}: {decision.reason}")
     return ExitCode.FAILURE
+
+
+def cmd_plist(args: argparse.Namespace) -> int:
+    try:
+        template = args.template.read_bytes()
+    except OSError as e:
+        raise ProxyError(f"cannot read the plist template: {e}", ExitCode.USAGE) from e
+    rendered = agent.render_plist(
+        template,
+        executable=args.executable,
+        home=Path.home(),
+        log_dir=paths.log_dir(),
+        port=args.port,
+    )
+    if args.output is None:
+        sys.stdout.buffer.write(rendered)
+        return ExitCode.OK
+    partial = args.output.with_name(args.output.name + ".partial")
+    try:
+        partial.write_bytes(rendered)
+        partial.chmod(0o644)
+        partial.replace(args.output)
+    except OSError as e:
+        raise ProxyError(f"cannot write {args.output}: {e.strerror}") from e
+    return ExitCode.OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    checks = agent.status(home=Path.home(), host=args.host, port=args.port)
+    for check in checks:
+        print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
+    return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE

@@ -12,13 +12,16 @@ MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 5
 
 
-def configure(log_file: Path | None, *, verbose: bool = False) -> None:
+def configure(log_file: Path | None, *, verbose: bool = False, quiet: bool = False) -> None:
     """Decision lines and our own messages at INFO; mitmproxy's from WARNING (INFO with -v).
 
     mitmproxy's DEBUG output can carry request details, so it is never enabled.
     """
     formatter = logging.Formatter(FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    console = logging.StreamHandler()
+    if quiet:  # under launchd, stderr is a file that is never rotated: warnings only
+        console.setLevel(logging.WARNING)
+    handlers: list[logging.Handler] = [console]
     if log_file is not None:
         log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         handlers.append(
