@@ -61,6 +61,18 @@ def test_connect_refused_with_reason() -> None:
         assert f.client_conn.id not in enforcer.tunnels
 
 
+def test_connect_inside_a_tunnel_is_refused(enforcer: Enforcer) -> None:
+    outer = connect_flow("api.anthropic.com")
+    enforcer.http_connect(outer)
+    inner = tflow.tflow(
+        client_conn=outer.client_conn,
+        req=tutils.treq(method=b"CONNECT", host="claude.ai", port=443, path=b""),
+    )
+    enforcer.http_connect(inner)
+    assert inner.response is not None and inner.response.status_code == 403
+    assert enforcer.tunnels[outer.client_conn.id] == ("api.anthropic.com", 443)
+
+
 def test_connect_allowed_records_the_tunnel(enforcer: Enforcer) -> None:
     f = connect_flow("API.Anthropic.com.")
     enforcer.http_connect(f)

@@ -270,3 +270,17 @@ def test_no_upstream_connection_before_a_request_passes(
     assert read_head(tls).startswith(b"HTTP/1.1 403")
     tls.close()
     assert upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize(
+    "authority", [b"claude.ai:443", b"api.anthropic.com:443", b"evil.example:443"]
+)
+def test_connect_inside_a_tunnel_is_refused(
+    proxy: ProxyProcess, upstream: Upstream, authority: bytes
+) -> None:
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    tls.sendall(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\n")
+    head = read_head(tls)
+    tls.close()
+    assert head.split(b" ")[1] in (b"400", b"403"), head  # mitmproxy refuses it first (400)
+    assert upstream.seen.connections == 0

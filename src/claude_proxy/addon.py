@@ -102,7 +102,10 @@ class Enforcer:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
-        decision = self.decide(host, port)
+        if flow.client_conn.id in self.tunnels:
+            decision = Decision(False, "CONNECT inside a tunnel")
+        else:
+            decision = self.decide(host, port)
         if decision.allowed:
             self.tunnels[flow.client_conn.id] = (policy.normalize_host(host), port)
             log_decision(flow, decision, host=host, port=port, status=200)
