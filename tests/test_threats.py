@@ -91,18 +91,21 @@ def test_allowed_host_goes_through(proxy: ProxyProcess, upstream: Upstream) -> N
     assert upstream.seen.snis == ["api.anthropic.com"]
 
 
-def test_raw_bytes_in_allowed_tunnel_close_it(proxy: ProxyProcess, upstream: Upstream) -> None:
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",  # plain HTTP
+        b"SSH-2.0-OpenSSH_9.6\r\n",  # an SSH banner
+        b"\x16\x03\x01\x00\x05\x00\x00\x00\x00\x00",  # a TLS record that is no ClientHello
+    ],
+    ids=["http", "ssh", "bad-tls"],
+)
+def test_raw_bytes_in_allowed_tunnel_close_it(
+    proxy: ProxyProcess, upstream: Upstream, raw: bytes
+) -> None:
     sock = send_connect(proxy, b"api.anthropic.com:443")
     assert read_head(sock).startswith(b"HTTP/1.1 200")
-    sock.sendall(b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
-    assert read_until_closed(sock) == b""
-    assert upstream.seen.connections == 0
-
-
-def test_ssh_banner_in_allowed_tunnel_closes_it(proxy: ProxyProcess, upstream: Upstream) -> None:
-    sock = send_connect(proxy, b"api.anthropic.com:443")
-    assert read_head(sock).startswith(b"HTTP/1.1 200")
-    sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+    sock.sendall(raw)
     assert read_until_closed(sock) == b""
     assert upstream.seen.connections == 0
 
