@@ -102,15 +102,19 @@ class Enforcer:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
-        if flow.client_conn.id in self.tunnels:
-            decision = Decision(False, "CONNECT inside a tunnel")
-        else:
-            decision = self.decide(host, port)
-        if decision.allowed:
-            self.tunnels[flow.client_conn.id] = (policy.normalize_host(host), port)
-            log_decision(flow, decision, host=host, port=port, status=200)
-        else:
-            self.refuse(flow, host, port, decision)
+        try:
+            if flow.client_conn.id in self.tunnels:
+                decision = Decision(False, "CONNECT inside a tunnel")
+            else:
+                decision = self.decide(host, port)
+            if decision.allowed:
+                self.tunnels[flow.client_conn.id] = (policy.normalize_host(host), port)
+                log_decision(flow, decision, host=host, port=port, status=200)
+                return
+        except Exception:
+            logger.exception("refusing a CONNECT: the check failed")
+            decision = Decision(False, "internal error in the policy check")
+        self.refuse(flow, host, port, decision)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         try:
