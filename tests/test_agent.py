@@ -442,3 +442,14 @@ def test_scripts_are_shellcheck_clean_and_bash_32(script: str) -> None:
                   r"\[\[ -v ", r"\[-1\]", r"\bcoproc\b", r"&>>", r"\|&"):  # fmt: skip
         assert not re.search(bash4, text), f"{script} uses a bash 4 feature: {bash4}"
     assert os.access(path, os.X_OK)
+
+
+def test_keychain_trust_is_read_by_sha1(mac: Mac, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", mac.env["PATH"])
+    monkeypatch.setenv("FAKE_STATE", str(mac.state))
+    sha1 = "5F6932E7CBD2B7CF64A8C09E647A522041A0EE4D"
+    assert agent.keychain_trusts(sha1) is False  # no trust settings at all
+    mac.set("trusted-sha1", "0" * 40)
+    assert agent.keychain_trusts(sha1) is False  # another certificate (another mitmproxy CA)
+    mac.set("trusted-sha1", sha1)
+    assert agent.keychain_trusts(sha1.lower()) is True
