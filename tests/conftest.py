@@ -115,8 +115,11 @@ def start_proxy(
     upstream_ca_file: Path,
     *extra: str,
     scripts: Sequence[str] = ("route_to_upstream.py",),
+    trust_upstream: bool = True,
 ) -> ProxyProcess:
-    args = ["--port", "0", "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
+    args = ["--port", "0"]
+    if trust_upstream:
+        args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
     for name in scripts:
         args += ["--set", f"scripts={SCRIPTS / name}"]
     env = {"CLAUDE_PROXY_TEST_UPSTREAM_PORT": str(upstream.port)}

@@ -138,3 +138,16 @@ def test_a_bug_in_the_policy_refuses(
         assert "internal error" in broken.log_text()
     finally:
         assert broken.stop() == 0
+
+
+def test_upstream_certificate_is_verified(home, upstream: Upstream, upstream_ca_file) -> None:
+    """An upstream whose certificate the normal trust roots do not vouch for gets no request."""
+    strict = start_proxy(home, upstream, upstream_ca_file, trust_upstream=False)
+    try:
+        result = curl(strict, "-w", "%{http_code}", "-o", "/dev/null",
+                      "https://api.anthropic.com/secret-path")  # fmt: skip
+        assert result.stdout == "502"
+        assert upstream.seen.connections == 1  # the TLS handshake was tried, and failed
+        assert upstream.seen.requests == []
+    finally:
+        assert strict.stop() == 0
