@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -453,3 +454,37 @@ def test_keychain_trust_is_read_by_sha1(mac: Mac, monkeypatch: pytest.MonkeyPatc
     assert agent.keychain_trusts(sha1) is False  # another certificate (another mitmproxy CA)
     mac.set("trusted-sha1", sha1)
     assert agent.keychain_trusts(sha1.lower()) is True
+
+
+@pytest.mark.parametrize(
+    ("answer", "ok", "detail"),
+    [
+        (
+            b"HTTP/1.1 403 Forbidden\r\nX-Claude-Proxy: refused\r\n\r\n",
+            True,
+            "claude-proxy answers",
+        ),
+        (b"HTTP/1.1 403 Forbidden\r\nServer: other\r\n\r\n", False, "something else answers"),
+        (b"HTTP/1.1 200 Connection established\r\n\r\n", False, "something else answers"),
+        (b"", False, "something else answers"),
+    ],
+)
+def test_status_probe_tells_claude_proxy_from_other_programs(
+    answer: bytes, ok: bool, detail: str
+) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def reply() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=reply)
+        thread.start()
+        check = agent.probe("127.0.0.1", server.getsockname()[1])
+        thread.join(5)
+    assert check.ok is ok
+    assert detail in check.detail
