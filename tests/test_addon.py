@@ -243,3 +243,24 @@ def test_bad_options(options: dict[str, object], message: str) -> None:
         tctx.configure(enforcer, listen_host="127.0.0.1")
         with pytest.raises(exceptions.OptionsError, match=message):
             tctx.configure(enforcer, **options)
+
+
+@pytest.mark.parametrize(
+    ("headers", "killed"),
+    [
+        ({}, False),
+        ({"content-length": "65536"}, False),
+        ({"content-length": "65537"}, True),
+        ({"transfer-encoding": "chunked"}, True),
+        ({"content-length": "nonsense"}, True),
+    ],
+)
+def test_refused_request_with_a_large_body_is_closed(
+    enforcer: Enforcer, headers: dict[str, str], killed: bool
+) -> None:
+    f = tunnel_request(enforcer, host="evil.example", **headers)
+    enforcer.requestheaders(f)
+    assert f.killable is not killed
+    assert (f.error is not None) is killed
+    if not killed:
+        assert f.response is not None and f.response.status_code == 403

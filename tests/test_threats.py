@@ -287,3 +287,36 @@ def test_connect_inside_a_tunnel_is_refused(
     tls.close()
     assert head.split(b" ")[1] in (b"400", b"403"), head  # mitmproxy refuses it first (400)
     assert upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize("tunnel", [False, True], ids=["plain-http", "in-tunnel"])
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: 50000000", b"Transfer-Encoding: chunked"],
+    ids=["length", "chunked"],
+)
+def test_refused_upload_is_not_read(
+    proxy: ProxyProcess, upstream: Upstream, tunnel: bool, framing: bytes
+) -> None:
+    """A large body to a refused destination is cut off, not buffered until it ends."""
+    if tunnel:
+        sock: socket.socket = open_tunnel(proxy, "api.anthropic.com")
+        target = b"/"
+    else:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        target = b"http://evil.example/"
+    sock.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: evil.example\r\n" + framing + b"\r\n\r\n")
+    sock.sendall(b"x" * 4096)  # the rest never comes: a proxy that waits for it never answers
+    sock.settimeout(5)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass  # reset: closed without reading the body, fine
+    except TimeoutError:
+        pytest.fail(f"the proxy is still reading the refused body (answered {answer[:40]!r})")
+    finally:
+        sock.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 403"), answer
+    assert upstream.seen.connections == 0

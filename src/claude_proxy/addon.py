@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_hooks
 from mitmproxy.proxy.layers.http import HTTPMode
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 REFUSAL_HEADER = "X-Claude-Proxy"
 UNSUPPORTED_OPTIONS = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
+MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Target = tuple[str, int]
 
 
@@ -188,7 +190,13 @@ class Enforcer:
             host, port = flow.request.host, flow.request.port
             decision = Decision(False, "internal error in the policy check")
         if not decision.allowed:
-            self.refuse(flow, host, port, decision)
+            if refused_body_too_large(flow.request):
+                # mitmproxy reads a refused request's whole body before it answers: close instead.
+                flow.kill()
+                reason = f"{decision.reason}; closed without reading the request body"
+                log_decision(flow, Decision(False, reason), host=host, port=port, status=None)
+            else:
+                self.refuse(flow, host, port, decision)
             return
         flow.metadata["claude_proxy.decision"] = (decision, host, port)
         flow.request.stream = True
@@ -267,6 +275,15 @@ def names_target(authority: str, target: Target, *, port_allowed: bool = True) -
         return policy.normalize_host(host) == target[0]
     except ValueError:
         return False
+
+
+def refused_body_too_large(request: http.Request) -> bool:
+    """Whether a refused request announces a body too large to read just to refuse it."""
+    try:
+        size = expected_http_body_size(request)
+    except ValueError:
+        return True
+    return size is None or size < 0 or size > MAX_REFUSED_BODY
 
 
 def check_listen(modes: Sequence[str], listen_host: str, remote_ok: bool) -> None:
