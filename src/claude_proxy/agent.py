@@ -25,10 +25,6 @@ def plist_path(home: Path) -> Path:
     return home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
 
 
-def login_keychain(home: Path) -> Path:
-    return home / "Library" / "Keychains" / "login.keychain-db"
-
-
 def render_plist(
     template: bytes, *, executable: Path, home: Path, log_dir: Path, port: int
 ) -> bytes:
