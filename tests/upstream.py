@@ -28,6 +28,8 @@ class Seen:
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, Host
     headers: list[dict[str, str]] = field(default_factory=list)
     gate_waits: list[bool] = field(default_factory=list)  # False: the gate timed out
+    bodies: list[bytes] = field(default_factory=list)  # request bodies, de-chunked
+    raw: bytearray = field(default_factory=bytearray)  # every byte read, on every connection
 
 
 class Upstream(ThreadingHTTPServer):
@@ -38,6 +40,8 @@ class Upstream(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.tls = tls
         self.lock = threading.Lock()
+        self.finished = threading.Condition(self.lock)
+        self.open_connections = 0
         self.seen = Seen()
         self.gates: dict[str, threading.Event] = {}
         tls.sni_callback = self._sni
@@ -65,17 +69,31 @@ class Upstream(ThreadingHTTPServer):
         sock, addr = super().get_request()
         with self.lock:
             self.seen.connections += 1
+            self.open_connections += 1
         return sock, addr
+
+    def wait_idle(self, timeout: float = 10) -> None:
+        """Barrier: every connection accepted so far has been read to its end and closed."""
+        with self.finished:
+            if not self.finished.wait_for(lambda: self.open_connections == 0, timeout):
+                raise AssertionError(f"upstream: {self.open_connections} connection(s) still open")
 
     def finish_request(self, request: socket.socket, client_address: object) -> None:
         try:
             wrapped = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
+            self._closed()
             return
         try:
             super().finish_request(wrapped, client_address)
         finally:
             wrapped.close()  # wrap_socket took the descriptor: shutdown_request cannot close it
+            self._closed()
+
+    def _closed(self) -> None:
+        with self.finished:
+            self.open_connections -= 1
+            self.finished.notify_all()
 
     def _sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         with self.lock:
@@ -87,10 +105,36 @@ class Upstream(ThreadingHTTPServer):
         return thread
 
 
+class RecordingReader:
+    """The handler's rfile, copying every byte it reads into the upstream's record."""
+
+    def __init__(self, inner: object, server: Upstream) -> None:
+        self.inner = inner
+        self.server = server
+
+    def _keep(self, data: bytes) -> bytes:
+        with self.server.lock:
+            self.server.seen.raw += data
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._keep(self.inner.readline(limit))  # type: ignore[attr-defined]
+
+    def read(self, size: int = -1) -> bytes:
+        return self._keep(self.inner.read(size))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.inner.close()  # type: ignore[attr-defined]
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server: Upstream
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = RecordingReader(self.rfile, self.server)  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -108,6 +152,8 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         if self.headers.get("Upgrade", "").lower() == "websocket":
             return self._websocket()
+        if self.headers.get("Upgrade"):
+            return self._switch_to_raw()
         if url.path == "/sse":
             return self._sse(
                 int(query.get("n", "3")), query.get("gate", ""), float(query.get("gap", "0"))
@@ -129,14 +175,37 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._record()
-        length = int(self.headers.get("Content-Length", "0"))
-        body = self.rfile.read(length)
+        body = self._read_body()
+        with self.server.lock:
+            self.server.seen.bodies.append(body)
         if urlsplit(self.path).path == "/v1/messages":
             return self._messages(json.loads(body))
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return body
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _switch_to_raw(self) -> None:
+        """Agree to any upgrade, then read raw bytes until the peer closes (all recorded)."""
+        self.send_response(101)
+        self.send_header("Upgrade", self.headers["Upgrade"])
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        while self.rfile.read(1):
+            pass
+        self.close_connection = True
 
     def _sse(self, n: int, gate: str, gap: float) -> None:
         """`n` events; with a gate, the last one only after the test has seen the first."""
