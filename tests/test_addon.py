@@ -9,7 +9,7 @@ from mitmproxy import connection, exceptions
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from claude_proxy import addon
+from claude_proxy import addon, wellformed
 from claude_proxy.addon import Enforcer
 from claude_proxy.policy import DEFAULT_RULES
 
@@ -117,7 +117,7 @@ def test_two_host_headers_are_refused(enforcer: Enforcer) -> None:
 def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
     enforcer = Enforcer()
     with taddons.context(enforcer) as tctx:
-        tctx.configure(enforcer, sandbox_allow=["plain.example:80"])
+        tctx.configure(enforcer, sandbox_allow=["http://plain.example"])
         f = tflow.tflow()
         f.request.host, f.request.port = "evil.example", 80
         f.request.headers["host"] = "plain.example"
@@ -177,23 +177,28 @@ def test_responses_stream_and_in_flight_is_counted(enforcer: Enforcer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("address", "tunnel", "refused"),
+    ("address", "tunnel", "tls", "refused"),
     [
-        (("api.anthropic.com", 443), None, False),
-        (("evil.example", 443), None, True),
-        (("127.0.0.1", 443), None, True),
-        (("claude.ai", 443), "api.anthropic.com", True),  # allowed, but not the tunnel's host
-        (("api.anthropic.com", 443), "api.anthropic.com", False),
-        (None, None, True),
+        (("api.anthropic.com", 443), None, True, False),
+        (("api.anthropic.com", 443), None, False, True),  # cleartext to an HTTPS-only rule
+        (("evil.example", 443), None, True, True),
+        (("127.0.0.1", 443), None, True, True),
+        (("claude.ai", 443), "api.anthropic.com", True, True),  # allowed, not the tunnel's host
+        (("api.anthropic.com", 443), "api.anthropic.com", True, False),
+        (None, None, True, True),
     ],
 )
 def test_server_connect_backstop(
-    enforcer: Enforcer, address: tuple[str, int] | None, tunnel: str | None, refused: bool
+    enforcer: Enforcer,
+    address: tuple[str, int] | None,
+    tunnel: str | None,
+    tls: bool,
+    refused: bool,
 ) -> None:
     client = tflow.tclient_conn()
     if tunnel:
         enforcer.tunnels[client.id] = (tunnel, 443)
-    server = connection.Server(address=address)
+    server = connection.Server(address=address, tls=tls)
     enforcer.server_connect(server_hooks.ServerConnectionHookData(server, client))
     assert bool(server.error) is refused
 
@@ -264,3 +269,87 @@ def test_refused_request_with_a_large_body_is_closed(
     assert (f.error is not None) is killed
     if not killed:
         assert f.response is not None and f.response.status_code == 403
+
+
+def request(method: bytes = b"GET", path: bytes = b"/", **headers: str) -> tflow.http.Request:
+    r = tutils.treq(method=method, path=path)
+    r.headers.clear()
+    for name, value in headers.items():
+        r.headers.add(name.replace("_", "-"), value)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("req", "problem"),
+    [
+        (request(), None),
+        (request(b"POST", b"/v1/messages?beta=true", x_note="tab\there, obs-text \xe9"), None),
+        (request(b"OPTIONS", b"*"), None),
+        (request(b"GET", b"*"), "asterisk-form"),
+        (request(b"GET", b"https://evil.example/"), "not origin-form"),
+        (request(b"GET", b"//evil.example/"), "not origin-form"),
+        (request(b"GET", b"/a b"), "not origin-form"),
+        (request(b"GET", b"/a\x7f"), "not origin-form"),
+        (request(b"GET", b""), "not origin-form"),
+        (request(b"GET /x", b"/"), "not a token"),
+        (request(b"G(T", b"/"), "not a token"),
+        (request(b"PRI", b"*"), "preface"),
+        (request(x_note="a\rHost: evil.example"), "control character"),
+        (request(x_note="a\nb"), "control character"),
+        (request(x_note="a\x00b"), "control character"),
+        (request(x_note="a\x1bb"), "control character"),
+        (request(**{"x note": "a"}), "header name"),
+    ],
+)
+def test_malformed_requests(req: tflow.http.Request, problem: str | None) -> None:
+    found = wellformed.malformed(req)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        ({"upgrade": "websocket"}, "websocket"),
+        ({"upgrade": "WebSocket "}, "WebSocket "),
+        ({"upgrade": "h2c", "http2-settings": "AAMAAABk"}, None),
+        ({"upgrade": "tcp"}, None),
+        ({"upgrade": "websocket, h2c"}, None),
+        ({"http2-settings": "AAMAAABk"}, None),
+    ],
+)
+def test_only_a_websocket_upgrade_is_offered_upstream(
+    headers: dict[str, str], kept: str | None
+) -> None:
+    r = request(**headers)
+    wellformed.strip_upgrades(r)
+    assert r.headers.get("upgrade") == kept
+    assert "http2-settings" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("offered", "status", "agreed", "refused"),
+    [
+        ("websocket", 101, "websocket", False),
+        ("", 200, "", False),
+        ("", 101, "tcp", True),  # a 101 nobody asked for
+        ("", 101, "websocket", True),
+        ("websocket", 101, "tcp", True),
+    ],
+)
+def test_a_101_that_is_not_a_websocket_kills_the_flow(
+    enforcer: Enforcer, offered: str, status: int, agreed: str, refused: bool
+) -> None:
+    f = tunnel_request(enforcer, host="api.anthropic.com")
+    if offered:
+        f.request.headers["upgrade"] = offered
+    enforcer.requestheaders(f)
+    f.response = tutils.tresp(status_code=status)
+    if agreed:
+        f.response.headers["upgrade"] = agreed
+    enforcer.responseheaders(f)
+    assert (f.error is not None) is refused
+    enforcer.error(f) if refused else enforcer.response(f)
+    assert enforcer.in_flight == 0

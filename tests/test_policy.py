@@ -174,3 +174,47 @@ def test_normalize_host() -> None:
     assert normalize_host("[0:0::1]") == "::1"
     with pytest.raises(ValueError):
         normalize_host("bücher.example")
+
+
+@pytest.mark.parametrize(
+    ("rules", "host", "port", "scheme", "allowed"),
+    [
+        (DEFAULT_RULES, "api.anthropic.com", 443, "https", True),
+        (DEFAULT_RULES, "api.anthropic.com", 443, "http", False),  # cleartext to a TLS port
+        (DEFAULT_RULES, "api.anthropic.com", 80, "http", False),
+        (("http://plain.example",), "plain.example", 80, "http", True),
+        (("http://plain.example",), "plain.example", 80, "https", False),
+        (("http://plain.example",), "plain.example", 443, "http", False),
+        (("http://plain.example:8080",), "plain.example", 8080, "http", True),
+        (("http://*.plain.example",), "a.plain.example", 80, "http", True),
+        (("HTTP://10.0.0.5",), "10.0.0.5", 80, "http", True),
+    ],
+)
+def test_scheme_must_match_the_rule(
+    rules: tuple[str, ...], host: str, port: int, scheme: str, allowed: bool
+) -> None:
+    assert Allowlist.from_texts(rules).decide(host, port, scheme).allowed is allowed
+
+
+def test_cleartext_refusal_names_the_rule() -> None:
+    decision = DEFAULTS.decide("api.anthropic.com", 443, "http")
+    assert decision.reason == (
+        "cleartext HTTP to api.anthropic.com:443 is not allowed "
+        "(rule *.anthropic.com allows HTTPS only)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0.0.0.0", "means every address of this machine"),
+        ("[::]", "means every address of this machine"),
+        ("http://0.0.0.0:80", "means every address of this machine"),
+        ("https://x.example", "not a URL"),
+        ("http://x.example/path", "not a URL"),
+        ("http://", "not a valid host name"),
+    ],
+)
+def test_rules_that_name_no_destination(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_rule(text)

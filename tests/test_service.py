@@ -79,6 +79,25 @@ def test_log_file_is_written_and_private(
         (["--set", "mode=transparent"], 2, "mode 'transparent' is not supported"),
         (["--set", "listen_host=0.0.0.0"], 2, "would let other machines use the proxy"),
         (["--set", "no_such_option=1", "--port", "0"], 2, "unknown mitmproxy option(s)"),
+        # options that would weaken a check
+        (["--set", "validate_inbound_headers=false"], 2, "validate_inbound_headers must stay on"),
+        (["--set", "rawtcp=true"], 2, "rawtcp must stay off"),
+        (["--set", "ssl_insecure=true"], 2, "ssl_insecure must stay off"),
+        (["--set", "upstream_cert=true"], 2, "upstream_cert must stay off"),
+        (["--set", "store_streamed_bodies=true"], 2, "store_streamed_bodies must stay off"),
+        (["--set", "proxy_debug=true"], 2, "proxy_debug must stay off"),
+        (["--set", "tls_version_client_min=TLS1"], 2, "tls_version_client_min must be TLS1_2"),
+        (["--set", "tls_version_server_min=SSL3"], 2, "tls_version_server_min must be TLS1_2"),
+        (["--set", "confdir=/tmp/elsewhere"], 2, "--set confdir is not supported"),
+        (["--set", "sandbox_allow=evil.example"], 2, "use --allow RULE"),
+        (["--set", "sandbox_remote_clients=true"], 2, "use --expose-to-network"),
+        (
+            ["--set", "sandbox_remote_clients=true", "--set", "mode=regular@0.0.0.0:0"],
+            2,
+            "use --expose-to-network",
+        ),
+        (["--allow", "0.0.0.0"], 2, "means every address of this machine"),
+        (["--allow", "[::]:443"], 2, "means every address of this machine"),
     ],
 )
 def test_bad_input_is_one_clear_line(home: Path, args: list[str], code: int, message: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http.http1 import expected_http_body_size
@@ -18,7 +19,7 @@ from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from claude_proxy import policy
+from claude_proxy import policy, wellformed
 from claude_proxy.decisions import log_decision, printable
 from claude_proxy.policy import Allowlist, Decision
 
@@ -26,6 +27,36 @@ logger = logging.getLogger(__name__)
 
 REFUSAL_HEADER = "X-Claude-Proxy"
 UNSUPPORTED_OPTIONS = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
+SAFE_TLS_VERSIONS = ("TLS1_2", "TLS1_3")
+# mitmproxy options whose other values would weaken a check: name → (is the value safe?, why)
+GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "validate_inbound_headers": (
+        bool,
+        "must stay on: malformed headers would be forwarded to the upstream",
+    ),
+    "rawtcp": (
+        lambda v: not v,
+        "must stay off: bytes after a non-WebSocket 101 would be relayed unchecked",
+    ),
+    "ssl_insecure": (lambda v: not v, "must stay off: upstream certificates are always verified"),
+    "upstream_cert": (
+        lambda v: not v,
+        "must stay off: it connects upstream before a request has been checked",
+    ),
+    "store_streamed_bodies": (
+        lambda v: not v,
+        "must stay off: it keeps every streamed body in memory",
+    ),
+    "proxy_debug": (lambda v: not v, "must stay off: it logs request details"),
+    "tls_version_client_min": (
+        lambda v: v in SAFE_TLS_VERSIONS,
+        "must be TLS1_2 or TLS1_3",
+    ),
+    "tls_version_server_min": (
+        lambda v: v in SAFE_TLS_VERSIONS,
+        "must be TLS1_2 or TLS1_3",
+    ),
+}
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Target = tuple[str, int]
 
@@ -79,6 +110,10 @@ class Enforcer:
                 raise exceptions.OptionsError(
                     f"{name} is not supported: claude-proxy inspects every connection"
                 )
+        for name in updated & GUARDED_OPTIONS.keys():
+            safe, why = GUARDED_OPTIONS[name]
+            if not safe(getattr(ctx.options, name)):
+                raise exceptions.OptionsError(f"{name} {why}")
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             raise exceptions.OptionsError(
                 "connection_strategy must be lazy: "
@@ -164,7 +199,7 @@ class Enforcer:
                 data.server.error = "claude-proxy: no destination"
             elif target is not None and (policy.normalize_host(address[0]), address[1]) != target:
                 data.server.error = "claude-proxy: not the CONNECT destination"
-            elif not (decision := self.decide(*address)).allowed:
+            elif not (decision := self.decide(*address, scheme_of(data.server))).allowed:
                 data.server.error = f"claude-proxy: {decision.reason}"
         except Exception:
             logger.exception("refusing an upstream connection: the check failed")
@@ -177,14 +212,22 @@ class Enforcer:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return
+        status = 403
         try:
             target = self.tunnels.get(flow.client_conn.id)
             host, port = target or (flow.request.host, flow.request.port)
-            decision = self.decide(host, port)
+            # Inside a tunnel there is TLS; outside, the request's own scheme says how it travels.
+            scheme = policy.HTTPS if target else flow.request.scheme
+            if problem := wellformed.malformed(flow.request):
+                status, decision = 400, Decision(False, f"malformed request: {problem}")
+            else:
+                decision = self.decide(host, port, scheme)
             if decision.allowed and (
                 mismatch := misnamed(flow, (policy.normalize_host(host), port))
             ):
                 decision = Decision(False, mismatch)
+            if decision.allowed:
+                wellformed.strip_upgrades(flow.request)
         except Exception:
             logger.exception("refusing a request: the check failed")
             host, port = flow.request.host, flow.request.port
@@ -196,15 +239,31 @@ class Enforcer:
                 reason = f"{decision.reason}; closed without reading the request body"
                 log_decision(flow, Decision(False, reason), host=host, port=port, status=None)
             else:
-                self.refuse(flow, host, port, decision)
+                self.refuse(flow, host, port, decision, status)
             return
         flow.metadata["claude_proxy.decision"] = (decision, host, port)
         flow.request.stream = True
         self.in_flight += 1
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and "claude_proxy.decision" in flow.metadata:
-            flow.response.stream = True  # SSE events and large bodies pass as they arrive
+        if flow.response is None or "claude_proxy.decision" not in flow.metadata:
+            return
+        try:
+            raw = wellformed.switches_to_raw(flow)
+        except Exception:
+            logger.exception("closing a response: the upgrade check failed")
+            raw = True
+        if raw:
+            # Only a WebSocket may follow a 101: anything else would be an unchecked relay.
+            _, host, port = flow.metadata["claude_proxy.decision"]
+            flow.metadata["claude_proxy.decision"] = (
+                Decision(False, "the upstream switched to a protocol other than WebSocket"),
+                host,
+                port,
+            )
+            flow.kill()
+            return
+        flow.response.stream = True  # SSE events and large bodies pass as they arrive
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow, flow.response.status_code if flow.response else None)
@@ -221,19 +280,21 @@ class Enforcer:
 
     # Helpers
 
-    def decide(self, host: str, port: int) -> Decision:
+    def decide(self, host: str, port: int, scheme: str = policy.HTTPS) -> Decision:
         try:
-            return self.allowlist.decide(host, port)
+            return self.allowlist.decide(host, port, scheme)
         except Exception:
             logger.exception("refusing %s:%d: the policy failed", printable(host), port)
             return Decision(False, "internal error in the policy")
 
-    def refuse(self, flow: http.HTTPFlow, host: str, port: int, decision: Decision) -> None:
-        flow.response = refusal(flow.request.method, host, port, decision.reason)
-        log_decision(flow, decision, host=host, port=port, status=403)
+    def refuse(
+        self, flow: http.HTTPFlow, host: str, port: int, decision: Decision, status: int = 403
+    ) -> None:
+        flow.response = refusal(flow.request.method, host, port, decision.reason, status)
+        log_decision(flow, decision, host=host, port=port, status=status)
 
 
-def refusal(method: str, host: str, port: int, reason: str) -> http.Response:
+def refusal(method: str, host: str, port: int, reason: str, status: int = 403) -> http.Response:
     where = printable(f"{host}:{port}")
     body = (
         f"claude-proxy refused {where}: {printable(reason)}.\n"
@@ -242,13 +303,18 @@ def refusal(method: str, host: str, port: int, reason: str) -> http.Response:
         "`claude-proxy check HOST[:PORT]` shows which rule decides.\n"
     )
     details = ascii_header(reason)
+    error = "http_request_denied" if status == 403 else "http_request_error"
     headers = {
         REFUSAL_HEADER: "refused",
-        "Proxy-Status": f'claude-proxy; error=http_request_denied; details="{details}"',
+        "Proxy-Status": f'claude-proxy; error={error}; details="{details}"',
         "Content-Type": "text/plain; charset=utf-8",
         "Cache-Control": "no-store",
     }
-    return http.Response.make(403, b"" if method == "HEAD" else body.encode(), headers)
+    return http.Response.make(status, b"" if method == "HEAD" else body.encode(), headers)
+
+
+def scheme_of(server: connection.Server) -> str:
+    return policy.HTTPS if server.tls else policy.HTTP
 
 
 def misnamed(flow: http.HTTPFlow, target: Target) -> str | None:

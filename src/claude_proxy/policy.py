@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 DEFAULT_PORT = 443
+CLEARTEXT_PORT = 80
+HTTPS = "https"
+HTTP = "http"  # cleartext: only where a rule says http://
 
 DEFAULT_RULES: tuple[str, ...] = (
     "anthropic.com",
@@ -29,12 +32,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One allowlist entry: an exact host (or IP literal), or `*.domain` (strict subdomains)."""
+    """One allowlist entry: an exact host (or IP literal), or `*.domain` (strict subdomains).
+
+    `scheme` is how traffic to it may travel: "https" (a tunnel with TLS inside, the default) or
+    "http" (cleartext, only for a rule written http://HOST).
+    """
 
     text: str
     host: str
     port: int
     wildcard: bool
+    scheme: str = HTTPS
 
     def matches(self, host: str, port: int) -> bool:
         if port != self.port:
@@ -123,17 +131,28 @@ def _to_a_labels(name: str) -> str:
 
 
 def parse_rule(text: str) -> Rule:
-    """Parse one allowlist rule: `host`, `*.domain` or an IP literal, with an optional `:port`."""
+    """Parse one allowlist rule: `host`, `*.domain` or an IP literal, with an optional `:port`.
+
+    `http://` before it allows cleartext HTTP instead of HTTPS (default port 80).
+    """
     raw = text.strip()
     what = f"rule {text!r}"
     if not raw:
         raise ValueError("empty rule")
-    if "://" in raw or any(c in raw for c in "/@?#% \t"):
-        raise ValueError(f"{what} must be a host or *.domain with an optional :port, not a URL")
-    host, port = split_host_port(raw, what=what)
-    port = DEFAULT_PORT if port is None else port
+    scheme, default_port, bare = HTTPS, DEFAULT_PORT, raw
+    if raw.lower().startswith("http://"):
+        scheme, default_port, bare = HTTP, CLEARTEXT_PORT, raw[len("http://") :]
+    if "://" in bare or any(c in bare for c in "/@?#% \t"):
+        raise ValueError(
+            f"{what} must be a host or *.domain with an optional :port, not a URL "
+            "(HTTPS is the default; http://HOST allows cleartext)"
+        )
+    host, port = split_host_port(bare, what=what)
+    port = default_port if port is None else port
     if ip := parse_ip(host):
-        return Rule(text=raw, host=str(ip), port=port, wildcard=False)
+        if ip.is_unspecified:
+            raise ValueError(f"{what}: {ip} means every address of this machine, not a destination")
+        return Rule(text=raw, host=str(ip), port=port, wildcard=False, scheme=scheme)
     wildcard = host.startswith("*.")
     name = host[2:] if wildcard else host
     if "*" in name:
@@ -146,7 +165,7 @@ def parse_rule(text: str) -> Rule:
         raise ValueError(
             f"{what} is too broad: a wildcard needs a domain with a dot (*.example.com)"
         )
-    return Rule(text=raw, host=canonical, port=port, wildcard=wildcard)
+    return Rule(text=raw, host=canonical, port=port, wildcard=wildcard, scheme=scheme)
 
 
 def parse_rules(texts: Iterable[str]) -> tuple[Rule, ...]:
@@ -158,32 +177,46 @@ class Allowlist:
 
     def __init__(self, rules: Iterable[Rule]) -> None:
         self.rules = tuple(rules)
-        self._exact: dict[tuple[str, int], Rule] = {}
-        self._wildcard: dict[tuple[str, int], Rule] = {}
+        self._exact: dict[tuple[str, int, str], Rule] = {}
+        self._wildcard: dict[tuple[str, int, str], Rule] = {}
         for rule in self.rules:
             table = self._wildcard if rule.wildcard else self._exact
-            table.setdefault((rule.host, rule.port), rule)
+            table.setdefault((rule.host, rule.port, rule.scheme), rule)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> Allowlist:
         return cls(parse_rules(texts))
 
-    def decide(self, host: str, port: int) -> Decision:
+    def decide(self, host: str, port: int, scheme: str = HTTPS) -> Decision:
+        """Whether `scheme` traffic to host:port may pass; HTTPS unless said otherwise."""
         try:
             name = normalize_host(host)
         except ValueError as e:
             return Decision(False, f"host {host!r} {e}")
-        if rule := self._exact.get((name, port)):
+        if rule := self._match(name, port, scheme):
             return Decision(True, "allowed", rule.text)
+        if scheme == HTTP and (rule := self._match(name, port, HTTPS)):
+            return Decision(
+                False,
+                f"cleartext HTTP to {name}:{port} is not allowed "
+                f"(rule {rule.text} allows HTTPS only)",
+            )
+        other_ports = sorted(
+            {r.port for r in self.rules if r.scheme == scheme and r.matches(name, r.port)}
+        )
+        if other_ports:
+            allowed = ", ".join(map(str, other_ports))
+            return Decision(False, f"port {port} is not allowed for {name} (allowed: {allowed})")
+        return Decision(False, f"{name} is not on the allowlist")
+
+    def _match(self, name: str, port: int, scheme: str) -> Rule | None:
+        if rule := self._exact.get((name, port, scheme)):
+            return rule
         if parse_ip(name) is None:
             # Walk the parent domains: a.b.example.com → b.example.com → example.com → com.
             parent = name
             while "." in parent:
                 parent = parent.split(".", 1)[1]
-                if rule := self._wildcard.get((parent, port)):
-                    return Decision(True, "allowed", rule.text)
-        other_ports = sorted({r.port for r in self.rules if r.matches(name, r.port)})
-        if other_ports:
-            allowed = ", ".join(map(str, other_ports))
-            return Decision(False, f"port {port} is not allowed for {name} (allowed: {allowed})")
-        return Decision(False, f"{name} is not on the allowlist")
+                if rule := self._wildcard.get((parent, port, scheme)):
+                    return rule
+        return None

@@ -16,6 +16,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
 
+from claude_proxy import framing
 from claude_proxy.addon import Enforcer
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -24,6 +25,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9051
 DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
+# --set NAME=… refused outright: each has its own flag, or would bypass a check.
+RESERVED_OPTIONS = {
+    "confdir": "the CA lives in the config folder (set XDG_CONFIG_HOME to move it) and is "
+    "checked there before the proxy starts",
+    "sandbox_allow": "use --allow RULE",
+    "sandbox_allowlist_source": "it is set by claude-proxy",
+    "sandbox_remote_clients": "use --expose-to-network",
+}
+# --set NAME=… accepted, with a warning at every start: each can undo what the proxy guarantees.
+RISKY_OPTIONS = {
+    "scripts": "a script runs inside the proxy and can undo every check",
+    "ssl_verify_upstream_trusted_ca": "upstream certificates are verified against this file "
+    "instead of the system's roots",
+    "ssl_verify_upstream_trusted_confdir": "upstream certificates are verified against this "
+    "folder instead of the system's roots",
+}
 
 
 @dataclass(frozen=True)
@@ -100,8 +117,20 @@ def startup_error(settings: Settings, message: str) -> ProxyError:
     return ProxyError(f"cannot start: {message}", ExitCode.USAGE)
 
 
+def check_option_names(assignments: Sequence[str]) -> None:
+    """Refuse the reserved `--set` names; warn about the risky ones."""
+    for assignment in assignments:
+        name = assignment.split("=", 1)[0].strip()
+        if why := RESERVED_OPTIONS.get(name):
+            raise ProxyError(f"--set {name} is not supported: {why}", ExitCode.USAGE)
+        if why := RISKY_OPTIONS.get(name):
+            logger.warning("--set %s: %s", name, why)
+
+
 def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
     """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
+    check_option_names(settings.mitmproxy_options)
+    framing.install()
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
     enforcer = Enforcer()
     m = master.Master(options.Options(), with_termlog=False)
@@ -109,7 +138,11 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         # Proxyserver registers connection_strategy with the default "eager", which the Enforcer
         # refuses; set "lazy" before the Enforcer arrives.
         m.addons.add(core.Core(), proxyserver.Proxyserver())
-        m.options.update(connection_strategy="lazy")
+        # The Enforcer refuses these defaults: eager connects before a check, rawtcp relays the
+        # bytes after any 101 unchecked, and upstream_cert connects upstream during the client's
+        # handshake. The leaf certificate comes from the SNI (already checked against the CONNECT
+        # host) instead, so that connection opens only once a request has passed every check.
+        m.options.update(connection_strategy="lazy", rawtcp=False, upstream_cert=False)
         # The Enforcer comes before every addon that could answer a request or open a connection,
         # and before user scripts, so its checks always see a flow first.
         m.addons.add(
@@ -120,10 +153,6 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
             StartupCheck(settings),
         )
         m.options.update(
-            # The leaf certificate comes from the SNI (already checked against the CONNECT host),
-            # so the client's TLS handshake needs no upstream connection: that opens only once
-            # a request has passed every check, and a fresh connection is ~2 ms faster.
-            upstream_cert=False,
             confdir=str(settings.confdir),
             listen_host=settings.host,
             listen_port=settings.port,

@@ -1,0 +1,62 @@
+"""Is a request safe to forward as it is? Checks for what message conversion would get wrong.
+
+mitmproxy forwards what it parsed: a control character in a header value, an absolute URL in an
+HTTP/2 `:path` or a method with a space reaches an HTTP/1.1 upstream byte for byte, where it can
+become a second request the proxy never checked. These pure functions name such requests.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mitmproxy import http
+
+# RFC 9110 §5.6.2: a token (method, header name).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 §5.5: field values are visible characters, spaces, tabs and obs-text; never CR, LF, NUL.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 §3.2: origin-form; visible ASCII only (a space would split the request line).
+_ORIGIN_FORM = re.compile(rb"/(?!/)[\x21-\x7e]*|/")
+# Upgrade tokens the proxy carries: a WebSocket. Anything else would end in an unchecked relay.
+ALLOWED_UPGRADE = "websocket"
+H2C_HEADERS = ("http2-settings",)
+
+
+def malformed(request: http.Request) -> str | None:
+    """Why `request` must not be forwarded, or None when it is well-formed."""
+    method = request.data.method
+    if not _TOKEN.fullmatch(method):
+        return "the method is not a token"
+    if method == b"PRI":
+        return "PRI is the HTTP/2 preface, not a request"
+    target = request.data.path  # of an HTTP/1 absolute-form URL, mitmproxy keeps the path here
+    if target == b"*":
+        if method != b"OPTIONS":
+            return "the asterisk-form target is for OPTIONS only"
+    elif not _ORIGIN_FORM.fullmatch(target):
+        return "the request target is not origin-form (/path)"
+    for name, value in request.headers.fields:
+        if not _TOKEN.fullmatch(name):
+            return "a header name is not a token"
+        if _BAD_VALUE.search(value):
+            return "a header value has a control character (CR, LF, NUL or DEL)"
+    return None
+
+
+def strip_upgrades(request: http.Request) -> None:
+    """Drop every upgrade offer but a WebSocket one: the upstream may then only answer plainly."""
+    for name in H2C_HEADERS:
+        request.headers.pop(name, None)
+    upgrade = request.headers.get_all("upgrade")
+    if upgrade and [u.strip().lower() for u in upgrade] != [ALLOWED_UPGRADE]:
+        request.headers.pop("upgrade")
+
+
+def switches_to_raw(flow: http.HTTPFlow) -> bool:
+    """A 101 answer that would turn the connection into something other than a WebSocket."""
+    response = flow.response
+    if response is None or response.status_code != 101:
+        return False
+    offered = flow.request.headers.get("upgrade", "").strip().lower()
+    agreed = response.headers.get("upgrade", "").strip().lower()
+    return not (offered == agreed == ALLOWED_UPGRADE)
