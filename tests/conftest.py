@@ -96,7 +96,7 @@ def upstream_ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def upstream_server(tls_ca: trustme.CA) -> Iterator[Upstream]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert(*UPSTREAM_NAMES).configure_cert(context)
+    tls_ca.issue_cert(*UPSTREAM_NAMES, "127.0.0.1").configure_cert(context)
     server = Upstream(context)
     server.serve_in_background()
     yield server
@@ -116,14 +116,15 @@ def start_proxy(
     *extra: str,
     scripts: Sequence[str] = ("route_to_upstream.py",),
     trust_upstream: bool = True,
+    env: dict[str, str] | None = None,
 ) -> ProxyProcess:
     args = ["--port", "0"]
     if trust_upstream:
         args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
     for name in scripts:
         args += ["--set", f"scripts={SCRIPTS / name}"]
-    env = {"CLAUDE_PROXY_TEST_UPSTREAM_PORT": str(upstream.port)}
-    return ProxyProcess(home, [*args, *extra], env).wait_listening()
+    full_env = {"CLAUDE_PROXY_TEST_UPSTREAM_PORT": str(upstream.port), **(env or {})}
+    return ProxyProcess(home, [*args, *extra], full_env).wait_listening()
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "must be TLS1_2 or TLS1_3",
     ),
 }
+REFUSAL_PREFIX = "claude-proxy: "  # starts every refusal made on the way upstream
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Target = tuple[str, int]
 
@@ -269,14 +270,21 @@ class Enforcer:
         self._finish(flow, flow.response.status_code if flow.response else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, None)
+        message = flow.error.msg if flow.error else ""
+        # A refusal on the way upstream (a forbidden address, the backstop) is the decision.
+        refused = message.startswith(REFUSAL_PREFIX)
+        self._finish(
+            flow, None, Decision(False, message.removeprefix(REFUSAL_PREFIX)) if refused else None
+        )
 
-    def _finish(self, flow: http.HTTPFlow, status: int | None) -> None:
+    def _finish(
+        self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
+    ) -> None:
         allowed = flow.metadata.pop("claude_proxy.decision", None)
         if allowed is not None:
             self.in_flight -= 1
             decision, host, port = allowed
-            log_decision(flow, decision, host=host, port=port, status=status)
+            log_decision(flow, refused or decision, host=host, port=port, status=status)
 
     # Helpers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
 
-from claude_proxy import framing
+from claude_proxy import addresses, framing
 from claude_proxy.addon import Enforcer
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -170,6 +170,7 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain requests in flight (bounded) and return."""
     m, enforcer = build_master(settings)
     loop = asyncio.get_running_loop()
+    addresses.install_checked_resolver(loop)
     draining: list[asyncio.Task[None]] = []
 
     def on_signal(signum: int) -> None:
