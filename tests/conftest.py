@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,8 @@ from tests.upstream import Upstream
 SCRIPTS = Path(__file__).parent / "scripts"
 UPSTREAM_NAMES = ["api.anthropic.com", "claude.ai", "platform.claude.com", "statsig.anthropic.com"]
 EXECUTABLE = Path(sys.executable).with_name("claude-proxy")
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+SOCKS_LISTENING = re.compile(r"SOCKS5 on 127\.0\.0\.1:(\d+)")
 
 
 class ProxyProcess:
@@ -32,6 +35,7 @@ class ProxyProcess:
         self.stderr: list[str] = []
         self.listening = threading.Event()
         self.port = 0
+        self.socks_port = 0
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         full_env.update(HOME=str(home), PYTHONUNBUFFERED="1", **env)
         self.proc = subprocess.Popen(
@@ -48,8 +52,10 @@ class ProxyProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line.rstrip("\n"))
-            if "listening on 127.0.0.1:" in line and not self.listening.is_set():
-                self.port = int(line.rsplit(":", 1)[1])
+            if (found := LISTENING.search(line)) and not self.listening.is_set():
+                self.port = int(found[1])
+                socks = SOCKS_LISTENING.search(line)
+                self.socks_port = int(socks[1]) if socks else 0
                 self.listening.set()
 
     def wait_listening(self, timeout: float = 30) -> ProxyProcess:
@@ -118,7 +124,7 @@ def start_proxy(
     trust_upstream: bool = True,
     env: dict[str, str] | None = None,
 ) -> ProxyProcess:
-    args = ["--port", "0"]
+    args = ["--port", "0", "--socks-port", "0"]
     if trust_upstream:
         args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
     for name in scripts:

@@ -121,7 +121,7 @@ def test_allowed_name_resolving_to_a_forbidden_address_is_refused(
     assert f"{name} resolves to {forbidden}" in result.stdout
     log = fenced.log_text()
     assert f"BLOCK upstream connection: {name} resolves to {forbidden}" in log
-    assert f"BLOCK GET {name}:443 / - \"{name} resolves to {forbidden}" in log
+    assert f'BLOCK GET {name}:443 / - "{name} resolves to {forbidden}' in log
     assert upstream.seen.connections == 0
 
 

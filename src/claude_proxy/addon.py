@@ -140,19 +140,24 @@ class Enforcer:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
+        decision = self.open_tunnel(flow.client_conn, host, port)
+        if decision.allowed:
+            log_decision(flow, decision, host=host, port=port, status=200)
+        else:
+            self.refuse(flow, host, port, decision)
+
+    def open_tunnel(self, client: connection.Client, host: str, port: int) -> Decision:
+        """Decide a tunnel's destination (CONNECT or SOCKS5) and remember it for what follows."""
         try:
-            if flow.client_conn.id in self.tunnels:
-                decision = Decision(False, "CONNECT inside a tunnel")
-            else:
-                decision = self.decide(host, port)
+            if client.id in self.tunnels:
+                return Decision(False, "CONNECT inside a tunnel")
+            decision = self.decide(host, port)
             if decision.allowed:
-                self.tunnels[flow.client_conn.id] = (policy.normalize_host(host), port)
-                log_decision(flow, decision, host=host, port=port, status=200)
-                return
+                self.tunnels[client.id] = (policy.normalize_host(host), port)
+            return decision
         except Exception:
-            logger.exception("refusing a CONNECT: the check failed")
-            decision = Decision(False, "internal error in the policy check")
-        self.refuse(flow, host, port, decision)
+            logger.exception("refusing a tunnel: the check failed")
+            return Decision(False, "internal error in the policy check")
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         try:
@@ -165,7 +170,7 @@ class Enforcer:
         context = nextlayer.context
         target = self.tunnels.get(context.client.id)
         if target is None:
-            if len(context.layers) == 1 and isinstance(context.layers[0], layers.modes.HttpProxy):
+            if len(context.layers) == 1 and type(context.layers[0]) is layers.modes.HttpProxy:
                 return layers.HttpLayer(context, HTTPMode.regular)
             return CloseTunnel(context)
         if context.client.tls:
@@ -366,9 +371,10 @@ def check_listen(modes: Sequence[str], listen_host: str, remote_ok: bool) -> Non
             mode = mode_specs.ProxyMode.parse(spec)
         except ValueError as e:
             raise exceptions.OptionsError(f"Cannot parse mode {spec!r}: {e}") from e
-        if not isinstance(mode, mode_specs.RegularMode):
+        if not isinstance(mode, mode_specs.RegularMode | mode_specs.Socks5Mode):
             raise exceptions.OptionsError(
-                f"mode {spec!r} is not supported: claude-proxy runs as a regular HTTP(S) proxy"
+                f"mode {spec!r} is not supported: claude-proxy runs as a regular HTTP(S) proxy "
+                "and a SOCKS5 proxy"
             )
         host = mode.listen_host(listen_host)
         if not remote_ok and not is_loopback(host):

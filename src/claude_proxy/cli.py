@@ -41,8 +41,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy (the default)")
-    run.add_argument("--host", default=service.DEFAULT_HOST, help="listen address (%(default)s)")
+    run.add_argument(
+        "--host", help="listen address (default: 127.0.0.1 and ::1, each loopback address)"
+    )
     run.add_argument("--port", type=port, default=service.DEFAULT_PORT, help="(%(default)s)")
+    run.add_argument(
+        "--socks-port",
+        type=port,
+        default=service.DEFAULT_SOCKS_PORT,
+        help="SOCKS5 port, same addresses (%(default)s)",
+    )
     add_allow(run)
     run.add_argument(
         "--set",
@@ -89,12 +97,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="the claude-proxy launchd starts (default: this one)",
     )
     plist.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    plist.add_argument("--socks-port", type=port, default=service.DEFAULT_SOCKS_PORT)
     plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
     plist.set_defaults(func=cmd_plist)
 
     status = sub.add_parser("status", help="is the agent installed, serving and trusted?")
     status.add_argument("--host", default=service.DEFAULT_HOST)
     status.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    status.add_argument("--socks-port", type=port, default=service.DEFAULT_SOCKS_PORT)
     status.set_defaults(func=cmd_status)
     return parser.parse_args(argv)
 
@@ -138,8 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         confdir=confdir,
         rules=[*policy.DEFAULT_RULES, *args.allow],
         allowlist_source=ALLOWLIST_SOURCE,
-        host=args.host,
+        hosts=(args.host,) if args.host else (),
         port=args.port,
+        socks_port=args.socks_port,
         expose_to_network=args.expose_to_network,
         mitmproxy_options=args.mitmproxy_options,
     )
@@ -207,6 +218,7 @@ def cmd_plist(args: argparse.Namespace) -> int:
         home=Path.home(),
         log_dir=paths.log_dir(),
         port=args.port,
+        socks_port=args.socks_port,
     )
     if args.output is None:
         sys.stdout.buffer.write(rendered)
@@ -222,7 +234,9 @@ def cmd_plist(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    checks = agent.status(home=Path.home(), host=args.host, port=args.port)
+    checks = agent.status(
+        home=Path.home(), host=args.host, port=args.port, socks_port=args.socks_port
+    )
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,14 +17,15 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
 
-from claude_proxy import addresses, framing
+from claude_proxy import addresses, framing, listeners, socks
 from claude_proxy.addon import Enforcer
 from claude_proxy.errors import ExitCode, ProxyError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HOST = "127.0.0.1"  # what clients are told (`env`); the proxy listens on ::1 too
 DEFAULT_PORT = 9051
+DEFAULT_SOCKS_PORT = 9052
 DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
 # --set NAME=… refused outright: each has its own flag, or would bypass a check.
 RESERVED_OPTIONS = {
@@ -32,6 +34,8 @@ RESERVED_OPTIONS = {
     "sandbox_allow": "use --allow RULE",
     "sandbox_allowlist_source": "it is set by claude-proxy",
     "sandbox_remote_clients": "use --expose-to-network",
+    "listen_host": "use --host",
+    "listen_port": "use --port",
 }
 # --set NAME=… accepted, with a warning at every start: each can undo what the proxy guarantees.
 RISKY_OPTIONS = {
@@ -48,8 +52,9 @@ class Settings:
     confdir: Path
     rules: Sequence[str]
     allowlist_source: str
-    host: str = DEFAULT_HOST
+    hosts: Sequence[str] = ()  # empty: every loopback address this machine has
     port: int = DEFAULT_PORT
+    socks_port: int | None = DEFAULT_SOCKS_PORT  # None: no SOCKS5 listener
     expose_to_network: bool = False
     mitmproxy_options: Sequence[str] = field(default_factory=tuple)  # NAME=VALUE, as --set takes
     drain_seconds: float = DRAIN_SECONDS
@@ -91,9 +96,14 @@ class StartupCheck(errorcheck.ErrorCheck):
         if ctx.options.deferred:
             logger.error("unknown mitmproxy option(s): %s", ", ".join(ctx.options.deferred))
             return
-        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
-        where = ", ".join(f"{host}:{port}" for host, port, *_ in addresses)
-        logger.info("claude-proxy listening on %s", where)
+        http_at, socks_at = [], []
+        for instance in ctx.master.addons.get("proxyserver").servers:
+            where = socks_at if instance.mode.type_name == "socks5" else http_at
+            where += [listeners.format_address(a[0], a[1]) for a in instance.listen_addrs]
+        message = "claude-proxy listening on " + ", ".join(http_at)
+        if socks_at:
+            message += "; SOCKS5 on " + ", ".join(socks_at)
+        logger.info("%s", message)
 
 
 class HideNextLayerWarning(logging.Filter):
@@ -104,12 +114,17 @@ class HideNextLayerWarning(logging.Filter):
 
 
 def startup_error(settings: Settings, message: str) -> ProxyError:
-    where = f"{settings.host}:{settings.port}"
+    if found := re.search(r"listen on (\S+):(\d+)", message):
+        host, port = found[1], int(found[2])
+        where = listeners.format_address(host, port)
+    else:
+        where, port = f"port {settings.port}", settings.port
+    flag = "--socks-port" if port == settings.socks_port and port != settings.port else "--port"
     lowered = message.lower()
     if "address already in use" in lowered:
         return ProxyError(
             f"cannot listen on {where}: the port is in use (is claude-proxy already running? "
-            "`claude-proxy status` tells); stop it or choose another --port",
+            f"`claude-proxy status` tells); stop it or choose another {flag}",
             ExitCode.ADDRESS,
         )
     if "bind" in lowered or "address" in lowered or "permission denied" in lowered:
@@ -131,6 +146,13 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
     """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
     check_option_names(settings.mitmproxy_options)
     framing.install()
+    socks.install()
+    try:
+        modes = listeners.mode_specs(
+            settings.hosts or listeners.loopback_hosts(), settings.port, settings.socks_port
+        )
+    except OSError as e:
+        raise ProxyError(f"cannot listen: {e.strerror}", ExitCode.ADDRESS) from e
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
     enforcer = Enforcer()
     m = master.Master(options.Options(), with_termlog=False)
@@ -154,8 +176,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         )
         m.options.update(
             confdir=str(settings.confdir),
-            listen_host=settings.host,
-            listen_port=settings.port,
+            mode=modes,
             sandbox_allow=list(settings.rules),
             sandbox_allowlist_source=settings.allowlist_source,
             sandbox_remote_clients=settings.expose_to_network,
