@@ -22,6 +22,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from claude_proxy import policy, wellformed
 from claude_proxy.decisions import log_decision, printable
 from claude_proxy.policy import Allowlist, Decision
+from claude_proxy.tlsguard import GuardedClientTLSLayer
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class Enforcer:
             logger.info("closed tunnel to %s:%d: SNI %s", *target, printable(hello.sni))
             return CloseTunnel(context)
         server_tls = layers.ServerTLSLayer(context)
-        server_tls.child_layer = layers.ClientTLSLayer(context)
+        server_tls.child_layer = GuardedClientTLSLayer(context)
         return server_tls
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

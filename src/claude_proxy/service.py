@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, master, options
-from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
+from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
 from claude_proxy import addresses, framing, listeners, socks
 from claude_proxy.addon import Enforcer
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.tlsguard import GuardedTlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         # and before user scripts, so its checks always see a flow first.
         m.addons.add(
             enforcer,
-            tlsconfig.TlsConfig(),
+            GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
             StartupCheck(settings),
