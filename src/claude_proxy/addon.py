@@ -21,6 +21,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from claude_proxy import policy
 from claude_proxy.decisions import log_decision, printable
 from claude_proxy.policy import Allowlist, Decision
+from claude_proxy.timeouts import TimedHttpLayer
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,11 @@ class Enforcer:
         target = self.tunnels.get(context.client.id)
         if target is None:
             if len(context.layers) == 1 and isinstance(context.layers[0], layers.modes.HttpProxy):
-                return layers.HttpLayer(context, HTTPMode.regular)
+                return TimedHttpLayer(context, HTTPMode.regular)
             return CloseTunnel(context)
         if context.client.tls:
             # Inside our TLS only HTTP goes, so that every request is checked.
-            return layers.HttpLayer(context, HTTPMode.transparent)
+            return TimedHttpLayer(context, HTTPMode.transparent)
         data = nextlayer.data_client()
         if len(data) < 3:
             return None  # wait for more bytes

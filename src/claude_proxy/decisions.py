@@ -12,6 +12,7 @@ from claude_proxy.policy import Decision
 logger = logging.getLogger("claude_proxy.decisions")
 
 MAX_FIELD = 200
+FAILURE = "claude_proxy.failure"  # flow.metadata: why an allowed request got no upstream answer
 
 
 def printable(text: str) -> str:
@@ -28,6 +29,8 @@ def log_decision(
     request = flow.request
     path = "-" if request.method == "CONNECT" else request.path.split("?", 1)[0] or "/"
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
+    if failure := flow.metadata.get(FAILURE):
+        why += f' "{printable(failure)}"'
     elapsed_ms = (time.time() - request.timestamp_start) * 1000
     logger.info(
         "%s %s %s:%d %s %s %s %.0fms",
