@@ -6,11 +6,9 @@ without these limits each test fails on its bounded read instead of hanging.
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mitmproxy.exceptions import OptionsError
+from mitmproxy.test import taddons
 
-from tests.conftest import EXECUTABLE, SCRIPTS, ProxyProcess, open_tunnel, read_head
+from claude_proxy.timeouts import STEPS, Step, Timeouts
+from tests.conftest import SCRIPTS, ProxyProcess, open_tunnel, read_head
 from tests.upstream import Upstream
 
 LIMITS = ["sandbox_connect_timeout=1", "sandbox_tls_timeout=1", "sandbox_response_timeout=1"]
@@ -203,16 +204,10 @@ def test_response_limit_beyond_the_idle_timeout(
         assert proxy.stop() == 0
 
 
-@pytest.mark.parametrize("name", ["sandbox_connect_timeout", "sandbox_tls_timeout",
-                                  "sandbox_response_timeout"])  # fmt: skip
-def test_a_limit_must_be_positive(home: Path, name: str) -> None:
-    result = subprocess.run(
-        [str(EXECUTABLE), "--port", "0", "--set", f"{name}=0"],
-        env={**os.environ, "HOME": str(home)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 2
-    assert f"{name} must be at least 1 (seconds)" in result.stderr.strip().splitlines()[-1]
+@pytest.mark.parametrize("step", STEPS, ids=lambda step: step.option)
+def test_a_limit_must_be_positive(step: Step) -> None:
+    timeouts = Timeouts()
+    with taddons.context(timeouts) as tctx:
+        tctx.configure(timeouts, **{step.option: 1})
+        with pytest.raises(OptionsError, match=f"{step.option} must be at least 1"):
+            tctx.configure(timeouts, **{step.option: 0})

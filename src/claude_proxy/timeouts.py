@@ -12,8 +12,9 @@ abandoned upstream (HTTP/1 closes, HTTP/2 resets only that stream) and answered 
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -36,8 +37,11 @@ from mitmproxy.proxy.layers.http import (
 
 from claude_proxy.decisions import FAILURE, printable
 
-HEADER = "X-Claude-Proxy"  # as on refusals, with the value "timeout"
+logger = logging.getLogger(__name__)
+
+HEADER = "X-Claude-Proxy"  # as on refusals (addon.py imports this module, so not from there)
 EXPIRED = 0.01  # seconds: a timer this close to its deadline counts as expired
+ERROR_LOG_SECONDS = 60.0  # a failing timer logs one line at most this often
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,11 @@ class Timer(commands.RequestWakeup):
 
 
 class TimedHttpStream(HttpStream):
+    last_error_log = 0.0
+
     def __init__(self, context: context.Context, stream_id: int) -> None:
         super().__init__(context, stream_id)
+        self.broken = False  # the timer code failed: this stream goes on without limits
         self.waiting: str | None = None  # "connection" or "response"
         self.since = 0.0
         self.timer: Timer | None = None  # the one that counts; older ones are ignored
@@ -127,10 +134,23 @@ class TimedHttpStream(HttpStream):
         wakeup = event.command if isinstance(event, events.Wakeup) else None
         if isinstance(wakeup, Timer) and wakeup.stream is self:
             if wakeup is self.timer:
-                yield from self._expire()
+                yield from self._guarded(self._expire())
             return
         yield from super().handle_event(event)
-        yield from self._rearm()
+        yield from self._guarded(self._rearm())
+
+    def _guarded(self, steps: Iterator[commands.Command]) -> layer.CommandGenerator[None]:
+        """A bug here must not break the stream (mitmproxy would log a traceback per event)."""
+        if self.broken:
+            return
+        try:
+            yield from steps
+        except Exception as e:
+            self.broken, self.timer = True, None
+            now = time.monotonic()
+            if now - TimedHttpStream.last_error_log > ERROR_LOG_SECONDS:
+                TimedHttpStream.last_error_log = now
+                logger.error("upstream timeouts failed, a request goes without them: %r", e)
 
     def handle_protocol_error(
         self, event: RequestProtocolError | ResponseProtocolError
@@ -174,7 +194,8 @@ class TimedHttpStream(HttpStream):
         now = time.time()
         server = None
         if self.waiting == "connection":
-            if (server := self._pending_connection()) is None:
+            if (server := self._pending_connection()) is None:  # not seen yet: look again later
+                yield from self._wake_in(limit(self.context, CONNECT))
                 return
             if server.timestamp_tcp_setup is not None:
                 step, since = TLS, server.timestamp_tcp_setup
