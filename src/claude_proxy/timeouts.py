@@ -210,16 +210,16 @@ class TimedHttpStream(HttpStream):
             yield from self._wake_in(remaining)
             return
         if server is None:
-            self.timed_out = (
-                step,
-                timed_out(step, self.flow.request.host, self.flow.request.port, seconds),
-            )
+            reason = timed_out(step, self.flow.request.host, self.flow.request.port, seconds)
+            self.timed_out = (step, reason)
             # Abandon the request upstream: HTTP/1 closes the connection, HTTP/2 resets the stream.
             yield SendHttp(
-                RequestProtocolError(self.stream_id, "timed out", ErrorCode.CANCEL),
-                self.context.server,
+                RequestProtocolError(self.stream_id, reason, ErrorCode.CANCEL), self.context.server
             )
-            yield from self._answer()
+            # Fail the stream as mitmproxy would, so that it answers (and pauses for the response
+            # hook) inside its own event handling.
+            failed = ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR)
+            yield from super().handle_event(failed)
             return
         host, port = server.address or ("?", 0)
         self._http_layer().expired.add(server)
