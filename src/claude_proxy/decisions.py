@@ -12,6 +12,7 @@ from claude_proxy.policy import Decision
 logger = logging.getLogger("claude_proxy.decisions")
 
 MAX_FIELD = 200
+FAILURE = "claude_proxy.failure"  # flow.metadata: why an allowed request got no upstream answer
 
 
 def printable(text: str) -> str:
@@ -27,7 +28,16 @@ def log_decision(
 ) -> None:
     request = flow.request
     path = "-" if request.method == "CONNECT" else request.path.split("?", 1)[0] or "/"
-    log_line(request.method, host, port, path, status, decision, started=request.timestamp_start)
+    log_line(
+        request.method,
+        host,
+        port,
+        path,
+        status,
+        decision,
+        started=request.timestamp_start,
+        failure=flow.metadata.get(FAILURE),
+    )
 
 
 def log_line(
@@ -39,9 +49,12 @@ def log_line(
     decision: Decision,
     *,
     started: float,
+    failure: str | None = None,
 ) -> None:
     """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5)."""
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
+    if failure:
+        why += f' "{printable(failure)}"'
     logger.info(
         "%s %s %s:%d %s %s %s %.0fms",
         "ALLOW" if decision.allowed else "BLOCK",

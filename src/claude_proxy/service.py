@@ -20,6 +20,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 from claude_proxy import addresses, framing, listeners, socks
 from claude_proxy.addon import Enforcer
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.timeouts import Timeouts
 from claude_proxy.tlsguard import GuardedTlsConfig
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         # and before user scripts, so its checks always see a flow first.
         m.addons.add(
             enforcer,
+            Timeouts(),
             GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
