@@ -18,12 +18,12 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script,
 
 from claude_proxy import addresses, framing
 from claude_proxy.addon import Enforcer
+from claude_proxy.defaults import DEFAULT_HOST, DEFAULT_PORT
+from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 9051
 DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
 # --set NAME=… refused outright: each has its own flag, or would bypass a check.
 RESERVED_OPTIONS = {
