@@ -424,3 +424,26 @@ def test_commands_do_not_import_mitmproxy(home: Path, args: list[str]) -> None:
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
     assert "claude_proxy.cli" in imported  # the measurement saw our own imports
     assert [name for name in imported if name.split(".")[0] == "mitmproxy"] == []
+
+
+def test_a_linked_settings_file_stays_a_link(home: Path, tmp_path: Path) -> None:
+    real = tmp_path / "dotfiles" / "claude-settings.json"
+    before = write_settings(real, OTHER_KEYS)
+    path = settings_file(home)
+    path.parent.mkdir()
+    path.symlink_to(real)
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert path.is_symlink() and path.resolve() == real
+    assert json.loads(real.read_text())["sandbox"] == OURS
+    [backup] = backups(real)
+    assert backup.read_bytes() == before
+
+
+def test_an_empty_file_is_an_empty_object(home: Path) -> None:
+    path = home / ".srt-settings.json"
+    path.write_text("\n")
+    result = run(home, "setup", "srt", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(path.read_text())["network"]["httpProxyPort"] == 9051
+    assert [b.read_text() for b in backups(path)] == ["\n"]

@@ -53,8 +53,8 @@ def srt(*, home: Path, http_port: int, socks_port: int) -> Target:
         ("network", "httpProxyPort"): http_port,
         ("network", "socksProxyPort"): socks_port,
     }
-    # srt ignores a file without these (and then starts its own proxy); and before 0.0.16 it
-    # used no proxy at all for an empty allowedDomains. With the ports set, claude-proxy filters.
+    # srt rejects a file without these (and may run with its own proxy); and up to 0.0.21 it used
+    # no proxy at all for an empty allowedDomains. With the ports set, claude-proxy filters.
     required: dict[Key, Any] = {
         ("network", "allowedDomains"): list(policy.DEFAULT_RULES),
         ("network", "deniedDomains"): [],
