@@ -107,10 +107,14 @@ def undo(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None]
     if record is None:
         say(f"nothing to undo: setup has not changed {target.path} (no record in {record_file()})")
         return ExitCode.OK
+    try:
+        changes = [Change.from_json(c) for c in record["changes"]]
+        created: list[Key] = [tuple(k) for k in record["created"]]
+    except (KeyError, TypeError, ValueError) as e:
+        damaged = f"setup's record for {target.path} in {record_file()} is damaged ({e})"
+        raise ProxyError(damaged) from e
     real = Path(os.path.realpath(target.path))
     before, document = read(target.path, real)
-    changes = [Change.from_json(c) for c in record["changes"]]
-    created = [tuple(k) for k in record["created"]]
     after, notes = settings.revert(document, changes, created)
     for note in notes:
         say(note)
