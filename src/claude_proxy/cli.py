@@ -9,11 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from claude_proxy import agent, ca, logs, paths, policy, service
+# agent and service import mitmproxy (~0.75 s): only the commands that need them load them.
+from claude_proxy import ca, defaults, logs, paths, policy
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup")
 SHELLS = ("sh", "zsh", "fish", "nu")
+TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
 
 
@@ -44,11 +46,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     run.add_argument(
         "--host", help="listen address (default: 127.0.0.1 and ::1, each loopback address)"
     )
-    run.add_argument("--port", type=port, default=service.DEFAULT_PORT, help="(%(default)s)")
+    run.add_argument("--port", type=port, default=defaults.DEFAULT_PORT, help="(%(default)s)")
     run.add_argument(
         "--socks-port",
         type=port,
-        default=service.DEFAULT_SOCKS_PORT,
+        default=defaults.DEFAULT_SOCKS_PORT,
         help="SOCKS5 port, same addresses (%(default)s)",
     )
     add_allow(run)
@@ -72,13 +74,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     run.set_defaults(func=cmd_run)
 
     ca_cmd = sub.add_parser("ca", help="make the CA if missing; print its path and fingerprints")
-    ca_cmd.add_argument("--sha1", action="store_true", help="print only the SHA-1 fingerprint")
+    ca_output = ca_cmd.add_mutually_exclusive_group()
+    ca_output.add_argument("--sha1", action="store_true", help="print only the SHA-1 fingerprint")
+    ca_output.add_argument(
+        "--bundle",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="write the system's trust roots plus the CA to PATH, 0644 "
+        "(default: ca-bundle.pem beside the CA)",
+    )
     ca_cmd.set_defaults(func=cmd_ca)
 
     env = sub.add_parser("env", help="print the environment Claude Code needs to use the proxy")
     env.add_argument("--shell", choices=SHELLS, default=default_shell())
-    env.add_argument("--host", default=service.DEFAULT_HOST)
-    env.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    env.add_argument("--host", default=defaults.DEFAULT_HOST)
+    env.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
+    env.add_argument(
+        "--tools",
+        action="store_true",
+        help="also point SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and GIT_SSL_CAINFO "
+        "at the bundle `ca --bundle` writes",
+    )
     env.set_defaults(func=cmd_env)
 
     check = sub.add_parser("check", help="say whether HOST[:PORT] would be allowed, and why")
@@ -96,16 +113,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=Path(sys.argv[0]).absolute(),
         help="the claude-proxy launchd starts (default: this one)",
     )
-    plist.add_argument("--port", type=port, default=service.DEFAULT_PORT)
-    plist.add_argument("--socks-port", type=port, default=service.DEFAULT_SOCKS_PORT)
+    plist.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
+    plist.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
     plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
     plist.set_defaults(func=cmd_plist)
 
     status = sub.add_parser("status", help="is the agent installed, serving and trusted?")
-    status.add_argument("--host", default=service.DEFAULT_HOST)
-    status.add_argument("--port", type=port, default=service.DEFAULT_PORT)
-    status.add_argument("--socks-port", type=port, default=service.DEFAULT_SOCKS_PORT)
+    status.add_argument("--host", default=defaults.DEFAULT_HOST)
+    status.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
+    status.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
     status.set_defaults(func=cmd_status)
+
+    setup = sub.add_parser("setup", help="point Claude Code's sandbox (or srt) at claude-proxy")
+    targets = setup.add_subparsers(dest="target", required=True)
+    for name, settings_file in (
+        ("claude-code", "~/.claude/settings.json (or DIR/.claude/settings.json)"),
+        ("srt", "~/.srt-settings.json"),
+    ):
+        target = targets.add_parser(name, help=f"merge claude-proxy's ports into {settings_file}")
+        if name == "claude-code":
+            target.add_argument("--project", type=Path, metavar="DIR", help="DIR's settings")
+        target.add_argument("--port", type=fixed_port, default=defaults.DEFAULT_PORT)
+        target.add_argument("--socks-port", type=fixed_port, default=defaults.DEFAULT_SOCKS_PORT)
+        target.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+        target.add_argument("-y", "--yes", action="store_true", help="write without asking")
+        target.add_argument("--undo", action="store_true", help="take back what setup changed")
+        target.set_defaults(func=cmd_setup)
     return parser.parse_args(argv)
 
 
@@ -125,6 +158,12 @@ def port(text: str) -> int:
     return int(text)
 
 
+def fixed_port(text: str) -> int:
+    if port(text) == 0:
+        raise argparse.ArgumentTypeError("a settings file needs a port that stays: not 0")
+    return int(text)
+
+
 def default_shell() -> str:
     name = os.path.basename(os.environ.get("SHELL", ""))
     return name if name in SHELLS else "sh"
@@ -140,6 +179,8 @@ def allowlist(extra: Sequence[str]) -> policy.Allowlist:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from claude_proxy import service
+
     allowlist(args.allow)  # refuse a bad rule before anything else happens
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose, quiet=args.quiet)
     confdir = paths.config_dir()
@@ -159,8 +200,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
-    authority = ca.ensure_ca(paths.config_dir())
-    if args.sha1:
+    confdir = paths.config_dir()
+    authority = ca.ensure_ca(confdir)
+    if args.bundle is not None:
+        from claude_proxy import bundle
+
+        path = Path(args.bundle) if args.bundle else ca.bundle_path(confdir)
+        written = bundle.write_bundle(path, authority.cert_path, authority.colons(authority.sha256))
+        print(f"bundle:       {written.path}")
+        print(f"system roots: {written.roots}, from {written.source}")
+        print(f"and the CA:   {authority.cert_path}")
+    elif args.sha1:
         print(authority.sha1)
     else:
         print(f"certificate: {authority.cert_path}")
@@ -176,6 +226,14 @@ def cmd_env(args: argparse.Namespace) -> int:
     if not cert.exists():
         print(f"claude-proxy: {cert} does not exist yet; run `claude-proxy ca`", file=sys.stderr)
     variables = {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "NODE_EXTRA_CA_CERTS": str(cert)}
+    if args.tools:
+        bundle = ca.bundle_path(paths.config_dir())
+        if not bundle.exists():
+            print(
+                f"claude-proxy: {bundle} does not exist yet; run `claude-proxy ca --bundle`",
+                file=sys.stderr,
+            )
+        variables |= dict.fromkeys(TOOL_VARIABLES, str(bundle))
     for name, value in variables.items():
         print(export_line(args.shell, name, value))
     return ExitCode.OK
@@ -208,6 +266,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plist(args: argparse.Namespace) -> int:
+    from claude_proxy import agent
+
     try:
         template = args.template.read_bytes()
     except OSError as e:
@@ -234,9 +294,25 @@ def cmd_plist(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from claude_proxy import agent
+
     checks = agent.status(
         home=Path.home(), host=args.host, port=args.port, socks_port=args.socks_port
     )
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from claude_proxy import setup
+
+    home = Path.home()
+    if args.target == "claude-code":
+        target = setup.claude_code(
+            home=home, project=args.project, http_port=args.port, socks_port=args.socks_port
+        )
+    else:
+        target = setup.srt(home=home, http_port=args.port, socks_port=args.socks_port)
+    run = setup.undo if args.undo else setup.apply
+    return run(target, dry_run=args.dry_run, yes=args.yes)

@@ -22,3 +22,11 @@ def config_dir() -> Path:
 def log_dir() -> Path:
     """The platform's user log folder: `~/Library/Logs/claude-proxy` on macOS."""
     return Path(platformdirs.user_log_dir(APP))
+
+
+def state_dir() -> Path:
+    """The platform's user state folder: `~/.local/state/claude-proxy` on Linux.
+
+    `setup` keeps its record of what it changed here, so that `--undo` takes back only that.
+    """
+    return Path(platformdirs.user_state_dir(APP))

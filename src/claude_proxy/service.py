@@ -19,15 +19,14 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
 from claude_proxy import addresses, framing, listeners, socks
 from claude_proxy.addon import Enforcer
+from claude_proxy.defaults import DEFAULT_PORT
+from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.timeouts import Timeouts
 from claude_proxy.tlsguard import GuardedTlsConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"  # what clients are told (`env`); the proxy listens on ::1 too
-DEFAULT_PORT = 9051
-DEFAULT_SOCKS_PORT = 9052
 DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
 # --set NAME=… refused outright: each has its own flag, or would bypass a check.
 RESERVED_OPTIONS = {
