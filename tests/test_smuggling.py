@@ -286,3 +286,49 @@ def test_h2_trailers_to_an_http1_upstream_are_dropped_without_a_crash(
     assert upstream.seen.bodies == [b"hi"]
     assert b"x-trailer" not in upstream.seen.raw
     assert "Unexpected event: RequestTrailers" not in proxy.log_text()
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: %d\r\n" % len(SMUGGLED), b"Transfer-Encoding: chunked\r\n"],
+    ids=["length", "chunked"],
+)
+def test_h1_body_on_get_or_head_is_refused(
+    proxy: ProxyProcess, upstream: Upstream, method: bytes, framing: bytes
+) -> None:
+    """Many servers ignore a GET body (RFC 9110 §9.3.1) and read it as the next request."""
+    body = SMUGGLED if framing.startswith(b"Content") else b"2e\r\n" + SMUGGLED + b"\r\n0\r\n\r\n"
+    head = h1_in_tunnel(
+        proxy, method + b" / HTTP/1.1\r\nHost: api.anthropic.com\r\n" + framing + b"\r\n" + body
+    )
+    assert head == b"" or head.startswith(b"HTTP/1.1 400"), head
+    assert_nothing_smuggled(upstream)
+    assert upstream.seen.connections == 0
+
+
+def test_h2_body_on_get_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
+    tunnel = H2Tunnel(proxy)
+    status = tunnel.request(
+        h2_headers("GET", "/", content_length=str(len(SMUGGLED))), body=SMUGGLED
+    )
+    tunnel.close()
+    assert status in (400, None)
+    assert_nothing_smuggled(upstream)
+    assert upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize(
+    "named", [b"Content-Length", b"transfer-encoding", b"Host", b"keep-alive, host"]
+)
+def test_connection_header_naming_framing_or_host_is_refused(
+    proxy: ProxyProcess, upstream: Upstream, named: bytes
+) -> None:
+    """An intermediary that drops what Connection names would lose the framing or the Host."""
+    head = h1_in_tunnel(
+        proxy,
+        b"POST /up HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: " + named + b"\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+    )
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert upstream.seen.connections == 0

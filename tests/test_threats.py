@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -17,6 +19,7 @@ from tests.conftest import (
     read_head,
     read_until_closed,
     send_connect,
+    start_proxy,
 )
 from tests.upstream import Upstream
 
@@ -320,3 +323,33 @@ def test_refused_upload_is_not_read(
         sock.close()
     assert answer == b"" or answer.startswith(b"HTTP/1.1 403"), answer
     assert upstream.seen.connections == 0
+
+
+@pytest.fixture(scope="module")
+def idna_proxy(
+    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    process = start_proxy(
+        tmp_path_factory.mktemp("home"),
+        upstream_server,
+        upstream_ca_file,
+        "--allow",
+        "bücher.example",
+    )
+    yield process
+    process.stop()
+
+
+def test_a_unicode_rule_matches_the_a_label_clients_send(
+    idna_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    sock = send_connect(idna_proxy, b"xn--bcher-kva.example:443")
+    head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    context = idna_proxy.client_context()
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(sock, server_hostname="xn--bcher-kva.example")
+    assert tls.selected_alpn_protocol() == "h2"
+    assert h2_request(tls, "xn--bcher-kva.example") != 403  # :authority names the tunnel's host
+    tls.close()
+    assert "BLOCK" not in idna_proxy.log_text()

@@ -141,8 +141,10 @@ class Enforcer:
         self.tunnels.pop(client.id, None)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        host, port = flow.request.host, flow.request.port
+        host, port = requested_host(flow.request), flow.request.port
         decision = self.open_tunnel(flow.client_conn, host, port)
+        if decision.allowed and flow.request.host != host:
+            flow.request.host = host  # the A-label the client sent, not mitmproxy's U-label
         if decision.allowed:
             log_decision(flow, decision, host=host, port=port, status=200)
         else:
@@ -223,7 +225,7 @@ class Enforcer:
         status = 403
         try:
             target = self.tunnels.get(flow.client_conn.id)
-            host, port = target or (flow.request.host, flow.request.port)
+            host, port = target or (requested_host(flow.request), flow.request.port)
             # Inside a tunnel there is TLS; outside, the request's own scheme says how it travels.
             scheme = policy.HTTPS if target else flow.request.scheme
             if problem := wellformed.malformed(flow.request):
@@ -328,6 +330,17 @@ def refusal(method: str, host: str, port: int, reason: str, status: int = 403) -
     return http.Response.make(status, b"" if method == "HEAD" else body.encode(), headers)
 
 
+def requested_host(request: http.Request) -> str:
+    """The host exactly as the client wrote it: mitmproxy turns A-labels into Unicode in `.host`."""
+    if not request.data.authority:
+        return request.host
+    try:
+        host, _ = policy.split_host_port(request.data.authority.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return request.host  # refused by the policy as it is: not ASCII, or not host[:port]
+    return host
+
+
 def scheme_of(server: connection.Server) -> str:
     return policy.HTTPS if server.tls else policy.HTTP
 
@@ -340,7 +353,8 @@ def misnamed(flow: http.HTTPFlow, target: Target) -> str | None:
     hosts = flow.request.headers.get_all("host")
     if len(hosts) > 1:
         return "more than one Host header"
-    named = {"Host header": hosts[0] if hosts else "", "authority": flow.request.authority}
+    authority = flow.request.data.authority.decode("ascii", "backslashreplace")
+    named = {"Host header": hosts[0] if hosts else "", "authority": authority}
     for what, value in named.items():
         if value and not names_target(value, target):
             return f"{what} {printable(value)} does not name {target[0]}"

@@ -20,6 +20,11 @@ _ORIGIN_FORM = re.compile(rb"/(?!/)[\x21-\x7e]*|/")
 # Upgrade tokens the proxy carries: a WebSocket. Anything else would end in an unchecked relay.
 ALLOWED_UPGRADE = "websocket"
 H2C_HEADERS = ("http2-settings",)
+# Methods whose content has no meaning (RFC 9110 §9.3): a server may ignore it and read it as the
+# next request. The proxy refuses such a body rather than trust every upstream to skip it.
+BODYLESS_METHODS = (b"GET", b"HEAD", b"TRACE")
+# What a Connection header may not name: an intermediary that drops it would lose the framing.
+ESSENTIAL_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 
 def malformed(request: http.Request) -> str | None:
@@ -40,7 +45,21 @@ def malformed(request: http.Request) -> str | None:
             return "a header name is not a token"
         if _BAD_VALUE.search(value):
             return "a header value has a control character (CR, LF, NUL or DEL)"
+    if method in BODYLESS_METHODS and announces_body(request):
+        return f"a {method.decode()} request may not carry a body"
+    for value in request.headers.get_all("connection"):
+        named = {token.strip().lower() for token in value.split(",")}
+        if named & ESSENTIAL_HEADERS:
+            return "the Connection header names Host or the message framing"
     return None
+
+
+def announces_body(request: http.Request) -> bool:
+    """Whether the head says a body follows (a content-length above 0, or a transfer coding)."""
+    if "transfer-encoding" in request.headers:
+        return True
+    lengths = request.headers.get_all("content-length")
+    return any(length.strip() not in ("", "0") for length in lengths)
 
 
 def strip_upgrades(request: http.Request) -> None:
