@@ -332,3 +332,37 @@ def test_connection_header_naming_framing_or_host_is_refused(
     )
     assert head.startswith(b"HTTP/1.1 400"), head
     assert upstream.seen.connections == 0
+
+
+def test_h2_get_with_data_and_no_length_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """Without content-length only the frames say a body follows: it must not reach the upstream."""
+    tunnel = H2Tunnel(proxy)
+    status = tunnel.request(h2_headers("GET", "/"), body=SMUGGLED)
+    tunnel.close()
+    assert status in (400, None)
+    assert_nothing_smuggled(upstream)
+    assert upstream.seen.connections == 0
+
+
+def test_refused_h2_upload_without_length_is_ended_before_its_body(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The HTTP/2 kin of a chunked upload: a proxy that reads it all before refusing never ends."""
+    tunnel = H2Tunnel(proxy)
+    headers = h2_headers("POST", "/up")
+    headers[2] = (":authority", "evil.example")
+    tunnel.conn.send_headers(1, headers)  # no content-length, no END_STREAM: a body would follow
+    tunnel.flush()
+    ended = False
+    while not ended:
+        data = tunnel.tls.recv(65536)  # a proxy waiting for the body never answers: TimeoutError
+        if not data:
+            break
+        for event in tunnel.conn.receive_data(data):
+            ended = ended or isinstance(
+                event,
+                h2.events.StreamReset | h2.events.ResponseReceived | h2.events.ConnectionTerminated,
+            )
+        tunnel.flush()
+    tunnel.close()
+    assert upstream.seen.connections == 0

@@ -1,4 +1,4 @@
-"""The real sandbox-runtime (`srt`, bubblewrap on Linux) pointed at claude-proxy: nothing goes around.
+"""The real sandbox-runtime (`srt`, bubblewrap on Linux) aimed at claude-proxy: nothing goes around.
 
 srt removes the command's network namespace and bridges only its proxy ports in; with
 `httpProxyPort` and `socksProxyPort` naming claude-proxy, every byte a sandboxed command sends goes

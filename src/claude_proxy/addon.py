@@ -228,7 +228,7 @@ class Enforcer:
             host, port = target or (requested_host(flow.request), flow.request.port)
             # Inside a tunnel there is TLS; outside, the request's own scheme says how it travels.
             scheme = policy.HTTPS if target else flow.request.scheme
-            if problem := wellformed.malformed(flow.request):
+            if problem := wellformed.malformed(flow.request, body_follows(flow)):
                 status, decision = 400, Decision(False, f"malformed request: {problem}")
             else:
                 decision = self.decide(host, port, scheme)
@@ -243,7 +243,7 @@ class Enforcer:
             host, port = flow.request.host, flow.request.port
             decision = Decision(False, "internal error in the policy check")
         if not decision.allowed:
-            if refused_body_too_large(flow.request):
+            if refused_body_too_large(flow.request, body_follows(flow)):
                 # mitmproxy reads a refused request's whole body before it answers: close instead.
                 flow.kill()
                 reason = f"{decision.reason}; closed without reading the request body"
@@ -372,8 +372,20 @@ def names_target(authority: str, target: Target, *, port_allowed: bool = True) -
         return False
 
 
-def refused_body_too_large(request: http.Request) -> bool:
-    """Whether a refused request announces a body too large to read just to refuse it."""
+def body_follows(flow: http.HTTPFlow) -> bool | None:
+    """Whether the HTTP layer saw a body follow the head; None where it did not say."""
+    value = flow.metadata.get(wellformed.BODY_FOLLOWS)
+    return None if value is None else bool(value)
+
+
+def refused_body_too_large(request: http.Request, follows: bool | None = None) -> bool:
+    """Whether a refused request announces a body too large to read just to refuse it.
+
+    mitmproxy reads an HTTP/2 body without content-length as size 0: its size is unknown.
+    """
+    h2_or_h3 = request.is_http2 or request.is_http3
+    if follows and h2_or_h3 and "content-length" not in request.headers:
+        return True
     try:
         size = expected_http_body_size(request)
     except ValueError:

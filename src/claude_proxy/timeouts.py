@@ -27,6 +27,7 @@ from mitmproxy.proxy.layers.http import (
     HttpResponseHook,
     HttpStream,
     RegisterHttpConnection,
+    RequestHeaders,
     RequestProtocolError,
     ResponseData,
     ResponseEndOfMessage,
@@ -36,6 +37,7 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from claude_proxy.decisions import FAILURE, printable
+from claude_proxy.wellformed import BODY_FOLLOWS
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +127,15 @@ class TimedHttpStream(HttpStream):
     def __init__(self, context: context.Context, stream_id: int) -> None:
         super().__init__(context, stream_id)
         self.broken = False  # the timer code failed: this stream goes on without limits
+        self.body_follows = False
         self.waiting: str | None = None  # "connection" or "response"
         self.since = 0.0
         self.timer: Timer | None = None  # the one that counts; older ones are ignored
         self.timed_out: tuple[Step, str] | None = None
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestHeaders):
+            self.body_follows = not event.end_stream
         wakeup = event.command if isinstance(event, events.Wakeup) else None
         if isinstance(wakeup, Timer) and wakeup.stream is self:
             if wakeup is self.timer:
@@ -151,6 +156,13 @@ class TimedHttpStream(HttpStream):
             if now - TimedHttpStream.last_error_log > ERROR_LOG_SECONDS:
                 TimedHttpStream.last_error_log = now
                 logger.error("upstream timeouts failed, a request goes without them: %r", e)
+
+    def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
+        if request:
+            # Only the stream knows whether a body follows the head (HTTP/2 says so in its frames,
+            # not in a header): the Enforcer reads it from the flow.
+            self.flow.metadata[BODY_FOLLOWS] = self.body_follows
+        return (yield from super().check_invalid(request))
 
     def handle_protocol_error(
         self, event: RequestProtocolError | ResponseProtocolError
