@@ -18,6 +18,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script,
 
 from claude_proxy.addon import Enforcer
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         # and before user scripts, so its checks always see a flow first.
         m.addons.add(
             enforcer,
+            Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
             tlsconfig.TlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
