@@ -112,6 +112,25 @@ def test_endless_head_is_cut_off_and_its_memory_freed(
     assert upstream.seen.requests == [("GET", "/warm-up", "api.anthropic.com")]
 
 
+TLS_RECORD = b"\x16\x03\x01\x40\x00"  # a handshake record of 16 KiB
+
+
+def test_endless_client_hello_is_cut_off(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """A ClientHello that announces 16 MiB, sent in full records: never complete, never parsed."""
+    warm_up(proxy)
+    before = rss(proxy.proc.pid)
+    sock = send_connect(proxy, b"api.anthropic.com:443")
+    assert read_head(sock).startswith(b"HTTP/1.1 200")
+    hello = TLS_RECORD + b"\x01\xff\xff\xff" + bytes(16380)  # ClientHello, 16 MiB long
+    took_all = offer(sock, hello, TLS_RECORD + bytes(16384), 12 * MIB)
+    answer = read_answer(sock)
+    sock.close()
+    assert not took_all, "the proxy took 12 MiB of a ClientHello"
+    assert answer == b""
+    assert rss(proxy.proc.pid) - before < 8 * MIB
+    assert upstream.seen.requests == [("GET", "/warm-up", "api.anthropic.com")]
+
+
 def test_head_size_refusal_says_why(proxy: ProxyProcess, upstream: Upstream) -> None:
     sock = listener(proxy)
     sock.sendall(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nX-Big: " + b"a" * 70_000)
