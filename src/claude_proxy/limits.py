@@ -86,6 +86,7 @@ class Limits:
         self.over_cap: set[str] = set()  # client ids to answer 503
         self.setup: dict[str, asyncio.TimerHandle] = {}  # client id → its deadline to get to HTTP
         self.cap_log = Throttle()
+        self.errors = Throttle()
         self.accept_failures = 0
 
     def load(self, loader: Any) -> None:
@@ -131,6 +132,14 @@ class Limits:
 
     def client_connected(self, client: connection.Client) -> None:
         self.clients += 1
+        try:
+            self._admit(client)
+        except Exception as e:  # fail closed: a client we cannot account for is refused
+            self.over_cap.add(client.id)
+            if self.errors.allow() is not None:
+                logger.error("refusing a client: the limits check failed: %r", e)
+
+    def _admit(self, client: connection.Client) -> None:
         if self.accept_failures:
             logger.warning(
                 "accepting connections again after %d failed accepts", self.accept_failures
@@ -147,12 +156,16 @@ class Limits:
         self.clients -= 1
         self.over_cap.discard(client.id)
         self._cancel_setup(client.id)
-        # mitmproxy can leave the socket open when it closes a client that is still sending
-        # (the cancellation lands outside its reader's try): a flood would keep its descriptor.
-        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
-        io = handler.transports.get(client) if handler is not None else None
-        if io is not None and io.writer is not None and not io.writer.is_closing():
-            io.writer.close()
+        try:
+            # mitmproxy can leave the socket open when it closes a client that is still sending
+            # (the cancellation lands outside its reader's try): a flood would keep its descriptor.
+            handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
+            io = handler.transports.get(client) if handler is not None else None
+            if io is not None and io.writer is not None and not io.writer.is_closing():
+                io.writer.close()
+        except Exception as e:
+            if self.errors.allow() is not None:
+                logger.error("could not close a client's socket: %r", e)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:  # the tunnel opens: its TLS and first request are due
