@@ -19,10 +19,9 @@ from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from claude_proxy import policy, wellformed
+from claude_proxy import limits, policy, wellformed
 from claude_proxy.decisions import log_decision, printable
 from claude_proxy.policy import Allowlist, Decision
-from claude_proxy.timeouts import TimedHttpLayer
 from claude_proxy.tlsguard import GuardedClientTLSLayer
 
 logger = logging.getLogger(__name__)
@@ -175,11 +174,11 @@ class Enforcer:
         target = self.tunnels.get(context.client.id)
         if target is None:
             if len(context.layers) == 1 and type(context.layers[0]) is layers.modes.HttpProxy:
-                return TimedHttpLayer(context, HTTPMode.regular)
+                return limits.http_layer(context, HTTPMode.regular)
             return CloseTunnel(context)
         if context.client.tls:
             # Inside our TLS only HTTP goes, so that every request is checked.
-            return TimedHttpLayer(context, HTTPMode.transparent)
+            return limits.http_layer(context, HTTPMode.transparent)
         data = nextlayer.data_client()
         if len(data) < 3:
             return None  # wait for more bytes

@@ -22,6 +22,7 @@ from claude_proxy.addon import Enforcer
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.limits import Limits
 from claude_proxy.timeouts import Timeouts
 from claude_proxy.tlsguard import GuardedTlsConfig
 
@@ -171,6 +172,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         m.addons.add(
             enforcer,
             Timeouts(),
+            Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
             GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
