@@ -366,3 +366,19 @@ def test_refused_h2_upload_without_length_is_ended_before_its_body(
         tunnel.flush()
     tunnel.close()
     assert upstream.seen.connections == 0
+
+
+def test_h1_request_trailers_are_dropped_without_a_crash(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """mitmproxy's HTTP/1 reader raises on request trailers: a traceback, no answer, each time."""
+    head = h1_in_tunnel(
+        proxy,
+        b"POST /up HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 200"), head
+    upstream.wait_idle()
+    assert upstream.seen.bodies == [b"hello"]
+    assert b"X-Trailer" not in upstream.seen.raw
+    assert "HTTP trailers are not implemented" not in proxy.log_text()

@@ -11,6 +11,7 @@ was buffered. Nothing here runs while a request or its response is in flight.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h11
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -140,7 +142,32 @@ class BoundedReceiveBuffer(ReceiveBuffer):
         return None
 
 
+class TrailerDroppingReader:
+    """A body reader whose end carries no trailers: mitmproxy's HTTP/1 server raises on them
+    (one traceback and a hung client per attempt). Trailers never change where a message ends."""
+
+    def __init__(self, inner: Callable[[ReceiveBuffer], object]) -> None:
+        self.inner = inner
+
+    def __call__(self, buf: ReceiveBuffer) -> object:
+        return self._drop(self.inner(buf))
+
+    def read_eof(self) -> object:
+        return self._drop(self.inner.read_eof())  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _drop(event: object) -> object:
+        if isinstance(event, h11.EndOfMessage) and event.headers:
+            return h11.EndOfMessage()
+        return event
+
+
 class BoundedHttp1Server(Http1Server):
+    def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if not isinstance(self.body_reader, TrailerDroppingReader):
+            self.body_reader = TrailerDroppingReader(self.body_reader)  # type: ignore[assignment]
+        yield from super().read_body(event)
+
     def __init__(self, context: Context, bounds: Bounds) -> None:
         super().__init__(context)
         self.bounds = bounds
