@@ -37,6 +37,8 @@ from tests.upstream import Upstream
         ("::ffff:192.168.1.1", "private, embedded"),
         ("::ffff:127.0.0.1", "loopback, embedded"),
         ("::127.0.0.1", "loopback, embedded"),  # IPv4-compatible
+        ("::ffff:0:127.0.0.1", "loopback, embedded"),  # IPv4-translated (SIIT)
+        ("::ffff:0:a9fe:a9fe", "link-local (cloud metadata lives here), embedded"),
         ("64:ff9b::a00:1", "private, embedded"),  # NAT64 of 10.0.0.1
         ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata lives here), embedded"),
         ("2002:c0a8:101::1", "private, embedded"),  # 6to4 of 192.168.1.1

@@ -41,11 +41,12 @@ _FORBIDDEN: tuple[tuple[str, str], ...] = (
 FORBIDDEN_NETWORKS = tuple((ipaddress.ip_network(net), why) for net, why in _FORBIDDEN)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-_6TO4 = ipaddress.ip_network("2002::/16")
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (RFC 2765)
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address carries: mapped, compatible, NAT64, 6to4, Teredo."""
+    """The IPv4 addresses an IPv6 address carries: mapped, translated, compatible, NAT64, 6to4,
+    Teredo."""
     found = []
     if ip.ipv4_mapped:
         found.append(ip.ipv4_mapped)
@@ -54,7 +55,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     if ip.teredo:
         found.extend(ip.teredo)
     low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip in _NAT64 or ip in _NAT64_LOCAL or int(ip) >> 32 == 0:  # NAT64, IPv4-compatible
+    if ip in _NAT64 or ip in _NAT64_LOCAL or ip in _SIIT or int(ip) >> 32 == 0:
         found.append(low32)
     return found
 
