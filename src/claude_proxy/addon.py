@@ -20,7 +20,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from claude_proxy import limits, policy, wellformed
-from claude_proxy.decisions import log_decision, printable
+from claude_proxy.decisions import SENT_DOWN, SENT_UP, count_body, log_decision, log_line, printable
 from claude_proxy.policy import Allowlist, Decision
 from claude_proxy.tlsguard import GuardedClientTLSLayer
 
@@ -183,18 +183,15 @@ class Enforcer:
         if len(data) < 3:
             return None  # wait for more bytes
         if not starts_like_tls_record(data):
-            logger.info("closed tunnel to %s:%d: it does not start with TLS", *target)
-            return CloseTunnel(context)
+            return close_tunnel(context, target, "it does not start with TLS")
         try:
             hello = parse_client_hello(data)
         except ValueError:
-            logger.info("closed tunnel to %s:%d: malformed TLS ClientHello", *target)
-            return CloseTunnel(context)
+            return close_tunnel(context, target, "malformed TLS ClientHello")
         if hello is None:
             return None  # the ClientHello is not complete yet
         if hello.sni is not None and not names_target(hello.sni, target, port_allowed=False):
-            logger.info("closed tunnel to %s:%d: SNI %s", *target, printable(hello.sni))
-            return CloseTunnel(context)
+            return close_tunnel(context, target, f"SNI {hello.sni} does not name {target[0]}")
         server_tls = layers.ServerTLSLayer(context)
         server_tls.child_layer = GuardedClientTLSLayer(context)
         return server_tls
@@ -251,7 +248,7 @@ class Enforcer:
                 self.refuse(flow, host, port, decision, status)
             return
         flow.metadata["claude_proxy.decision"] = (decision, host, port)
-        flow.request.stream = True
+        flow.request.stream = count_body(flow, SENT_UP)
         self.in_flight += 1
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -272,7 +269,7 @@ class Enforcer:
             )
             flow.kill()
             return
-        flow.response.stream = True  # SSE events and large bodies pass as they arrive
+        flow.response.stream = count_body(flow, SENT_DOWN)  # SSE and large bodies pass as they come
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow, flow.response.status_code if flow.response else None)
@@ -308,6 +305,13 @@ class Enforcer:
     ) -> None:
         flow.response = refusal(flow.request.method, host, port, decision.reason, status)
         log_decision(flow, decision, host=host, port=port, status=status)
+
+
+def close_tunnel(context: layer.Context, target: Target, why: str) -> CloseTunnel:
+    refused = Decision(False, why)
+    client = context.client
+    log_line("-", *target, "-", None, refused, started=client.timestamp_start, client=client)
+    return CloseTunnel(context)
 
 
 def refusal(method: str, host: str, port: int, reason: str, status: int = 403) -> http.Response:

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import ca, paths
+from claude_proxy import auditlog, ca, paths
 from claude_proxy.addon import REFUSAL_HEADER
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -153,4 +153,6 @@ def status(*, home: Path, host: str, port: int, socks_port: int) -> list[Check]:
         checks.append(Check(trusted, "keychain", detail))
     log = paths.log_dir() / paths.LOG_FILE
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
+    audit_ok, audit_detail = auditlog.describe(paths.audit_db())
+    checks.append(Check(audit_ok, "audit log", audit_detail))
     return checks

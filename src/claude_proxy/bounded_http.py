@@ -21,7 +21,7 @@ import h2.events
 import h2.exceptions
 import h11
 from h11._receivebuffer import ReceiveBuffer
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
@@ -29,8 +29,8 @@ from mitmproxy.proxy.layers.http import ErrorCode, HTTPMode, ReceiveHttp, Reques
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
-from claude_proxy.decisions import logger as decision_logger
-from claude_proxy.decisions import printable
+from claude_proxy.decisions import log_line, printable
+from claude_proxy.policy import Decision
 from claude_proxy.timeouts import TimedHttpLayer
 
 MAX_HEAD = 64 * 1024
@@ -70,19 +70,17 @@ def answer_bytes(status: int, reason: str) -> bytes:
 
 
 def log_block(
-    status: int | None, reason: str, context: Context | None = None, since: float | None = None
+    status: int | None,
+    reason: str,
+    context: Context | None = None,
+    since: float | None = None,
+    client: connection.Client | None = None,
 ) -> None:
     """One decision line; the destination is known inside a tunnel only."""
-    address = context.server.address if context is not None else None
-    where = f"{printable(address[0])}:{address[1]}" if address else "-"
-    elapsed_ms = (time.monotonic() - since) * 1000 if since is not None else 0
-    decision_logger.info(
-        'BLOCK - %s - %s "%s" %.0fms',
-        where,
-        "-" if status is None else status,
-        printable(reason),
-        elapsed_ms,
-    )
+    host, port = (context.server.address if context is not None else None) or (None, None)
+    started = time.time() - (time.monotonic() - since if since is not None else 0)
+    client = context.client if context is not None else client
+    log_line("-", host, port, "-", status, Decision(False, reason), started=started, client=client)
 
 
 class Deadline:

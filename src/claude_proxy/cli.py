@@ -13,7 +13,7 @@ from pathlib import Path
 from claude_proxy import ca, defaults, logs, paths, policy
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup", "log")
 SHELLS = ("sh", "zsh", "fish", "nu")
 TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
@@ -124,6 +124,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     status.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
     status.set_defaults(func=cmd_status)
 
+    log = sub.add_parser("log", help="what the proxy decided, from its audit database")
+    log.add_argument(
+        "-n", "--limit", type=count, default=50, help="the newest N (%(default)s; 0: all)"
+    )
+    log.add_argument("--blocked", action="store_true", help="refusals only")
+    log.add_argument("--since", type=since, metavar="WHEN", help="30m, 1h, 2d, 1w or ISO time")
+    log.add_argument("--host", metavar="GLOB", help="hosts matching GLOB, as in '*.github.com'")
+    log.add_argument("--json", action="store_true", help="JSON lines, one per decision")
+    show = log.add_mutually_exclusive_group()
+    show.add_argument("-f", "--follow", action="store_true", help="show new ones until Ctrl-C")
+    show.add_argument(
+        "--summary", action="store_true", help="refused destinations, with counts and last seen"
+    )
+    show.add_argument(
+        "--suggest", action="store_true", help="[[allow]] rules for what was refused (TOML)"
+    )
+    log.set_defaults(func=cmd_log)
+
     setup = sub.add_parser("setup", help="point Claude Code's sandbox (or srt) at claude-proxy")
     targets = setup.add_subparsers(dest="target", required=True)
     for name, settings_file in (
@@ -162,6 +180,21 @@ def fixed_port(text: str) -> int:
     if port(text) == 0:
         raise argparse.ArgumentTypeError("a settings file needs a port that stays: not 0")
     return int(text)
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
+
+
+def since(text: str) -> float:
+    from claude_proxy import auditlog
+
+    try:
+        return auditlog.parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def default_shell() -> str:
@@ -302,6 +335,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from claude_proxy import auditlog
+
+    if args.json and args.suggest:
+        raise ProxyError("--suggest prints TOML: leave out --json", ExitCode.USAGE)
+    modes = {"follow": args.follow, "summary": args.summary, "suggest": args.suggest}
+    request = auditlog.Request(
+        selection=auditlog.Selection(blocked=args.blocked, since=args.since, host=args.host),
+        limit=args.limit,
+        json=args.json,
+        mode=next((mode for mode, chosen in modes.items() if chosen), "table"),
+    )
+    return auditlog.show(paths.audit_db(), request)
 
 
 def cmd_setup(args: argparse.Namespace) -> int:

@@ -1,18 +1,28 @@
-"""One log line per decision. Never headers, bodies, query strings or anything else secret."""
+"""Every decision: one log line, and one row in the audit database, made in one place.
+
+Never headers, bodies, query strings or anything else secret, in either.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from mitmproxy import http
+from mitmproxy import connection, ctx, exceptions, http
 
+from claude_proxy import audit, paths
+from claude_proxy.listeners import format_address
 from claude_proxy.policy import Decision
 
 logger = logging.getLogger("claude_proxy.decisions")
 
 MAX_FIELD = 200
 FAILURE = "claude_proxy.failure"  # flow.metadata: why an allowed request got no upstream answer
+SENT_UP = "claude_proxy.bytes_up"  # flow.metadata: the request body's BodyCount
+SENT_DOWN = "claude_proxy.bytes_down"  # flow.metadata: the response body's BodyCount
+LISTENERS = {"regular": "http"}  # mitmproxy's mode names, as the audit log calls them
+_writer: audit.Writer | None = None  # the running proxy's audit writer, if any
 
 
 def printable(text: str) -> str:
@@ -23,11 +33,43 @@ def printable(text: str) -> str:
     return escaped if len(escaped) <= MAX_FIELD else escaped[: MAX_FIELD - 1] + "…"
 
 
+class BodyCount:
+    """A `stream` function for mitmproxy that passes a body on and counts its bytes."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.size += len(chunk)
+        return chunk
+
+
+def count_body(flow: http.HTTPFlow, key: str) -> BodyCount:
+    """Stream a body through a counter kept in the flow's metadata under `key`."""
+    counter = flow.metadata[key] = BodyCount()
+    return counter
+
+
 def log_decision(
-    flow: http.HTTPFlow, decision: Decision, *, host: str, port: int, status: int | None
+    flow: http.HTTPFlow,
+    decision: Decision,
+    *,
+    host: str,
+    port: int,
+    status: int | None,
+    organization: str | None = None,
+    fingerprint: str | None = None,
 ) -> None:
     request = flow.request
     path = "-" if request.method == "CONNECT" else request.path.split("?", 1)[0] or "/"
+    up, down = flow.metadata.get(SENT_UP), flow.metadata.get(SENT_DOWN)
+    response = flow.response
+    if down is None and response is not None:
+        down_size = len(response.raw_content or b"")  # our own answer: a refusal, a 504
+    else:
+        down_size = down.size if down is not None else 0
     log_line(
         request.method,
         host,
@@ -37,32 +79,133 @@ def log_decision(
         decision,
         started=request.timestamp_start,
         failure=flow.metadata.get(FAILURE),
+        client=flow.client_conn,
+        bytes_up=up.size if up is not None else 0,
+        bytes_down=down_size,
+        organization=organization,
+        fingerprint=fingerprint,
     )
 
 
 def log_line(
     method: str,
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
     path: str,
     status: int | str | None,
     decision: Decision,
     *,
     started: float,
     failure: str | None = None,
+    client: connection.Client | None = None,
+    bytes_up: int | None = None,
+    bytes_down: int | None = None,
+    organization: str | None = None,
+    fingerprint: str | None = None,
 ) -> None:
-    """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5)."""
+    """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5), or "-".
+
+    `host` None: the destination is not known. `client` gives the audit row its address and
+    listener; `organization` and `fingerprint` (of a credential, never the credential) are for
+    the exfiltration guard.
+    """
+    now = time.time()
+    elapsed_ms = (now - started) * 1000
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
     if failure:
         why += f' "{printable(failure)}"'
     logger.info(
-        "%s %s %s:%d %s %s %s %.0fms",
+        "%s %s %s %s %s %s %.0fms",
         "ALLOW" if decision.allowed else "BLOCK",
         printable(method),
-        printable(host),
-        port,
+        "-" if host is None else f"{printable(host)}:{port}",
         printable(path),
         "-" if status is None else status,
         why,
-        (time.time() - started) * 1000,
+        elapsed_ms,
+    )
+    if (writer := _writer) is None:
+        return
+    try:
+        peer = client.peername if client is not None else None
+        mode = client.proxy_mode.type_name if client is not None else None
+        reason = failure if decision.allowed else decision.reason
+        if failure and not decision.allowed:
+            reason = f"{decision.reason}; {failure}"
+        writer.submit(
+            audit.Record(
+                time=now,
+                client=format_address(str(peer[0]), int(peer[1])) if peer else None,
+                listener=LISTENERS.get(mode, mode) if mode else None,
+                method=None if method == "-" else printable(method),
+                host=None if host is None else printable(host),
+                port=port,
+                path=None if path == "-" else printable(path),
+                decision="allow" if decision.allowed else "block",
+                rule=decision.rule,
+                reason=printable(reason) if reason else None,
+                status=status if isinstance(status, int) else None,
+                bytes_up=bytes_up,
+                bytes_down=bytes_down,
+                duration_ms=round(elapsed_ms),
+                organization=printable(organization) if organization else None,
+                fingerprint=printable(fingerprint) if fingerprint else None,
+            )
+        )
+    except Exception as e:  # the audit row is a record, never a reason to fail a decision
+        writer.refused += 1
+        if not writer.record_failed:
+            writer.record_failed = True
+            logger.warning("audit log: a decision could not be recorded: %r", e)
+
+
+class AuditLog:
+    """Runs the audit database's writer for as long as the proxy runs."""
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "sandbox_audit",
+            bool,
+            True,
+            "Record every decision in the audit database (`claude-proxy log` reads it).",
+        )
+        loader.add_option(
+            "sandbox_audit_days",
+            int,
+            int(audit.Retention.max_age // audit.DAY),
+            "Days the audit database keeps a decision.",
+        )
+        loader.add_option(
+            "sandbox_audit_max_mb",
+            int,
+            audit.Retention.max_bytes // audit.MIB,
+            "Megabytes the audit database may hold; the oldest decisions go first.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"sandbox_audit_days", "sandbox_audit_max_mb"}:
+            if ctx.options.sandbox_audit_days < 1 or ctx.options.sandbox_audit_max_mb < 1:
+                raise exceptions.OptionsError(
+                    "sandbox_audit_days and sandbox_audit_max_mb must be at least 1"
+                )
+            if _writer is not None:
+                _writer.retention = retention()
+
+    def running(self) -> None:
+        global _writer
+        if ctx.options.sandbox_audit and _writer is None:
+            _writer = audit.Writer(paths.audit_db(), retention())
+            _writer.start()
+
+    def done(self) -> None:
+        global _writer
+        writer, _writer = _writer, None
+        if writer is not None:
+            writer.stop()
+
+
+def retention() -> audit.Retention:
+    return audit.Retention(
+        max_age=ctx.options.sandbox_audit_days * audit.DAY,
+        max_bytes=ctx.options.sandbox_audit_max_mb * audit.MIB,
     )

@@ -149,7 +149,7 @@ class Limits:
             self.over_cap.add(client.id)
             if (skipped := self.cap_log.allow()) is not None:
                 more = f"; {skipped} more refused since the last line" if skipped else ""
-                log_block(503, f"{self.over_cap_reason()}{more}")
+                log_block(503, f"{self.over_cap_reason()}{more}", client=client)
         self._arm_setup(client, "no request within {} s of connecting")
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -178,7 +178,11 @@ class Limits:
         try:
             size = sum(len(e.data) for e in nextlayer.events if isinstance(e, events.DataReceived))
             if size > self.bounds.max_head:
-                log_block(None, f"TLS ClientHello larger than {self.bounds.max_head // 1024} KiB")
+                log_block(
+                    None,
+                    f"TLS ClientHello larger than {self.bounds.max_head // 1024} KiB",
+                    client=nextlayer.context.client,
+                )
                 nextlayer.layer = close_layer(nextlayer.context)
         except Exception:
             logger.exception("closing a tunnel: the ClientHello size check failed")
@@ -212,7 +216,7 @@ class Limits:
         handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
         if handler is None:
             return
-        log_block(None, why)
+        log_block(None, why, client=handler.client)
         io = handler.transports.get(handler.client)
         if io is not None and io.handler is not None:
             io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does

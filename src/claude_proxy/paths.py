@@ -9,6 +9,7 @@ from platformdirs.unix import Unix
 
 APP = "claude-proxy"
 LOG_FILE = "claude-proxy.log"
+AUDIT_FILE = "audit.db"
 
 
 def config_dir() -> Path:
@@ -30,3 +31,8 @@ def state_dir() -> Path:
     `setup` keeps its record of what it changed here, so that `--undo` takes back only that.
     """
     return Path(platformdirs.user_state_dir(APP))
+
+
+def audit_db() -> Path:
+    """The SQLite audit log of every decision, in the state folder; `claude-proxy log` reads it."""
+    return state_dir() / AUDIT_FILE

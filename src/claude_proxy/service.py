@@ -19,6 +19,7 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
 from claude_proxy import addresses, framing, listeners, socks
 from claude_proxy.addon import Enforcer
+from claude_proxy.decisions import AuditLog
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
@@ -176,6 +177,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
             GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
+            AuditLog(),  # before StartupCheck: recording starts before "listening on" is said
             StartupCheck(settings),
         )
         m.options.update(

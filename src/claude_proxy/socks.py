@@ -53,7 +53,7 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
         else:
             host, port = address
             decision = ctx.master.addons.get("enforcer").open_tunnel(client, host, port)
-            log_line(METHOD, host, port, "-", "-", decision, started=started)
+            log_line(METHOD, host, port, "-", "-", decision, started=started, client=client)
             reason = decision.reason
         if decision is not None and decision.allowed:
             return (yield from super().finish_start())

@@ -17,7 +17,8 @@ from mitmproxy.addons import tlsconfig
 from mitmproxy.proxy import commands, context, layer, layers
 from mitmproxy.proxy.layers.tls import TLSLayer
 
-from claude_proxy.decisions import printable
+from claude_proxy.decisions import log_line, printable
+from claude_proxy.policy import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +218,10 @@ class GuardedClientTLSLayer(layers.ClientTLSLayer):
         if self.refusal is None:
             yield from super().on_handshake_error(err)
             return
-        address = self.context.server.address
-        where = f"{printable(address[0])}:{address[1]}" if address else "?"
-        logger.info("closed tunnel to %s: %s", where, self.refusal)
+        host, port = self.context.server.address or (None, None)
+        client = self.context.client
+        refused = Decision(False, self.refusal)
+        log_line("-", host, port, "-", None, refused, started=client.timestamp_start, client=client)
         # Skip ClientTLSLayer's own message: it would blame the client's trust in our CA.
         yield from TLSLayer.on_handshake_error(self, err)
         self.event_to_child = self.errored  # type: ignore[method-assign]

@@ -1,0 +1,431 @@
+"""`claude-proxy log`: the audit database read back as a table, JSON lines, a summary or rules.
+
+Reads through a read-only connection, so it works while the proxy writes. No mitmproxy here: the
+command starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from claude_proxy import audit, policy
+from claude_proxy.errors import ProxyError
+
+FOLLOW_SECONDS = 0.5  # how often --follow looks for new rows
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+TUNNELS = ("CONNECT", "SOCKS5")  # the decisions a destination rule changes
+# The allowlist's own refusals: only these would a rule have allowed (not a limit, a malformed
+# request, a name that resolves to a forbidden address…).
+NOT_ALLOWED = ("% is not on the allowlist", "port % is not allowed for %")
+GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
+PREFIX = 34  # TIME, DECISION, STATUS, METHOD and the spaces between them
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which decisions: `--blocked`, `--since`, `--host`."""
+
+    blocked: bool = False
+    since: float | None = None
+    host: str | None = None  # a shell-style glob, case-insensitive
+
+    def where(self) -> tuple[str, list[object]]:
+        clauses, args = ["1"], []
+        if self.blocked:
+            clauses.append("decision = 'block'")
+        if self.since is not None:
+            clauses.append("time >= ?")
+            args.append(self.since)
+        if self.host is not None:
+            clauses.append("lower(host) GLOB lower(?)")
+            args.append(self.host)
+        return " AND ".join(clauses), args
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`30s`, `30m`, `1h`, `2d`, `1w` ago, or an ISO date/time (local time unless it says)."""
+    now = time.time() if now is None else now
+    if found := re.fullmatch(r"(\d+)\s*([smhdw])", text.strip()):
+        return now - int(found[1]) * UNITS[found[2]]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: write 30m, 1h, 2d, 1w or an ISO date like 2025-06-01T14:00"
+        ) from None
+    return moment.timestamp()  # a naive datetime counts as local time
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """The database, read-only; a clear ProxyError when it cannot be read."""
+    try:
+        conn = audit.open_readonly(path)
+        conn.execute("SELECT id FROM decisions LIMIT 1").fetchall()
+    except sqlite3.Error as e:
+        raise ProxyError(f"cannot read the audit log {path}: {e}") from None
+    return conn
+
+
+def latest(conn: sqlite3.Connection, selection: Selection, limit: int) -> list[sqlite3.Row]:
+    """The newest `limit` decisions (0: all), oldest first."""
+    where, args = selection.where()
+    sql = f"SELECT * FROM decisions WHERE {where} ORDER BY id DESC"
+    if limit > 0:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return list(reversed(conn.execute(sql, args).fetchall()))
+
+
+def after(conn: sqlite3.Connection, selection: Selection, last_id: int) -> list[sqlite3.Row]:
+    where, args = selection.where()
+    sql = f"SELECT * FROM decisions WHERE id > ? AND {where} ORDER BY id"
+    return conn.execute(sql, [last_id, *args]).fetchall()
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Refusals of one destination."""
+
+    host: str | None
+    port: int | None
+    count: int
+    last: float
+    reason: str | None  # the latest one's
+
+
+def refused(conn: sqlite3.Connection, selection: Selection) -> list[Refused]:
+    """Refused destinations, the most refused first."""
+    where, args = selection.where()
+    # SQLite takes `reason` from the row that holds max(time).
+    sql = (
+        "SELECT host, port, count(*), max(time), reason FROM decisions "
+        f"WHERE decision = 'block' AND {where} GROUP BY host, port "
+        "ORDER BY count(*) DESC, max(time) DESC"
+    )
+    return [Refused(*row) for row in conn.execute(sql, args)]
+
+
+@dataclass
+class Suggestion:
+    host: str  # normalized: a lowercase A-label name or an IP address
+    ports: dict[int, int] = field(default_factory=dict)  # port → refused attempts
+    last: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.ports.values())
+
+
+def suggestions(conn: sqlite3.Connection, selection: Selection) -> list[Suggestion]:
+    """Destinations the allowlist refused (tunnels only) and has not allowed since."""
+    where, args = selection.where()
+    methods = ", ".join("?" * len(TUNNELS))
+    reasons = " OR ".join("reason LIKE ?" for _ in NOT_ALLOWED)
+    rows = conn.execute(
+        "SELECT host, port, count(*), max(time) FROM decisions "
+        f"WHERE decision = 'block' AND method IN ({methods}) AND ({reasons}) AND {where} "
+        "GROUP BY host, port",
+        [*TUNNELS, *NOT_ALLOWED, *args],
+    ).fetchall()
+    allowed_since: dict[tuple[str, int], float] = {}
+    for host, port, last in conn.execute(
+        "SELECT host, port, max(time) FROM decisions "
+        f"WHERE decision = 'allow' AND method IN ({methods}) GROUP BY host, port",
+        TUNNELS,
+    ):
+        if (name := normalized(host)) is not None:
+            key = (name, port)
+            allowed_since[key] = max(last, allowed_since.get(key, 0.0))
+    found: dict[str, Suggestion] = {}
+    for host, port, count, last in rows:
+        name = normalized(host)
+        if name is None or port is None or allowed_since.get((name, port), 0.0) > last:
+            continue
+        suggestion = found.setdefault(name, Suggestion(name))
+        suggestion.ports[port] = suggestion.ports.get(port, 0) + count
+        suggestion.last = max(suggestion.last, last)
+    return sorted(found.values(), key=lambda s: (-s.count, -s.last, s.host))
+
+
+def normalized(host: str | None) -> str | None:
+    """The host as a rule would name it, or None when no rule could (not a valid name)."""
+    if not host:
+        return None
+    try:
+        return policy.normalize_host(host)
+    except ValueError:
+        return None
+
+
+def suggest_toml(found: list[Suggestion]) -> Iterator[str]:
+    """`[[allow]]` tables, most refused first, each with its counts in a comment."""
+    yield "# Rules that would have allowed what claude-proxy refused, most refused first."
+    yield "# Nothing is applied: review each, then add the ones you want to config.toml."
+    if not found:
+        yield "# (no refusal that a rule could change)"
+    for suggestion in found:
+        ip = policy.parse_ip(suggestion.host) is not None
+        ports = sorted(suggestion.ports)
+        flags = " ".join(f"--allow {rule_text(suggestion.host, port, ip)}" for port in ports)
+        attempts = "attempt" if suggestion.count == 1 else "attempts"
+        yield ""
+        yield (
+            f"# {suggestion.count} refused {attempts}, last {local(suggestion.last)}; "
+            f"on the command line: {flags}"
+        )
+        yield "[[allow]]"
+        yield f"{'ip' if ip else 'host'} = {json.dumps(suggestion.host)}"
+        yield f"ports = [{', '.join(map(str, ports))}]"
+
+
+def rule_text(host: str, port: int, ip: bool) -> str:
+    return f"[{host}]:{port}" if ip and ":" in host else f"{host}:{port}"
+
+
+def local(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment))
+
+
+def as_json(row: sqlite3.Row) -> str:
+    record = {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row is no mapping
+    record["time"] = datetime.fromtimestamp(row["time"], UTC).isoformat(timespec="milliseconds")
+    return json.dumps(record, ensure_ascii=False)
+
+
+# Terminal output
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Column widths; `width` None: no terminal, nothing is cut."""
+
+    width: int | None
+    destination: int
+    path: int
+
+    @classmethod
+    def fit(cls, width: int | None, destinations: int = 30, paths: int = 20) -> Layout:
+        """Widths for the longest destination and path, within `width` when there is one."""
+        if width is None:
+            return cls(None, min(destinations, 50), min(paths, 40))
+        rest = max(0, width - PREFIX - 2)
+        destination = min(destinations, max(12, rest * 2 // 5))
+        path = min(paths, max(6, (rest - destination) // 2))
+        return cls(width, destination, path)
+
+    def line(self, *cells: str) -> str:
+        """TIME DECISION STATUS METHOD DESTINATION PATH WHY, each cut to its column."""
+        when, decision, status, method, destination, path, why = cells
+        fit = self.width is not None
+        text = (
+            f"{when:<14}  {decision:<5} {status:>3} {pad(method, 7, True)} "
+            f"{pad(destination, self.destination, fit)} {pad(path, self.path, fit)} {why}"
+        )
+        return clip(text.rstrip(), self.width)
+
+
+def pad(text: str, size: int, fit: bool) -> str:
+    """`text` padded to `size`, or cut to it (ending in …) when it must fit."""
+    if fit and len(text) > size:
+        return text[: max(0, size - 1)] + "…"
+    return text.ljust(size)
+
+
+def clip(text: str, width: int | None) -> str:
+    if width is None or len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + "…"
+
+
+def table(rows: Iterable[sqlite3.Row], layout: Layout, colour: bool) -> Iterator[str]:
+    for row in rows:
+        allowed = row["decision"] == "allow"
+        if allowed:
+            why = f"rule={row['rule']}"
+            if row["reason"]:
+                why += f"  {row['reason']}"
+        else:
+            why = row["reason"] or ""
+        if row["organization"]:
+            why += f"  org={row['organization']}"
+        word = "ALLOW" if allowed else "BLOCK"
+        destination = "-" if row["host"] is None else f"{row['host']}:{row['port']}"
+        text = layout.line(
+            time.strftime("%m-%d %H:%M:%S", time.localtime(row["time"])),
+            word,
+            "-" if row["status"] is None else str(row["status"]),
+            row["method"] or "-",
+            destination,
+            row["path"] or "-",
+            why,
+        )
+        if colour:
+            text = text.replace(word, f"{GREEN if allowed else RED}{word}{RESET}", 1)
+            text = f"{DIM}{text[:14]}{RESET}{text[14:]}"
+        yield text
+
+
+def header(layout: Layout) -> str:
+    return layout.line("TIME", "", "", "METHOD", "DESTINATION", "PATH", "RULE OR REASON")
+
+
+def summary_lines(found: list[Refused], width: int | None) -> Iterator[str]:
+    yield f"{'REFUSED':>7}  {'LAST SEEN':<19}  {'DESTINATION':<30}  LAST REASON"
+    for group in found:
+        destination = "-" if group.host is None else f"{group.host}:{group.port}"
+        text = (
+            f"{group.count:>7}  {local(group.last):<19}  "
+            f"{pad(destination, 30, width is not None)}  {group.reason or ''}"
+        )
+        yield clip(text.rstrip(), width)
+
+
+def summary_json(group: Refused) -> str:
+    return json.dumps(
+        {
+            "host": group.host,
+            "port": group.port,
+            "refused": group.count,
+            "last": datetime.fromtimestamp(group.last, UTC).isoformat(timespec="milliseconds"),
+            "reason": group.reason,
+        },
+        ensure_ascii=False,
+    )
+
+
+def terminal_width(out: TextIO) -> int | None:
+    """Columns to fit: COLUMNS, else the terminal's; None when the output is no terminal."""
+    if columns := os.environ.get("COLUMNS", "").strip():
+        return int(columns) if columns.isdigit() and int(columns) > 0 else None
+    if not out.isatty():
+        return None
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except OSError:
+        return None
+
+
+def wants_colour(out: TextIO) -> bool:
+    return out.isatty() and not os.environ.get("NO_COLOR")
+
+
+# The command
+
+
+@dataclass(frozen=True)
+class Request:
+    selection: Selection
+    limit: int = 50
+    json: bool = False
+    mode: str = "table"  # table, follow, summary, suggest
+
+
+def show(path: Path, request: Request, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    if not path.exists():
+        if request.mode != "follow":
+            print(
+                f"claude-proxy: no audit log yet at {path} "
+                "(the proxy writes it from its first decision)",
+                file=sys.stderr,
+            )
+            return 0
+        print(f"claude-proxy: waiting for {path}", file=sys.stderr)
+        while not path.exists():
+            time.sleep(FOLLOW_SECONDS)
+    conn = connect(path)
+    try:
+        return _show(conn, request, out)
+    except sqlite3.Error as e:
+        raise ProxyError(f"cannot read the audit log {path}: {e}") from None
+    finally:
+        conn.close()
+
+
+def _show(conn: sqlite3.Connection, request: Request, out: TextIO) -> int:
+    width, colour = terminal_width(out), wants_colour(out)
+    selection = request.selection
+    if request.mode == "suggest":
+        for line in suggest_toml(suggestions(conn, selection)):
+            print(line, file=out)
+        return 0
+    if request.mode == "summary":
+        found = refused(conn, selection)
+        lines = map(summary_json, found) if request.json else summary_lines(found, width)
+        for line in lines:
+            print(line, file=out)
+        return 0
+    rows = latest(conn, selection, request.limit)
+    if request.json:
+        layout = Layout.fit(width)
+    else:
+        longest = max((len(f"{r['host']}:{r['port']}") for r in rows), default=11)
+        paths = max((len(r["path"] or "-") for r in rows), default=4)
+        layout = (
+            Layout.fit(width) if request.mode == "follow" else Layout.fit(width, longest, paths)
+        )
+        print(header(layout), file=out)
+    emit(rows, layout, request.json, colour, out)
+    if request.mode != "follow":
+        return 0
+    last_id = rows[-1]["id"] if rows else 0
+    if not rows:
+        last_id = conn.execute("SELECT coalesce(max(id), 0) FROM decisions").fetchone()[0]
+    while True:  # until Ctrl-C
+        time.sleep(FOLLOW_SECONDS)
+        if rows := after(conn, selection, last_id):
+            emit(rows, layout, request.json, colour, out)
+            last_id = rows[-1]["id"]
+
+
+def emit(
+    rows: list[sqlite3.Row], layout: Layout, as_lines: bool, colour: bool, out: TextIO
+) -> None:
+    lines = map(as_json, rows) if as_lines else table(rows, layout, colour)
+    for line in lines:
+        print(line, file=out)
+    out.flush()
+
+
+# `claude-proxy status`
+
+
+def describe(path: Path) -> tuple[bool, str]:
+    """One line for `status`: where the database is, its rows, and what the writer dropped."""
+    if not path.exists():
+        return True, f"{path} (not written yet)"
+    try:
+        conn = audit.open_readonly(path)
+        try:
+            count = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+            writer = conn.execute("SELECT pid, dropped FROM writer WHERE id = 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return False, f"{path}: cannot read it: {e}"
+    detail = f"{path}: {count} decisions"
+    if writer is not None:
+        pid, dropped = writer
+        who = "the running proxy" if alive(pid) else "the last proxy"
+        detail += f"; {who} (pid {pid}) dropped {dropped}"
+    return True, detail
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

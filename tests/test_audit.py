@@ -1,0 +1,608 @@
+"""The audit database in-process, on a real SQLite file: the writer thread, its failures,
+retention and migrations; then `claude-proxy log` reading it back."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import stat
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from claude_proxy import audit, auditlog, cli, paths, policy
+
+DEADLINE = 10  # seconds any awaited event may take; running out fails the test
+NOW = time.time()
+MINUTE, HOUR, DAY = 60, 3600, 86400
+
+# The first schema, written out by hand as a database of that version held it.
+V1_SCHEMA = """
+CREATE TABLE decisions (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, client TEXT, listener TEXT, method TEXT,
+    host TEXT, port INTEGER, path TEXT, decision TEXT NOT NULL, rule TEXT, reason TEXT,
+    status INTEGER, bytes_up INTEGER, bytes_down INTEGER, duration_ms INTEGER
+);
+CREATE INDEX decisions_time ON decisions (time);
+PRAGMA user_version = 1;
+"""
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = DEADLINE) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def record(**fields: Any) -> audit.Record:
+    values: dict[str, Any] = {
+        "time": NOW,
+        "client": "127.0.0.1:50000",
+        "listener": "http",
+        "method": "CONNECT",
+        "host": "api.anthropic.com",
+        "port": 443,
+        "path": None,
+        "decision": "allow",
+        "rule": "*.anthropic.com",
+        "reason": None,
+        "status": 200,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "duration_ms": 1,
+    }
+    values.update(fields)
+    return audit.Record(**values)
+
+
+def refusal(host: str, port: int = 443, **fields: Any) -> audit.Record:
+    values = {
+        "decision": "block",
+        "rule": None,
+        "reason": f"{host} is not on the allowlist",
+        "host": host,
+        "port": port,
+        "status": 403,
+    }
+    return record(**{**values, **fields})
+
+
+def rows(path: Path, where: str = "1") -> list[tuple[Any, ...]]:
+    with closing(audit.open_readonly(path)) as conn:
+        columns = ", ".join(audit.COLUMNS)
+        query = f"SELECT {columns} FROM decisions WHERE {where} ORDER BY id"
+        return [tuple(row) for row in conn.execute(query)]
+
+
+def pragma(path: Path, name: str) -> Any:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+def warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state dir & more" / "audit.db"
+
+
+Start = Callable[..., audit.Writer]
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    started: list[audit.Writer] = []
+
+    def make(path: Path, retention: audit.Retention | None = None, **options: Any) -> audit.Writer:
+        writer = audit.Writer(path, retention, **options)
+        writer.start()
+        started.append(writer)
+        return writer
+
+    yield make
+    for writer in started:
+        writer.stop(timeout=DEADLINE)
+
+
+def fill(path: Path, records: list[audit.Record]) -> None:
+    writer = audit.Writer(path)
+    writer.start()
+    for item in records:
+        writer.submit(item)
+    wait_until(lambda: writer.written == len(records), "the records to be written")
+    writer.stop()
+
+
+# The writer
+
+
+def test_every_field_is_written_as_given(db: Path, start: Start) -> None:
+    records = [
+        record(),
+        record(
+            method="POST",
+            path="/v1/messages",
+            bytes_up=12,
+            bytes_down=3400,
+            duration_ms=2314,
+            organization="org-1",
+            fingerprint="sha256:ab12",
+        ),
+        refusal("mozilla.org", listener="socks5", method="SOCKS5", status=None, client="[::1]:4"),
+    ]
+    writer = start(db)
+    for item in records:
+        writer.submit(item)
+    wait_until(lambda: writer.written == 3, "three records")
+    assert rows(db) == [tuple(item) for item in records]
+
+
+def test_the_files_are_private_and_the_schema_current(db: Path, start: Start) -> None:
+    writer = start(db)
+    writer.submit(record())
+    wait_until(lambda: writer.written == 1, "one record")
+    files = sorted(db.parent.glob("audit.db*"))
+    assert [f.name for f in files] == ["audit.db", "audit.db-shm", "audit.db-wal"]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+    assert pragma(db, "user_version") == audit.SCHEMA_VERSION
+    assert pragma(db, "journal_mode") == "wal"
+    assert pragma(db, "auto_vacuum") == 2  # incremental: retention gives space back
+
+
+def test_a_reader_reads_while_the_writer_writes_and_cannot_write(db: Path, start: Start) -> None:
+    writer = start(db)
+    writer.submit(record())
+    wait_until(lambda: writer.written == 1, "one record")
+    with closing(audit.open_readonly(db)) as reader:
+        assert reader.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1
+        writer.submit(record())
+        wait_until(
+            lambda: reader.execute("SELECT count(*) FROM decisions").fetchone()[0] == 2,
+            "the reader to see the second record",
+        )
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.execute("DELETE FROM decisions")
+    writer.stop()
+    assert len(rows(db)) == 2  # and once the writer has closed (no -wal, no -shm) too
+
+
+def test_migration_from_v1_keeps_every_row(db: Path, start: Start) -> None:
+    db.parent.mkdir()
+    with closing(sqlite3.connect(db)) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute(
+            "INSERT INTO decisions (time, method, host, port, decision, reason, status) "
+            "VALUES (?, 'CONNECT', 'mozilla.org', 443, 'block', 'not on the allowlist', 403)",
+            (NOW - HOUR,),
+        )
+        conn.commit()
+    writer = start(db)
+    writer.submit(record(organization="org-2", fingerprint="sha256:cd34"))
+    wait_until(lambda: writer.written == 1, "the new record")
+    assert pragma(db, "user_version") == audit.SCHEMA_VERSION == 2
+    kept, new = rows(db)
+    assert kept == (
+        *(NOW - HOUR, None, None, "CONNECT", "mozilla.org", 443, None, "block", None),
+        *("not on the allowlist", 403, None, None, None),
+        *(None, None),  # organization, fingerprint: added by the migration, empty
+    )
+    assert new == tuple(record(organization="org-2", fingerprint="sha256:cd34"))
+
+
+def test_a_newer_schema_is_left_alone_and_said_once(
+    db: Path, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.parent.mkdir()
+    with closing(sqlite3.connect(db)) as conn:
+        conn.executescript("CREATE TABLE future (x); PRAGMA user_version = 99;")
+    writer = start(db, retry_seconds=0.01)
+    writer.submit(record())
+    wait_until(lambda: writer.failures >= 5, "five attempts")
+    said = warnings(caplog, "cannot write")
+    assert len(said) == 1 and "schema version 99" in said[0], said
+    assert pragma(db, "user_version") == 99
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("future",)]
+
+
+def test_retention_removes_rows_older_than_the_age_limit(db: Path, start: Start) -> None:
+    fill(
+        db,
+        [
+            refusal("old.example", time=NOW - 40 * DAY),
+            refusal("older.example", time=NOW - 31 * DAY),
+            refusal("recent.example", time=NOW - 29 * DAY),
+        ],
+    )
+    writer = start(db, audit.Retention(max_age=30 * DAY))
+    writer.submit(record())  # the first batch opens the database; retention follows it
+    wait_until(lambda: len(rows(db)) == 2, "the old rows to go")
+    assert [row[4] for row in rows(db)] == ["recent.example", "api.anthropic.com"]
+
+
+def test_retention_keeps_the_database_under_its_size_limit(
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(audit, "CHUNK", 200)
+    limit = 256 * 1024
+    writer = start(db, audit.Retention(max_bytes=limit))
+    total = 6000  # about 1.5 MB of rows
+    for i in range(total):
+        writer.submit(record(method="GET", path=f"/{i}/" + "x" * 200, time=NOW + i))
+    wait_until(lambda: writer.written == total, "every record")
+    with closing(audit.open_readonly(db)) as reader:
+        wait_until(lambda: audit.used_bytes(reader) <= limit, "the database to shrink")
+    writer.stop()
+    assert db.stat().st_size <= limit
+    kept = rows(db)
+    assert 0 < len(kept) < total
+    assert kept[-1][6].startswith(f"/{total - 1}/")  # the newest stays, the oldest went
+    assert kept[0][0] > NOW
+
+
+def test_a_slow_disk_never_holds_up_submit(
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = threading.Event()
+    write_batch = audit.Writer.write_batch
+
+    def stuck(self: audit.Writer, conn: sqlite3.Connection, batch: list[audit.Record]) -> None:
+        disk.wait(DEADLINE)
+        write_batch(self, conn, batch)
+
+    monkeypatch.setattr(audit.Writer, "write_batch", stuck)
+    writer = start(db, queue_size=10)
+    total = 200
+    submitter = threading.Thread(target=lambda: [writer.submit(record()) for _ in range(total)])
+    submitter.start()
+    submitter.join(DEADLINE)
+    assert not submitter.is_alive(), "submit waited for the disk"
+    assert writer.refused >= total - 2 * 10  # a full queue, and at most one batch in the writer
+    disk.set()
+    wait_until(lambda: writer.written + writer.dropped == total, "every record accounted for")
+    assert len(rows(db)) == writer.written
+    with closing(audit.open_readonly(db)) as reader:
+        wait_until(
+            lambda: reader.execute("SELECT dropped FROM writer").fetchone()[0] == writer.dropped,
+            "the counters in the database",
+        )
+    assert len(warnings(caplog, "does not keep up")) == 1
+    assert warnings(caplog, "caught up") == [
+        f"audit log: caught up; {writer.dropped} decisions dropped from it since the proxy started"
+    ]
+
+
+def test_a_corrupt_database_is_said_once_retried_and_left_as_it_is(
+    db: Path, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.parent.mkdir()
+    garbage = b"this is not a database " * 200
+    db.write_bytes(garbage)
+    writer = start(db, retry_seconds=0.01)
+    writer.submit(record())
+    wait_until(lambda: writer.failures >= 5, "five attempts")
+    said = warnings(caplog, "cannot write")
+    assert len(said) == 1 and "file is not a database" in said[0], said
+    aside = db.with_name("audit.db.broken")
+    db.rename(aside)
+    wait_until(lambda: writer.written == 1, "the record, once the file is moved aside")
+    assert warnings(caplog, "writing to") == [f"audit log: writing to {db} again"]
+    assert aside.read_bytes() == garbage
+
+
+def test_a_full_disk_is_said_once_and_retried(
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = threading.Event()
+    full.set()
+    connect = audit.connect
+
+    def no_room(path: Path) -> sqlite3.Connection:
+        conn = connect(path)
+        if full.is_set():  # SQLite answers as on a full disk once the file would grow
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+        return conn
+
+    monkeypatch.setattr(audit, "connect", no_room)
+    writer = start(db, retry_seconds=0.01)
+    for _ in range(5):
+        writer.submit(record(path="/" + "x" * 3000))
+    wait_until(lambda: writer.failures >= 5, "five attempts")
+    said = warnings(caplog, "cannot write")
+    assert len(said) == 1 and "full" in said[0], said
+    full.clear()
+    wait_until(lambda: writer.written == 5, "the records, once there is room")
+    assert len(rows(db)) == 5
+
+
+def test_a_removed_database_is_made_anew(
+    db: Path, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = start(db)
+    writer.submit(refusal("first.example"))
+    wait_until(lambda: writer.written == 1, "the first record")
+    for path in db.parent.glob("audit.db*"):
+        path.unlink()
+    writer.submit(refusal("second.example"))
+    wait_until(lambda: writer.written == 2, "the second record")
+    assert [row[4] for row in rows(db)] == ["second.example"]
+    assert len(warnings(caplog, "removed or replaced")) == 1
+
+
+def test_a_folder_that_cannot_be_made_stops_nothing(
+    tmp_path: Path, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a file").write_text("")
+    writer = start(tmp_path / "a file" / "audit.db", retry_seconds=0.01)
+    for _ in range(3):
+        writer.submit(record())
+    wait_until(lambda: writer.failures >= 3, "three attempts")
+    said = warnings(caplog, "cannot write")
+    assert len(said) == 1 and f"File exists: {tmp_path / 'a file'}" in said[0], said
+    assert writer.written == 0
+
+
+def test_stop_writes_what_is_queued(db: Path) -> None:
+    writer = audit.Writer(db)
+    writer.start()
+    for i in range(1000):
+        writer.submit(record(port=i))
+    writer.stop()
+    assert not writer.thread.is_alive()
+    assert len(rows(db)) == 1000
+
+
+# `claude-proxy log`
+
+
+@pytest.fixture
+def log(db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """Runs `claude-proxy log ARGS` on `db`; returns (exit code, stdout lines, stderr)."""
+    monkeypatch.setattr(paths, "audit_db", lambda: db)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+    def run(*args: str) -> tuple[int, list[str], str]:
+        code = cli.main(["log", *args])
+        out, err = capsys.readouterr()
+        return code, out.splitlines(), err
+
+    return run
+
+
+def hosts(lines: list[str]) -> list[str]:
+    return [json.loads(line)["host"] for line in lines]
+
+
+def test_log_shows_the_newest_50_newest_last(db: Path, log: Any) -> None:
+    fill(db, [refusal(f"h{i}.example", time=NOW - 100 + i) for i in range(60)])
+    code, lines, _ = log()
+    assert code == 0
+    assert lines[0].split() == ["TIME", "METHOD", "DESTINATION", "PATH", "RULE", "OR", "REASON"]
+    assert len(lines) == 51
+    assert "h10.example:443" in lines[1] and "h59.example:443" in lines[-1]
+    assert "BLOCK 403 CONNECT h59.example:443" in lines[-1]
+    assert lines[-1].endswith("h59.example is not on the allowlist")
+    assert "\033[" not in "".join(lines)  # not a terminal: no colours
+    assert len(log("-n", "5")[1]) == 6
+    assert len(log("-n", "0")[1]) == 61
+
+
+def test_log_filters(db: Path, log: Any) -> None:
+    fill(
+        db,
+        [
+            refusal("mozilla.org", time=NOW - 2 * HOUR),
+            record(time=NOW - 10 * MINUTE),
+            refusal("api.github.com", time=NOW - 5 * MINUTE),
+            refusal("github.com", time=NOW - MINUTE),
+        ],
+    )
+    assert hosts(log("--json", "--blocked")[1]) == ["mozilla.org", "api.github.com", "github.com"]
+    assert hosts(log("--json", "--since", "1h")[1]) == [
+        "api.anthropic.com",
+        "api.github.com",
+        "github.com",
+    ]
+    assert hosts(log("--json", "--host", "*.GitHub.com")[1]) == ["api.github.com"]
+    assert hosts(log("--json", "--blocked", "--since", "30m", "--host", "*github*")[1]) == [
+        "api.github.com",
+        "github.com",
+    ]
+    code, lines, _ = log("--host", "nothing.example")
+    assert code == 0 and len(lines) == 1  # the header alone
+
+
+def test_log_json_lines_carry_every_field(db: Path, log: Any) -> None:
+    fill(db, [record(method="GET", path="/v1/models", bytes_down=20, organization="org-9")])
+    code, lines, _ = log("--json")
+    assert code == 0
+    [line] = lines
+    decision = json.loads(line)
+    assert set(decision) == {"id", *audit.COLUMNS}
+    assert datetime.fromisoformat(decision["time"]).timestamp() == pytest.approx(NOW, abs=0.001)
+    assert decision["path"] == "/v1/models"
+    assert decision["bytes_down"] == 20 and decision["organization"] == "org-9"
+
+
+def test_log_summary_groups_refused_destinations(db: Path, log: Any) -> None:
+    fill(
+        db,
+        [
+            refusal("mozilla.org", time=NOW - 3 * MINUTE, reason="first reason"),
+            refusal("example.com", time=NOW - 2 * MINUTE),
+            refusal("mozilla.org", time=NOW - MINUTE, reason="latest reason"),
+            record(),
+        ],
+    )
+    code, lines, _ = log("--summary")
+    assert code == 0
+    assert lines[0].split()[:4] == ["REFUSED", "LAST", "SEEN", "DESTINATION"]
+    assert lines[1].split()[0] == "2" and "mozilla.org:443" in lines[1]
+    assert lines[1].endswith("latest reason")
+    assert lines[2].split()[0] == "1" and "example.com:443" in lines[2]
+    assert len(lines) == 3
+    groups = [json.loads(line) for line in log("--summary", "--json")[1]]
+    assert [(g["host"], g["port"], g["refused"]) for g in groups] == [
+        ("mozilla.org", 443, 2),
+        ("example.com", 443, 1),
+    ]
+
+
+def test_log_suggest_prints_allow_rules_for_what_the_allowlist_refused(db: Path, log: Any) -> None:
+    fill(
+        db,
+        [
+            *[refusal("mozilla.org", time=NOW - i) for i in range(3)],
+            refusal("Mozilla.org", 8443, reason="port 8443 is not allowed for mozilla.org (x)"),
+            refusal("127.0.0.1", method="SOCKS5", listener="socks5", status=None),
+            refusal("::1"),
+            refusal("::1"),
+            # Not for a rule to change: a limit, a malformed request, a forbidden address, a
+            # name no rule can name, and a destination allowed since.
+            refusal("api.anthropic.com", method=None, reason="more than 256 header fields"),
+            refusal("api.anthropic.com", method="GET", reason="malformed request: x", status=400),
+            refusal(
+                "internal.example", method="GET", reason="internal.example resolves to 10.0.0.1"
+            ),
+            refusal("bad_name", reason="host 'bad_name' is not a valid host name"),
+            refusal("api.github.com", time=NOW - HOUR),
+            record(host="api.github.com", rule="api.github.com", time=NOW - MINUTE),
+        ],
+    )
+    code, lines, _ = log("--suggest")
+    assert code == 0
+    text = "\n".join(lines)
+    assert tomllib.loads(text) == {
+        "allow": [
+            {"host": "mozilla.org", "ports": [443, 8443]},
+            {"ip": "::1", "ports": [443]},
+            {"ip": "127.0.0.1", "ports": [443]},
+        ]
+    }
+    comments = [line for line in lines if line.startswith("# ") and "refused attempt" in line]
+    assert comments[0].startswith("# 4 refused attempts, last ")
+    assert comments[0].endswith("--allow mozilla.org:443 --allow mozilla.org:8443")
+    assert comments[1].endswith("--allow [::1]:443")
+    assert comments[2].startswith("# 1 refused attempt, last ")
+
+
+def test_log_suggest_with_nothing_to_suggest_is_valid_toml(db: Path, log: Any) -> None:
+    fill(db, [record()])
+    code, lines, _ = log("--suggest")
+    assert code == 0 and tomllib.loads("\n".join(lines)) == {}
+
+
+def test_log_output_fits_the_terminal(db: Path, log: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    long_host = "a-very-long-name-" * 6 + "example"
+    fill(db, [refusal(long_host, method="GET", path="/" + "p" * 120)])
+    monkeypatch.setenv("COLUMNS", "80")
+    for args in ((), ("--summary",)):
+        _, lines, _ = log(*args)
+        assert all(len(line) <= 80 for line in lines), lines
+        assert "…" in lines[-1]
+    monkeypatch.delenv("COLUMNS")
+    _, lines, _ = log()
+    assert long_host in lines[-1] and "p" * 120 in lines[-1]  # not a terminal: nothing cut
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_colours_only_on_a_terminal_without_no_color(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(db, [record(), refusal("mozilla.org")])
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    request = auditlog.Request(auditlog.Selection())
+    terminal = Terminal()
+    auditlog.show(db, request, terminal)
+    assert auditlog.GREEN + "ALLOW" in terminal.getvalue()
+    assert auditlog.RED + "BLOCK" in terminal.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    terminal = Terminal()
+    auditlog.show(db, request, terminal)
+    assert "\033[" not in terminal.getvalue()
+
+
+def test_log_without_a_database_says_so_in_one_line(log: Any) -> None:
+    code, lines, err = log()
+    assert (code, lines) == (0, [])
+    assert err.count("\n") == 1 and "no audit log yet" in err
+
+
+def test_log_of_a_damaged_database_is_one_line_and_exit_1(db: Path, log: Any) -> None:
+    db.parent.mkdir()
+    db.write_bytes(b"garbage " * 1000)
+    code, lines, err = log()
+    assert (code, lines) == (1, [])
+    assert err.count("\n") == 1 and "cannot read the audit log" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "ago"),
+    [("45s", 45), ("30m", 30 * MINUTE), ("1h", HOUR), ("2d", 2 * DAY), ("1w", 7 * DAY)],
+)
+def test_since_durations(text: str, ago: int) -> None:
+    assert auditlog.parse_since(text, now=NOW) == NOW - ago
+
+
+def test_since_iso_times() -> None:
+    assert auditlog.parse_since("2025-06-01T14:00:00+00:00") == 1748786400
+    naive = auditlog.parse_since("2025-06-01T14:00")
+    assert naive == datetime(2025, 6, 1, 14, 0).timestamp()  # local time
+    with pytest.raises(ValueError, match="is not a time"):
+        auditlog.parse_since("yesterday")
+
+
+def test_log_refuses_a_bad_since(log: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["log", "--since", "yesterday"])
+    assert exited.value.code == 2
+    assert "is not a time" in capsys.readouterr().err
+
+
+def test_status_names_the_database_its_rows_and_what_was_dropped(db: Path) -> None:
+    assert auditlog.describe(db) == (True, f"{db} (not written yet)")
+    fill(db, [record(), record()])
+    ok, detail = auditlog.describe(db)
+    assert ok
+    assert detail.startswith(f"{db}: 2 decisions; ")
+    assert detail.endswith("dropped 0")
+    db.write_bytes(b"garbage " * 1000)
+    for path in db.parent.glob("audit.db-*"):
+        path.unlink()
+    ok, detail = auditlog.describe(db)
+    assert not ok and "cannot read it" in detail
+
+
+def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
+    """What `--suggest` names (an A-label, an IPv6 literal) is a rule that allows it."""
+    name = "bücher.example".encode("idna").decode()
+    fill(db, [refusal(name, time=NOW - 1), refusal("::1")])
+    with closing(auditlog.connect(db)) as conn:
+        found = auditlog.suggestions(conn, auditlog.Selection())
+    assert [(s.host, list(s.ports)) for s in found] == [("::1", [443]), (name, [443])]
+    for suggestion in found:
+        ip = policy.parse_ip(suggestion.host) is not None
+        text = auditlog.rule_text(suggestion.host, 443, ip)
+        assert policy.Allowlist.from_texts([text]).decide(suggestion.host, 443).allowed, text
