@@ -11,6 +11,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from claude_proxy import addon, wellformed
 from claude_proxy.addon import Enforcer
+from claude_proxy.decisions import BodyCount
 from claude_proxy.policy import DEFAULT_RULES
 
 
@@ -111,7 +112,7 @@ def test_request_names_must_match_tunnel(
     f.request.authority = authority
     enforcer.requestheaders(f)
     assert (f.response is None) is allowed
-    assert f.request.stream is allowed
+    assert bool(f.request.stream) is allowed  # streamed (through a byte count) once allowed
     assert enforcer.in_flight == int(allowed)
 
 
@@ -174,7 +175,7 @@ def test_responses_stream_and_in_flight_is_counted(enforcer: Enforcer) -> None:
     assert enforcer.in_flight == 1
     f.response = tutils.tresp()
     enforcer.responseheaders(f)
-    assert f.response.stream is True
+    assert isinstance(f.response.stream, BodyCount)  # streamed, its bytes counted
     enforcer.response(f)
     assert enforcer.in_flight == 0
     g = tunnel_request(enforcer, host="api.anthropic.com")

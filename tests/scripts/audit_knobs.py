@@ -1,0 +1,24 @@
+"""Test-only mitmproxy script: the audit writer with a small queue, a quick retry, and a disk
+that does not answer until a file exists (CLAUDE_PROXY_TEST_AUDIT_QUEUE, _RETRY, _GATE)."""
+
+import os
+import sqlite3
+import time
+
+from claude_proxy import audit
+
+if size := os.environ.get("CLAUDE_PROXY_TEST_AUDIT_QUEUE"):
+    audit.QUEUE_SIZE = int(size)
+if retry := os.environ.get("CLAUDE_PROXY_TEST_AUDIT_RETRY"):
+    audit.RETRY_SECONDS = float(retry)
+if gate := os.environ.get("CLAUDE_PROXY_TEST_AUDIT_GATE"):
+    _write_batch = audit.Writer.write_batch
+
+    def _wait_for_the_disk(
+        self: audit.Writer, conn: sqlite3.Connection, batch: list[audit.Record]
+    ) -> None:
+        while not os.path.exists(gate):
+            time.sleep(0.02)
+        _write_batch(self, conn, batch)
+
+    audit.Writer.write_batch = _wait_for_the_disk  # type: ignore[method-assign]
