@@ -1,6 +1,7 @@
 """Benchmark: direct connection vs plain mitmdump vs claude-proxy, side by side, in one run.
 
     uv run python scripts/bench.py [--seconds 3] [--download-mb 1024] [--json out.json]
+    uv run python scripts/bench.py --audit-only     # the audit database on vs off, and its size
 
 Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
 and both proxies route upstream connections to it with the same test script. The machine is
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import statistics
 import subprocess
@@ -22,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,16 +135,19 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
     return Target(name, port, trust, process, elapsed)
 
 
-def start_claude_proxy(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
-    home = work / "claude-home"
+def start_claude_proxy(
+    work: Path, upstream: Upstream, upstream_ca: Path, name: str = "claude-proxy", *extra: str
+) -> Target:
+    home = work / f"{name}-home"
     home.mkdir(exist_ok=True)
     args = [
-        str(BIN / "claude-proxy"), "--port", "0",
+        str(BIN / "claude-proxy"), "--port", "0", "--socks-port", "0",
         "--set", f"scripts={ROUTE}",
         "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+        *extra,
     ]  # fmt: skip
     trust = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
-    return start("claude-proxy", args, home, trust, upstream)
+    return start(name, args, home, trust, upstream)
 
 
 def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
@@ -241,6 +247,49 @@ def measure(
     return result
 
 
+def audit_comparison(
+    work: Path, upstream: Upstream, upstream_ca: Path, args: argparse.Namespace
+) -> dict[str, float | int]:
+    """The audit database on vs off, measured in turns in the same run, and its size."""
+    on = start_claude_proxy(work, upstream, upstream_ca, "audit-on")
+    off = start_claude_proxy(
+        work, upstream, upstream_ca, "audit-off", "--set", "sandbox_audit=false"
+    )
+    rates: dict[str, dict[str, list[float]]] = {
+        t.name: {"keepalive_rps": [], "refused_per_s": []} for t in (on, off)
+    }
+    try:
+        for turn in range(args.audit_rounds):
+            print(f"audit on vs off, round {turn + 1}…", file=sys.stderr, flush=True)
+            for target in (on, off) if turn % 2 == 0 else (off, on):
+                rates[target.name]["keepalive_rps"].append(
+                    keepalive_per_second(target, upstream, args.seconds)
+                )
+                rates[target.name]["refused_per_s"].append(
+                    refused_per_second(target, args.seconds) or 0.0
+                )
+    finally:
+        for target in (on, off):
+            assert target.process is not None
+            target.process.terminate()  # the writer flushes and checkpoints as it stops
+            target.process.wait(30)
+    db = work / "audit-on-home" / ".local" / "state" / "claude-proxy" / "audit.db"
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+    size = sum(p.stat().st_size for p in db.parent.glob("audit.db*"))
+    result: dict[str, float | int] = {}
+    for metric in ("keepalive_rps", "refused_per_s"):
+        with_audit = statistics.median(rates["audit-on"][metric])
+        without = statistics.median(rates["audit-off"][metric])
+        result[f"{metric}_audit_on"] = round(with_audit)
+        result[f"{metric}_audit_off"] = round(without)
+        result[f"{metric}_on_vs_off"] = round(with_audit / without, 3)
+    result["decisions_recorded"] = rows
+    result["database_bytes"] = size
+    result["mb_per_million_decisions"] = round(size / rows, 1)  # bytes per row = MB per million
+    return result
+
+
 def ratio(a: float | int | None, b: float | int | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -251,6 +300,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40, help="fresh connections to time")
     parser.add_argument("--download-mb", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--audit-rounds", type=int, default=4, help="turns of audit on vs off")
+    parser.add_argument(
+        "--audit-only", action="store_true", help="only the audit database on vs off"
+    )
     args = parser.parse_args()
 
     ca = trustme.CA()
@@ -264,17 +317,31 @@ def main() -> int:
         upstream.serve_in_background()
 
         results: dict[str, dict[str, float | int | None]] = {}
-        results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
-        for starter in (start_mitmdump, start_claude_proxy):
-            target = starter(work, upstream, upstream_ca)
-            try:
-                results[target.name] = measure(target, upstream, args)
-            finally:
-                assert target.process is not None
-                target.process.terminate()
-                target.process.wait(30)
+        if not args.audit_only:
+            results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
+            for starter in (start_mitmdump, start_claude_proxy):
+                target = starter(work, upstream, upstream_ca)
+                try:
+                    results[target.name] = measure(target, upstream, args)
+                finally:
+                    assert target.process is not None
+                    target.process.terminate()
+                    target.process.wait(30)
+        audit = audit_comparison(work, upstream, upstream_ca, args)
         upstream.shutdown()
 
+    if not args.audit_only:
+        print_table(results)
+    for key, value in audit.items():
+        print(f"{key:<32}{value:>12}")
+    document = json.dumps({**results, "audit": audit}, indent=2)
+    print(document)
+    if args.json:
+        args.json.write_text(document + "\n")
+    return 0
+
+
+def print_table(results: dict[str, dict[str, float | int | None]]) -> None:
     columns = list(results["direct"])
     print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}"
           f"{'cp/direct':>11}{'cp/mitmdump':>13}")  # fmt: skip
@@ -282,11 +349,6 @@ def main() -> int:
         d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
         print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
               f"{c if c is not None else '-':>14}{ratio(c, d):>11}{ratio(c, m):>13}")  # fmt: skip
-    document = json.dumps(results, indent=2)
-    print(document)
-    if args.json:
-        args.json.write_text(document + "\n")
-    return 0
 
 
 if __name__ == "__main__":

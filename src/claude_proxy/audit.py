@@ -27,6 +27,7 @@ MIB = 1024 * 1024
 DAY = 86400.0
 QUEUE_SIZE = 10_000  # records waiting for the disk: ~2 MB, over ten seconds of the busiest proxy
 BATCH = 500  # records per transaction at most
+GATHER_SECONDS = 0.1  # a batch's time to gather records once the first has come
 BUSY_SECONDS = 1.0  # how long the writer waits for another process's lock before it gives up
 RETRY_SECONDS = 2.0  # between two attempts on a database that failed
 MAINTENANCE_SECONDS = 60.0  # between two retention passes (sooner while rows remain to delete)
@@ -299,6 +300,9 @@ class Writer:
         batch: list[Record] = []
         try:
             item = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+            if self.queue.qsize() < self.batch_size and not self.stopping.is_set():
+                # Let a batch gather: one transaction per record would cost the proxy its speed.
+                self.stopping.wait(GATHER_SECONDS)
             while True:
                 if item is not None:
                     batch.append(item)
