@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from claude_proxy import agent, ca, logs, paths, policy, service
+# Only what every command needs: `orgs` and `pin` must not import mitmproxy (~0.75 s).
+from claude_proxy import accounts, logs, paths, policy
+from claude_proxy.defaults import DEFAULT_HOST, DEFAULT_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status", "orgs", "pin")
 SHELLS = ("sh", "zsh", "fish", "nu")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
 
@@ -41,8 +44,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy (the default)")
-    run.add_argument("--host", default=service.DEFAULT_HOST, help="listen address (%(default)s)")
-    run.add_argument("--port", type=port, default=service.DEFAULT_PORT, help="(%(default)s)")
+    run.add_argument("--host", default=DEFAULT_HOST, help="listen address (%(default)s)")
+    run.add_argument("--port", type=port, default=DEFAULT_PORT, help="(%(default)s)")
     add_allow(run)
     run.add_argument(
         "--set",
@@ -69,8 +72,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     env = sub.add_parser("env", help="print the environment Claude Code needs to use the proxy")
     env.add_argument("--shell", choices=SHELLS, default=default_shell())
-    env.add_argument("--host", default=service.DEFAULT_HOST)
-    env.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    env.add_argument("--host", default=DEFAULT_HOST)
+    env.add_argument("--port", type=port, default=DEFAULT_PORT)
     env.set_defaults(func=cmd_env)
 
     check = sub.add_parser("check", help="say whether HOST[:PORT] would be allowed, and why")
@@ -88,14 +91,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=Path(sys.argv[0]).absolute(),
         help="the claude-proxy launchd starts (default: this one)",
     )
-    plist.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    plist.add_argument("--port", type=port, default=DEFAULT_PORT)
     plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
     plist.set_defaults(func=cmd_plist)
 
     status = sub.add_parser("status", help="is the agent installed, serving and trusted?")
-    status.add_argument("--host", default=service.DEFAULT_HOST)
-    status.add_argument("--port", type=port, default=service.DEFAULT_PORT)
+    status.add_argument("--host", default=DEFAULT_HOST)
+    status.add_argument("--port", type=port, default=DEFAULT_PORT)
     status.set_defaults(func=cmd_status)
+
+    orgs = sub.add_parser("orgs", help="organizations seen in Anthropic's answers, per credential")
+    orgs.add_argument("--json", action="store_true", help="as a JSON document")
+    orgs.set_defaults(func=cmd_orgs)
+
+    pin = sub.add_parser("pin", help="let only one organization's credentials reach Anthropic")
+    which = pin.add_mutually_exclusive_group(required=True)
+    which.add_argument("organization", nargs="?", metavar="ORG_UUID", help="this organization")
+    which.add_argument(
+        "--first-seen",
+        action="store_true",
+        help="whichever organization the next authenticated answer names",
+    )
+    which.add_argument("--off", action="store_true", help="lift the pin")
+    pin.set_defaults(func=cmd_pin)
     return parser.parse_args(argv)
 
 
@@ -130,6 +148,8 @@ def allowlist(extra: Sequence[str]) -> policy.Allowlist:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from claude_proxy import ca, service
+
     allowlist(args.allow)  # refuse a bad rule before anything else happens
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose, quiet=args.quiet)
     confdir = paths.config_dir()
@@ -148,6 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
+    from claude_proxy import ca
+
     authority = ca.ensure_ca(paths.config_dir())
     if args.sha1:
         print(authority.sha1)
@@ -160,6 +182,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from claude_proxy import ca
+
     proxy = f"http://{args.host}:{args.port}"
     cert = ca.cert_path(paths.config_dir())
     if not cert.exists():
@@ -197,6 +221,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plist(args: argparse.Namespace) -> int:
+    from claude_proxy import agent
+
     try:
         template = args.template.read_bytes()
     except OSError as e:
@@ -222,7 +248,79 @@ def cmd_plist(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from claude_proxy import agent
+
     checks = agent.status(home=Path.home(), host=args.host, port=args.port)
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE
+
+
+def cmd_orgs(args: argparse.Namespace) -> int:
+    state = paths.state_dir()
+    try:
+        pin, ledger = accounts.load_pin(state), accounts.load_ledger(state)
+    except accounts.StateError as e:
+        raise ProxyError(str(e)) from None
+    rows = sorted(ledger.entries.items(), key=lambda kv: (kv[1].organization, kv[1].last_seen))
+    if args.json:
+        document = {
+            "pin": pin.to_json() if pin else None,
+            "credentials": [
+                {
+                    "fingerprint": fp,
+                    **vars(seen),
+                    "pinned": pin is not None and seen.organization == pin.organization,
+                }
+                for fp, seen in rows
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return ExitCode.OK
+    print(f"pin: {pin.describe() if pin else 'off'}")
+    if not rows:
+        print("no organization seen yet: Anthropic's answers through the proxy name them")
+        return ExitCode.OK
+    print(f"{'ORGANIZATION':<38}{'FINGERPRINT':<14}{'FIRST SEEN':<22}{'LAST SEEN':<22}COUNT")
+    for fp, seen in rows:
+        mark = "  pinned" if pin is not None and seen.organization == pin.organization else ""
+        print(
+            f"{seen.organization:<38}{accounts.short(fp):<14}{seen.first_seen:<22}"
+            f"{seen.last_seen:<22}{seen.count}{mark}"
+        )
+    return ExitCode.OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    state = paths.state_dir()
+    if args.off:
+        pin, done = None, "pin lifted: credentials of every organization reach Anthropic"
+    elif args.first_seen:
+        pin = accounts.Pin(None, accounts.timestamp(), first_seen=True)
+        done = "the organization the next authenticated answer names will be pinned"
+    else:
+        org = accounts.organization(args.organization)
+        if org is None:
+            raise ProxyError(
+                f"{args.organization!r} is not an organization id (a UUID); "
+                "`claude-proxy orgs` lists the organizations seen",
+                ExitCode.USAGE,
+            )
+        pin = accounts.Pin(org, accounts.timestamp())
+        done = f"pinned organization {org}: only its credentials reach Anthropic"
+        try:
+            seen = {s.organization for s in accounts.load_ledger(state).entries.values()}
+        except accounts.StateError:
+            seen = set()
+        if org not in seen:
+            print(
+                f"claude-proxy: no credential of organization {org} has been seen yet; "
+                "check the id with `claude-proxy orgs`",
+                file=sys.stderr,
+            )
+    try:
+        accounts.save_pin(state, pin)
+    except accounts.StateError as e:
+        raise ProxyError(str(e)) from None
+    print(f"{done} (a running claude-proxy applies it within a second)")
+    return ExitCode.OK

@@ -19,6 +19,14 @@ def config_dir() -> Path:
     return Path(Unix(APP).user_config_dir)
 
 
+def state_dir() -> Path:
+    """The platform's user state folder, where the organizations seen and the pin live.
+
+    `~/.local/state/claude-proxy` on Linux, `~/Library/Application Support/claude-proxy` on macOS.
+    """
+    return Path(platformdirs.user_state_dir(APP))
+
+
 def log_dir() -> Path:
     """The platform's user log folder: `~/Library/Logs/claude-proxy` on macOS."""
     return Path(platformdirs.user_log_dir(APP))

@@ -16,14 +16,14 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
 
-from claude_proxy import framing
+from claude_proxy import closing, framing, paths
 from claude_proxy.addon import Enforcer
+from claude_proxy.defaults import DEFAULT_HOST, DEFAULT_PORT
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.orgguard import OrgGuard
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 9051
 DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
 # --set NAME=… refused outright: each has its own flag, or would bypass a check.
 RESERVED_OPTIONS = {
@@ -131,6 +131,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
     """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
     check_option_names(settings.mitmproxy_options)
     framing.install()
+    closing.install()
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
     enforcer = Enforcer()
     m = master.Master(options.Options(), with_termlog=False)
@@ -147,6 +148,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         # and before user scripts, so its checks always see a flow first.
         m.addons.add(
             enforcer,
+            OrgGuard(enforcer, paths.state_dir()),  # acts only on requests the Enforcer allowed
             tlsconfig.TlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
