@@ -210,15 +210,20 @@ def test_unverifiable_credential_is_refused(
     )
     upstream.unreachable = failure == "unreachable"
     with client(proxy) as c:
-        response = c.post(
-            "https://api.anthropic.com/v1/messages",
-            headers={"x-api-key": KEY_X},
-            content=PROMPT_SECRET,
-        )
-    assert response.status_code == 403
-    assert "could not be verified" in response.text and "claude-proxy pin" in response.text
+        responses = [  # the second is refused on the first one's result, without a new probe
+            c.post(
+                "https://api.anthropic.com/v1/messages",
+                headers={"x-api-key": KEY_X},
+                content=PROMPT_SECRET,
+            )
+            for _ in range(2)
+        ]
+    for response in responses:
+        assert response.status_code == 403
+        assert "could not be verified" in response.text and "claude-proxy pin" in response.text
     upstream.gate("never").set()
     upstream.wait_idle()
+    assert len(probes(upstream)) == (0 if failure in ("unreachable", "untrusted") else 1)
     assert upstream.seen.bodies == []
     assert PROMPT_SECRET.encode() not in upstream.seen.raw
     assert all(path in probes(upstream) for _, path, _ in upstream.seen.requests)

@@ -64,8 +64,9 @@ class OrgGuard:
         self.reload_pin()
         self.dirty = self.urgent = False  # ledger changes not saved; a new fingerprint among them
         self.saved_at = time.monotonic()
-        self.probes: dict[str, asyncio.Future[ProbeResult]] = {}
-        self.failures: dict[str, tuple[str, float]] = {}  # fingerprint → (why, until)
+        # Keyed by (fingerprint, host): a probe that fails on one host says nothing of another.
+        self.probes: dict[tuple[str, str], asyncio.Future[ProbeResult]] = {}
+        self.failures: dict[tuple[str, str], tuple[str, float]] = {}  # → (why, until)
         self.probe_slots = asyncio.Semaphore(MAX_PROBES)
         self.tasks: set[asyncio.Task[None]] = set()
         self.watcher: asyncio.Task[None] | None = None
@@ -196,13 +197,13 @@ class OrgGuard:
 
     async def verify(self, credential: Credential, fp: str, host: str) -> ProbeResult:
         """The credential's organization, from one probe shared by every request waiting for it."""
-        failed = self.failures.get(fp)
+        failed = self.failures.get((fp, host))
         if failed is not None and failed[1] > time.monotonic():
             return None, failed[0]
-        future = self.probes.get(fp)
+        future = self.probes.get((fp, host))
         if future is None:
             future = asyncio.get_running_loop().create_future()
-            self.probes[fp] = future
+            self.probes[fp, host] = future
             task = asyncio.get_running_loop().create_task(
                 self.run_probe(future, credential, fp, host)
             )
@@ -240,16 +241,16 @@ class OrgGuard:
             if org is not None:
                 self.learn(fp, org)
             else:
-                self.remember_failure(fp, why)
+                self.remember_failure((fp, host), why)
         except Exception:
             self.internal_error("probing a credential")
         finally:
-            self.probes.pop(fp, None)
+            self.probes.pop((fp, host), None)
             if not future.done():
                 future.set_result(result)
 
-    def remember_failure(self, fp: str, why: str) -> None:
-        self.failures[fp] = (why, time.monotonic() + FAILURE_SECONDS)
+    def remember_failure(self, key: tuple[str, str], why: str) -> None:
+        self.failures[key] = (why, time.monotonic() + FAILURE_SECONDS)
         while len(self.failures) > MAX_FAILURES:
             del self.failures[next(iter(self.failures))]
 
