@@ -8,12 +8,14 @@ are what reached it, read after it has finished reading every connection (`wait_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -245,8 +247,14 @@ def test_pin_while_running_changes_the_next_request(
         assert cli(home, "pin", "--off").returncode == 0
         wait_for_line(proxy, "organization pin: off", before)
         assert c.get(url, headers={"x-api-key": KEY_B}).status_code == 200
+        # A pin file that cannot be read refuses every credential, not none.
+        (home / ".local" / "state" / "claude-proxy" / "pin.json").write_text("{")
+        wait_for_line(proxy, "organization pin: unreadable", 0)
+        damaged = c.get(url, headers={"x-api-key": KEY_A})
+        assert damaged.status_code == 403 and "pin is unreadable" in damaged.text
+        assert c.get(url).status_code == 200  # no credential
     assert probes(upstream) == []  # B was learned from its first answer
-    assert [p for _, p, _ in upstream.seen.requests] == ["/v1/x", "/v1/x"]
+    assert [p for _, p, _ in upstream.seen.requests] == ["/v1/x"] * 3
 
 
 def test_first_seen_pins_the_next_answers_organization(
@@ -296,7 +304,30 @@ def test_state_and_logs_hold_fingerprints_never_credentials(
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
-# In process: the Enforcer's count of requests in flight stays right when the guard refuses.
+# In process, in mitmproxy's test idiom: the guard beside the Enforcer, as the service adds them.
+
+
+@contextlib.contextmanager
+def pinned_guard(state: Path) -> Iterator[tuple[Enforcer, OrgGuard]]:
+    """Pinned on A; KEY_B known to be of B."""
+    key = accounts.load_key(state)
+    ledger = accounts.Ledger()
+    ledger.record(accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B)), ORG_B, "t")
+    accounts.save_ledger(state, ledger)
+    accounts.save_pin(state, accounts.Pin(ORG_A, "t"))
+    enforcer = Enforcer()
+    guard = OrgGuard(enforcer, state)
+    with taddons.context(enforcer, guard) as tctx:
+        tctx.configure(enforcer, sandbox_allow=list(DEFAULT_RULES))
+        yield enforcer, guard
+
+
+def api_request(**headers: str) -> tflow.http.HTTPFlow:
+    f = tflow.tflow()
+    f.request.host, f.request.port, f.request.scheme = "api.anthropic.com", 443, "https"
+    f.request.headers.clear()
+    f.request.headers.update({"host": "api.anthropic.com", **headers})
+    return f
 
 
 @pytest.mark.parametrize("body", [b"small", b"x" * 100_000])
@@ -304,20 +335,8 @@ def test_refusal_leaves_nothing_in_flight(
     tmp_path: Path, body: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "claude_proxy.decisions")
-    key = accounts.load_key(tmp_path)
-    ledger = accounts.Ledger()
-    ledger.record(accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B)), ORG_B, "t")
-    accounts.save_ledger(tmp_path, ledger)
-    accounts.save_pin(tmp_path, accounts.Pin(ORG_A, "t"))
-    enforcer = Enforcer()
-    guard = OrgGuard(enforcer, tmp_path)
-    with taddons.context(enforcer, guard) as tctx:
-        tctx.configure(enforcer, sandbox_allow=list(DEFAULT_RULES))
-        f = tflow.tflow()
-        f.request.host, f.request.port, f.request.scheme = "api.anthropic.com", 443, "https"
-        f.request.headers.clear()
-        f.request.headers.update({"host": "api.anthropic.com", "x-api-key": KEY_B})
-        f.request.headers["content-length"] = str(len(body))
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        f = api_request(**{"x-api-key": KEY_B, "content-length": str(len(body))})
         enforcer.requestheaders(f)
         assert enforcer.in_flight == 1
         asyncio.run(guard.requestheaders(f))
@@ -332,3 +351,18 @@ def test_refusal_leaves_nothing_in_flight(
         assert enforcer.in_flight == 0
     decisions = [r.getMessage() for r in caplog.records if r.name == "claude_proxy.decisions"]
     assert len(decisions) == 1 and decisions[0].startswith("BLOCK GET api.anthropic.com:443")
+
+
+def test_a_failing_check_refuses_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accounts, "credentials", lambda _fields: 1 / 0)
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        for _ in range(3):
+            f = api_request(**{"x-api-key": KEY_A})
+            enforcer.requestheaders(f)
+            asyncio.run(guard.requestheaders(f))
+            assert f.response is not None and f.response.status_code == 403
+            assert "internal error in the organization check" in (f.response.text or "")
+    errors = [r for r in caplog.records if r.name == "claude_proxy.orgguard"]
+    assert [r.levelname for r in errors] == ["ERROR"]  # once, however often it fails

@@ -109,8 +109,14 @@ class OrgGuard:
         except Exception:
             self.internal_error("checking the organization of a request")
             reason = "internal error in the organization check"
-        if reason is not None and flow.error is None:  # error: the client left meanwhile
+        if reason is None or flow.error is not None:  # error: the client left meanwhile
+            return
+        try:
             self.refuse(flow, host, port, reason)
+        except Exception:
+            self.internal_error("refusing a request")
+            if flow.killable:
+                flow.kill()
 
     async def check(self, flow: http.HTTPFlow, host: str) -> str | None:
         """Why the request must not go on, or None."""
@@ -138,7 +144,7 @@ class OrgGuard:
                 if org is None:
                     return (
                         f"the organization of credential {short(fp)} could not be verified "
-                        f"({why}); it is refused until Anthropic's answer names it"
+                        f"({why}); it is refused until Anthropic names it, retry in a few seconds"
                     )
             if org != pinned:
                 return f"credential {short(fp)} is of organization {org}, not the pinned {pinned}"
@@ -285,7 +291,7 @@ class OrgGuard:
         try:
             pin, problem = accounts.load_pin(self.state), None
         except StateError as e:
-            pin, problem = None, f"the organization pin is unreadable ({e}); {HOW_TO_PIN}"
+            pin, problem = None, f"the organization pin is unreadable ({e})"
         changed = (pin, problem) != (self.pin, self.pin_problem)
         self.pin, self.pin_problem = pin, problem
         return changed
