@@ -132,16 +132,24 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
     return Target(name, port, trust, process, elapsed)
 
 
-def start_claude_proxy(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
-    home = work / "claude-home"
+def start_claude_proxy(
+    work: Path,
+    upstream: Upstream,
+    upstream_ca: Path,
+    *,
+    name: str = "claude-proxy",
+    executable: Path = BIN / "claude-proxy",
+    extra: tuple[str, ...] = ("--socks-port", "0"),
+) -> Target:
+    home = work / f"{name}-home"
     home.mkdir(exist_ok=True)
     args = [
-        str(BIN / "claude-proxy"), "--port", "0",
+        str(executable), "--port", "0", *extra,
         "--set", f"scripts={ROUTE}",
         "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
     ]  # fmt: skip
     trust = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
-    return start("claude-proxy", args, home, trust, upstream)
+    return start(name, args, home, trust, upstream)
 
 
 def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
@@ -251,6 +259,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40, help="fresh connections to time")
     parser.add_argument("--download-mb", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="EXECUTABLE",
+        help="also measure this claude-proxy (an earlier version's console script) in the same run",
+    )
     args = parser.parse_args()
 
     ca = trustme.CA()
@@ -265,8 +279,18 @@ def main() -> int:
 
         results: dict[str, dict[str, float | int | None]] = {}
         results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
-        for starter in (start_mitmdump, start_claude_proxy):
-            target = starter(work, upstream, upstream_ca)
+        starters: list[Callable[[], Target]] = [
+            lambda: start_mitmdump(work, upstream, upstream_ca),
+            lambda: start_claude_proxy(work, upstream, upstream_ca),
+        ]
+        if args.before:
+            starters.append(
+                lambda: start_claude_proxy(
+                    work, upstream, upstream_ca, name="before", executable=args.before, extra=()
+                )
+            )
+        for starter in starters:
+            target = starter()
             try:
                 results[target.name] = measure(target, upstream, args)
             finally:
@@ -276,12 +300,15 @@ def main() -> int:
         upstream.shutdown()
 
     columns = list(results["direct"])
-    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}"
-          f"{'cp/direct':>11}{'cp/mitmdump':>13}")  # fmt: skip
+    before = results.get("before", {})
+    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}{'before':>10}"
+          f"{'cp/direct':>11}{'cp/mitmdump':>13}{'cp/before':>11}")  # fmt: skip
     for key in columns:
         d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
+        b = before.get(key)
         print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
-              f"{c if c is not None else '-':>14}{ratio(c, d):>11}{ratio(c, m):>13}")  # fmt: skip
+              f"{c if c is not None else '-':>14}{b if b is not None else '-':>10}"
+              f"{ratio(c, d):>11}{ratio(c, m):>13}{ratio(c, b):>11}")  # fmt: skip
     document = json.dumps(results, indent=2)
     print(document)
     if args.json:
