@@ -137,9 +137,16 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
 
 
 def start_claude_proxy(
-    work: Path, upstream: Upstream, upstream_ca: Path, pin: str | None = None
+    work: Path,
+    upstream: Upstream,
+    upstream_ca: Path,
+    *,
+    name: str = "claude-proxy",
+    executable: Path = BIN / "claude-proxy",
+    extra: tuple[str, ...] = ("--socks-port", "0"),
+    pin: str | None = None,
 ) -> Target:
-    home = work / ("claude-home-pinned" if pin else "claude-home")
+    home = work / f"{name}-home"
     home.mkdir(exist_ok=True)
     if pin:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
@@ -147,12 +154,12 @@ def start_claude_proxy(
         pinned = [str(BIN / "claude-proxy"), "pin", pin]
         subprocess.run(pinned, env=env, check=True, capture_output=True)
     args = [
-        str(BIN / "claude-proxy"), "--port", "0",
+        str(executable), "--port", "0", *extra,
         "--set", f"scripts={ROUTE}",
         "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
     ]  # fmt: skip
     trust = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
-    return start("claude-proxy pinned" if pin else "claude-proxy", args, home, trust, upstream)
+    return start(name, args, home, trust, upstream)
 
 
 def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
@@ -261,8 +268,8 @@ def measure_pin(
     print("measuring the organization pin…", file=sys.stderr, flush=True)
     key = "sk-ant-api03-bench-key"
     upstream.accounts[key] = Account(ORG)
-    plain = start_claude_proxy(work, upstream, upstream_ca)
-    pinned = start_claude_proxy(work, upstream, upstream_ca, pin=ORG)
+    plain = start_claude_proxy(work, upstream, upstream_ca, name="claude-proxy-unpinned")
+    pinned = start_claude_proxy(work, upstream, upstream_ca, name="claude-proxy-pinned", pin=ORG)
     rates: dict[str, list[float]] = {"plain": [], "pinned": []}
     first, later = [], []
     try:
@@ -298,12 +305,15 @@ def ratio(a: float | int | None, b: float | int | None) -> str:
 
 
 def print_table(results: dict[str, dict[str, float | int | None]]) -> None:
-    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}"
-          f"{'cp/direct':>11}{'cp/mitmdump':>13}")  # fmt: skip
+    before = results.get("before", {})
+    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}{'before':>10}"
+          f"{'cp/direct':>11}{'cp/mitmdump':>13}{'cp/before':>11}")  # fmt: skip
     for key in results["direct"]:
         d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
+        b = before.get(key)
         print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
-              f"{c if c is not None else '-':>14}{ratio(c, d):>11}{ratio(c, m):>13}")  # fmt: skip
+              f"{c if c is not None else '-':>14}{b if b is not None else '-':>10}"
+              f"{ratio(c, d):>11}{ratio(c, m):>13}{ratio(c, b):>11}")  # fmt: skip
 
 
 def main() -> int:
@@ -312,6 +322,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40, help="fresh connections to time")
     parser.add_argument("--download-mb", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="EXECUTABLE",
+        help="also measure this claude-proxy (an earlier version's console script) in the same run",
+    )
     parser.add_argument(
         "--pin-only", action="store_true", help="only the organization pin's figures"
     )
@@ -330,8 +346,18 @@ def main() -> int:
         results: dict[str, dict[str, float | int | None]] = {}
         if not args.pin_only:
             results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
-            for starter in (start_mitmdump, start_claude_proxy):
-                target = starter(work, upstream, upstream_ca)
+            starters: list[Callable[[], Target]] = [
+                lambda: start_mitmdump(work, upstream, upstream_ca),
+                lambda: start_claude_proxy(work, upstream, upstream_ca),
+            ]
+            if args.before:
+                starters.append(
+                    lambda: start_claude_proxy(
+                        work, upstream, upstream_ca, name="before", executable=args.before, extra=()
+                    )
+                )
+            for starter in starters:
+                target = starter()
                 try:
                     results[target.name] = measure(target, upstream, args)
                 finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from tests.upstream import Upstream
 SCRIPTS = Path(__file__).parent / "scripts"
 UPSTREAM_NAMES = ["api.anthropic.com", "claude.ai", "platform.claude.com", "statsig.anthropic.com"]
 EXECUTABLE = Path(sys.executable).with_name("claude-proxy")
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+SOCKS_LISTENING = re.compile(r"SOCKS5 on 127\.0\.0\.1:(\d+)")
 
 
 class ProxyProcess:
@@ -32,6 +35,7 @@ class ProxyProcess:
         self.stderr: list[str] = []
         self.listening = threading.Event()
         self.port = 0
+        self.socks_port = 0
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         full_env.update(HOME=str(home), PYTHONUNBUFFERED="1", **env)
         self.proc = subprocess.Popen(
@@ -48,8 +52,10 @@ class ProxyProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line.rstrip("\n"))
-            if "listening on 127.0.0.1:" in line and not self.listening.is_set():
-                self.port = int(line.rsplit(":", 1)[1])
+            if (found := LISTENING.search(line)) and not self.listening.is_set():
+                self.port = int(found[1])
+                socks = SOCKS_LISTENING.search(line)
+                self.socks_port = int(socks[1]) if socks else 0
                 self.listening.set()
 
     def wait_listening(self, timeout: float = 30) -> ProxyProcess:
@@ -96,7 +102,7 @@ def upstream_ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def upstream_server(tls_ca: trustme.CA) -> Iterator[Upstream]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert(*UPSTREAM_NAMES).configure_cert(context)
+    tls_ca.issue_cert(*UPSTREAM_NAMES, "127.0.0.1").configure_cert(context)
     server = Upstream(context)
     server.serve_in_background()
     yield server
@@ -116,14 +122,15 @@ def start_proxy(
     *extra: str,
     scripts: Sequence[str] = ("route_to_upstream.py",),
     trust_upstream: bool = True,
+    env: dict[str, str] | None = None,
 ) -> ProxyProcess:
-    args = ["--port", "0"]
+    args = ["--port", "0", "--socks-port", "0"]
     if trust_upstream:
         args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
     for name in scripts:
         args += ["--set", f"scripts={SCRIPTS / name}"]
-    env = {"CLAUDE_PROXY_TEST_UPSTREAM_PORT": str(upstream.port)}
-    return ProxyProcess(home, [*args, *extra], env).wait_listening()
+    full_env = {"CLAUDE_PROXY_TEST_UPSTREAM_PORT": str(upstream.port), **(env or {})}
+    return ProxyProcess(home, [*args, *extra], full_env).wait_listening()
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +141,26 @@ def proxy(
     process = start_proxy(tmp_path_factory.mktemp("home"), upstream_server, upstream_ca_file)
     yield process
     process.stop()
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+@pytest.fixture(scope="module")
+def module_proxy(
+    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyFactory]:
+    """Start a proxy with extra arguments (and environment) for one module; stopped after it."""
+    started: list[ProxyProcess] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> ProxyProcess:
+        home = tmp_path_factory.mktemp("home")
+        started.append(start_proxy(home, upstream_server, upstream_ca_file, *extra, env=env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture

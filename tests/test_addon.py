@@ -28,6 +28,14 @@ def connect_flow(host: str, port: int = 443) -> tflow.http.HTTPFlow:
     return f
 
 
+def plain_flow(**request: object) -> tflow.http.HTTPFlow:
+    """tflow's flow without its request body: a GET carrying one is refused on its own."""
+    f = tflow.tflow(req=tutils.treq(**request)) if request else tflow.tflow()
+    f.request.headers.pop("content-length", None)
+    f.request.content = None
+    return f
+
+
 def tunnel_request(
     enforcer: Enforcer, tunnel: str = "api.anthropic.com", **headers: str
 ) -> tflow.http.HTTPFlow:
@@ -118,12 +126,12 @@ def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
     enforcer = Enforcer()
     with taddons.context(enforcer) as tctx:
         tctx.configure(enforcer, sandbox_allow=["http://plain.example"])
-        f = tflow.tflow()
+        f = plain_flow()
         f.request.host, f.request.port = "evil.example", 80
         f.request.headers["host"] = "plain.example"
         enforcer.requestheaders(f)
         assert f.response is not None and f.response.status_code == 403
-        ok = tflow.tflow()
+        ok = plain_flow()
         ok.request.host, ok.request.port = "plain.example", 80
         ok.request.headers["host"] = "plain.example"
         enforcer.requestheaders(ok)
@@ -131,7 +139,7 @@ def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
 
 
 def test_head_refusal_has_no_body(enforcer: Enforcer) -> None:
-    f = tflow.tflow(req=tutils.treq(method=b"HEAD", host="example.com", port=443))
+    f = plain_flow(method=b"HEAD", host="example.com", port=443)
     enforcer.requestheaders(f)
     assert f.response is not None
     assert f.response.status_code == 403 and f.response.content == b""
@@ -146,7 +154,7 @@ def test_policy_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.Monkey
     connect = connect_flow("api.anthropic.com")
     enforcer.http_connect(connect)
     assert connect.response is not None and connect.response.status_code == 403
-    f = tflow.tflow()
+    f = plain_flow()
     f.request.host, f.request.port = "api.anthropic.com", 443
     enforcer.requestheaders(f)
     assert f.response is not None and f.response.status_code == 403
@@ -264,6 +272,7 @@ def test_refused_request_with_a_large_body_is_closed(
     enforcer: Enforcer, headers: dict[str, str], killed: bool
 ) -> None:
     f = tunnel_request(enforcer, host="evil.example", **headers)
+    f.request.method = "POST"
     enforcer.requestheaders(f)
     assert f.killable is not killed
     assert (f.error is not None) is killed
@@ -299,6 +308,14 @@ def request(method: bytes = b"GET", path: bytes = b"/", **headers: str) -> tflow
         (request(x_note="a\x00b"), "control character"),
         (request(x_note="a\x1bb"), "control character"),
         (request(**{"x note": "a"}), "header name"),
+        (request(content_length="0"), None),
+        (request(content_length="5"), "may not carry a body"),
+        (request(b"HEAD", transfer_encoding="chunked"), "may not carry a body"),
+        (request(b"POST", content_length="5"), None),
+        (request(b"POST", connection="keep-alive, Content-Length"), "Connection header names"),
+        (request(connection="host"), "Connection header names"),
+        (request(connection="Upgrade", upgrade="websocket"), None),
+        (request(connection="close, TE", te="trailers"), None),
     ],
 )
 def test_malformed_requests(req: tflow.http.Request, problem: str | None) -> None:

@@ -31,6 +31,8 @@ GOLDEN = {
         "run",
         "--port",
         "9051",
+        "--socks-port",
+        "9052",
         "--quiet",
     ],
     "RunAtLoad": True,
@@ -57,6 +59,7 @@ def render(home: str = "/Users/a & b", port: int = 9051) -> bytes:
         home=Path(home),
         log_dir=Path(home) / "Library" / "Logs" / "claude-proxy",
         port=port,
+        socks_port=9052,
     )
 
 
@@ -90,6 +93,7 @@ def test_render_refuses_a_relative_executable() -> None:
             home=Path("/Users/a"),
             log_dir=Path("/Users/a/Library/Logs/claude-proxy"),
             port=9051,
+            socks_port=9052,
         )
 
 
@@ -145,7 +149,7 @@ def test_install(mac: Mac, serving: ProxyProcess) -> None:
     assert stat.S_IMODE(mac.plist.stat().st_mode) == 0o644
     document = plistlib.loads(mac.plist.read_bytes())
     assert document["ProgramArguments"] == [str(mac.exe), "run", "--port", str(serving.port),
-                                            "--quiet"]  # fmt: skip
+                                            "--socks-port", "9052", "--quiet"]  # fmt: skip
     assert (mac.home / "Library" / "Logs" / "claude-proxy").is_dir()
     assert "export HTTPS_PROXY='http://127.0.0.1:" in result.stdout
     assert "NODE_EXTRA_CA_CERTS" in result.stdout
@@ -377,11 +381,11 @@ def free_port() -> int:
 
 
 def test_agent_as_launchd_runs_it(home: Path, tmp_path: Path) -> None:
-    port = free_port()
+    port, socks_port = free_port(), free_port()
     rendered = run_cli(home, "plist", "--template", str(TEMPLATE), "--port", str(port),
-                       "--executable", str(DEV_EXE))  # fmt: skip
+                       "--socks-port", str(socks_port), "--executable", str(DEV_EXE))  # fmt: skip
     document = plistlib.loads(rendered.stdout.encode())
-    status = run_cli(home, "status", "--port", str(port))
+    status = run_cli(home, "status", "--port", str(port), "--socks-port", str(socks_port))
     assert status.returncode == 1
     assert "FAIL agent: not installed" in status.stdout
     assert "FAIL proxy on 127.0.0.1" in status.stdout
@@ -395,9 +399,10 @@ def test_agent_as_launchd_runs_it(home: Path, tmp_path: Path) -> None:
         proxy.home, proxy.port = home, port
         refused = curl(proxy, "-i", "https://mozilla.org/")
         assert "x-claude-proxy: refused" in refused.stdout.lower()
-        status = run_cli(home, "status", "--port", str(port))
+        status = run_cli(home, "status", "--port", str(port), "--socks-port", str(socks_port))
         assert status.returncode == 0, status.stdout  # on Linux there is no keychain to check
         assert "ok   agent:" in status.stdout
+        assert f"ok   SOCKS5 on 127.0.0.1:{socks_port}" in status.stdout
         assert "ok   proxy on 127.0.0.1" in status.stdout and "ok   CA:" in status.stdout
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0  # KeepAlive {SuccessfulExit: false} leaves it stopped
@@ -418,6 +423,7 @@ def test_agent_crash_exits_nonzero(home: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         rendered = run_cli(home, "plist", "--template", str(TEMPLATE), "--port", port,
+                           "--socks-port", str(free_port()),
                            "--executable", str(DEV_EXE))  # fmt: skip
         document = plistlib.loads(rendered.stdout.encode())
         process = launch(document)

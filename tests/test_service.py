@@ -77,7 +77,8 @@ def test_log_file_is_written_and_private(
         (["--set", "connection_strategy=eager"], 2, "connection_strategy must be lazy"),
         (["--set", "ignore_hosts=.*"], 2, "ignore_hosts is not supported"),
         (["--set", "mode=transparent"], 2, "mode 'transparent' is not supported"),
-        (["--set", "listen_host=0.0.0.0"], 2, "would let other machines use the proxy"),
+        (["--set", "listen_host=0.0.0.0"], 2, "--set listen_host is not supported: use --host"),
+        (["--set", "mode=regular@0.0.0.0:0"], 2, "would let other machines use the proxy"),
         (["--set", "no_such_option=1", "--port", "0"], 2, "unknown mitmproxy option(s)"),
         # options that would weaken a check
         (["--set", "validate_inbound_headers=false"], 2, "validate_inbound_headers must stay on"),

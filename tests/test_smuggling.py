@@ -286,3 +286,99 @@ def test_h2_trailers_to_an_http1_upstream_are_dropped_without_a_crash(
     assert upstream.seen.bodies == [b"hi"]
     assert b"x-trailer" not in upstream.seen.raw
     assert "Unexpected event: RequestTrailers" not in proxy.log_text()
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: %d\r\n" % len(SMUGGLED), b"Transfer-Encoding: chunked\r\n"],
+    ids=["length", "chunked"],
+)
+def test_h1_body_on_get_or_head_is_refused(
+    proxy: ProxyProcess, upstream: Upstream, method: bytes, framing: bytes
+) -> None:
+    """Many servers ignore a GET body (RFC 9110 §9.3.1) and read it as the next request."""
+    body = SMUGGLED if framing.startswith(b"Content") else b"2e\r\n" + SMUGGLED + b"\r\n0\r\n\r\n"
+    head = h1_in_tunnel(
+        proxy, method + b" / HTTP/1.1\r\nHost: api.anthropic.com\r\n" + framing + b"\r\n" + body
+    )
+    assert head == b"" or head.startswith(b"HTTP/1.1 400"), head
+    assert_nothing_smuggled(upstream)
+    assert upstream.seen.connections == 0
+
+
+def test_h2_body_on_get_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
+    tunnel = H2Tunnel(proxy)
+    status = tunnel.request(
+        h2_headers("GET", "/", content_length=str(len(SMUGGLED))), body=SMUGGLED
+    )
+    tunnel.close()
+    assert status in (400, None)
+    assert_nothing_smuggled(upstream)
+    assert upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize(
+    "named", [b"Content-Length", b"transfer-encoding", b"Host", b"keep-alive, host"]
+)
+def test_connection_header_naming_framing_or_host_is_refused(
+    proxy: ProxyProcess, upstream: Upstream, named: bytes
+) -> None:
+    """An intermediary that drops what Connection names would lose the framing or the Host."""
+    head = h1_in_tunnel(
+        proxy,
+        b"POST /up HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: " + named + b"\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+    )
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert upstream.seen.connections == 0
+
+
+def test_h2_get_with_data_and_no_length_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """Without content-length only the frames say a body follows: it must not reach the upstream."""
+    tunnel = H2Tunnel(proxy)
+    status = tunnel.request(h2_headers("GET", "/"), body=SMUGGLED)
+    tunnel.close()
+    assert status in (400, None)
+    assert_nothing_smuggled(upstream)
+    assert upstream.seen.connections == 0
+
+
+def test_refused_h2_upload_without_length_is_ended_before_its_body(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The HTTP/2 kin of a chunked upload: a proxy that reads it all before refusing never ends."""
+    tunnel = H2Tunnel(proxy)
+    headers = h2_headers("POST", "/up")
+    headers[2] = (":authority", "evil.example")
+    tunnel.conn.send_headers(1, headers)  # no content-length, no END_STREAM: a body would follow
+    tunnel.flush()
+    ended = False
+    while not ended:
+        data = tunnel.tls.recv(65536)  # a proxy waiting for the body never answers: TimeoutError
+        if not data:
+            break
+        for event in tunnel.conn.receive_data(data):
+            ended = ended or isinstance(
+                event,
+                h2.events.StreamReset | h2.events.ResponseReceived | h2.events.ConnectionTerminated,
+            )
+        tunnel.flush()
+    tunnel.close()
+    assert upstream.seen.connections == 0
+
+
+def test_h1_request_trailers_are_dropped_without_a_crash(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """mitmproxy's HTTP/1 reader raises on request trailers: a traceback, no answer, each time."""
+    head = h1_in_tunnel(
+        proxy,
+        b"POST /up HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 200"), head
+    upstream.wait_idle()
+    assert upstream.seen.bodies == [b"hello"]
+    assert b"X-Trailer" not in upstream.seen.raw
+    assert "HTTP trailers are not implemented" not in proxy.log_text()

@@ -11,6 +11,7 @@ import h2.events
 import pytest
 
 from tests.conftest import (
+    ProxyFactory,
     ProxyProcess,
     curl,
     open_tunnel,
@@ -320,3 +321,23 @@ def test_refused_upload_is_not_read(
         sock.close()
     assert answer == b"" or answer.startswith(b"HTTP/1.1 403"), answer
     assert upstream.seen.connections == 0
+
+
+@pytest.fixture(scope="module")
+def idna_proxy(module_proxy: ProxyFactory) -> ProxyProcess:
+    return module_proxy("--allow", "bücher.example")
+
+
+def test_a_unicode_rule_matches_the_a_label_clients_send(
+    idna_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    sock = send_connect(idna_proxy, b"xn--bcher-kva.example:443")
+    head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    context = idna_proxy.client_context()
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(sock, server_hostname="xn--bcher-kva.example")
+    assert tls.selected_alpn_protocol() == "h2"
+    assert h2_request(tls, "xn--bcher-kva.example") != 403  # :authority names the tunnel's host
+    tls.close()
+    assert "BLOCK" not in idna_proxy.log_text()

@@ -216,6 +216,8 @@ class Handler(BaseHTTPRequestHandler):
             )
         if url.path == "/bytes":
             return self._bytes(int(query["size"]), query.get("gate", ""))
+        if url.path == "/hang":
+            return self._hang(query["gate"])
         body = b"hello from upstream\n"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -277,6 +279,17 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(gap)
             self.wfile.write(f"event: tick\ndata: {i} {time.time()}\n\n".encode())
             self.wfile.flush()
+        self.close_connection = True
+
+    def _hang(self, gate: str) -> None:
+        """No response head until the test opens the gate (by then the client has given up)."""
+        self.server.wait_gate(gate)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        except OSError:
+            pass  # the proxy has closed the connection: expected
         self.close_connection = True
 
     def _bytes(self, size: int, gate: str) -> None:

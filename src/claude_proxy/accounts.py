@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from claude_proxy import files
+
 ANTHROPIC_DOMAINS = ("anthropic.com", "claude.ai", "claude.com")  # each with every subdomain
 CREDENTIAL_HEADERS = ("x-api-key", "authorization")
 OAUTH_PREFIX = (
@@ -307,11 +309,10 @@ def _read_json(path: Path) -> Any:
 
 def _write_json(path: Path, document: object) -> None:
     data = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
-    partial = _write_partial(path, data)
     try:
-        partial.replace(path)
+        _private_folder(path.parent)
+        files.write_atomically(path, data, 0o600)
     except OSError as e:
-        partial.unlink(missing_ok=True)
         raise StateError(f"cannot write {path}: {e.strerror}") from None
 
 

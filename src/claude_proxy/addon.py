@@ -19,9 +19,10 @@ from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from claude_proxy import policy, wellformed
+from claude_proxy import limits, policy, wellformed
 from claude_proxy.decisions import log_decision, printable
 from claude_proxy.policy import Allowlist, Decision
+from claude_proxy.tlsguard import GuardedClientTLSLayer
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "must be TLS1_2 or TLS1_3",
     ),
 }
+REFUSAL_PREFIX = "claude-proxy: "  # starts every refusal made on the way upstream
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Target = tuple[str, int]
 
@@ -140,18 +142,31 @@ class Enforcer:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
         try:
-            if flow.client_conn.id in self.tunnels:
-                decision = Decision(False, "CONNECT inside a tunnel")
-            else:
-                decision = self.decide(host, port)
+            host = requested_host(flow.request)
+            decision = self.open_tunnel(flow.client_conn, host, port)
             if decision.allowed:
-                self.tunnels[flow.client_conn.id] = (policy.normalize_host(host), port)
+                if flow.request.host != host:
+                    flow.request.host = host  # the A-label the client sent, not the U-label
                 log_decision(flow, decision, host=host, port=port, status=200)
                 return
         except Exception:
             logger.exception("refusing a CONNECT: the check failed")
+            self.tunnels.pop(flow.client_conn.id, None)
             decision = Decision(False, "internal error in the policy check")
         self.refuse(flow, host, port, decision)
+
+    def open_tunnel(self, client: connection.Client, host: str, port: int) -> Decision:
+        """Decide a tunnel's destination (CONNECT or SOCKS5) and remember it for what follows."""
+        try:
+            if client.id in self.tunnels:
+                return Decision(False, "CONNECT inside a tunnel")
+            decision = self.decide(host, port)
+            if decision.allowed:
+                self.tunnels[client.id] = (policy.normalize_host(host), port)
+            return decision
+        except Exception:
+            logger.exception("refusing a tunnel: the check failed")
+            return Decision(False, "internal error in the policy check")
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         try:
@@ -164,12 +179,12 @@ class Enforcer:
         context = nextlayer.context
         target = self.tunnels.get(context.client.id)
         if target is None:
-            if len(context.layers) == 1 and isinstance(context.layers[0], layers.modes.HttpProxy):
-                return layers.HttpLayer(context, HTTPMode.regular)
+            if len(context.layers) == 1 and type(context.layers[0]) is layers.modes.HttpProxy:
+                return limits.http_layer(context, HTTPMode.regular)
             return CloseTunnel(context)
         if context.client.tls:
             # Inside our TLS only HTTP goes, so that every request is checked.
-            return layers.HttpLayer(context, HTTPMode.transparent)
+            return limits.http_layer(context, HTTPMode.transparent)
         data = nextlayer.data_client()
         if len(data) < 3:
             return None  # wait for more bytes
@@ -187,7 +202,7 @@ class Enforcer:
             logger.info("closed tunnel to %s:%d: SNI %s", *target, printable(hello.sni))
             return CloseTunnel(context)
         server_tls = layers.ServerTLSLayer(context)
-        server_tls.child_layer = layers.ClientTLSLayer(context)
+        server_tls.child_layer = GuardedClientTLSLayer(context)
         return server_tls
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -215,10 +230,10 @@ class Enforcer:
         status = 403
         try:
             target = self.tunnels.get(flow.client_conn.id)
-            host, port = target or (flow.request.host, flow.request.port)
+            host, port = target or (requested_host(flow.request), flow.request.port)
             # Inside a tunnel there is TLS; outside, the request's own scheme says how it travels.
             scheme = policy.HTTPS if target else flow.request.scheme
-            if problem := wellformed.malformed(flow.request):
+            if problem := wellformed.malformed(flow.request, body_follows(flow)):
                 status, decision = 400, Decision(False, f"malformed request: {problem}")
             else:
                 decision = self.decide(host, port, scheme)
@@ -233,7 +248,7 @@ class Enforcer:
             host, port = flow.request.host, flow.request.port
             decision = Decision(False, "internal error in the policy check")
         if not decision.allowed:
-            if refused_body_too_large(flow.request):
+            if refused_body_too_large(flow.request, body_follows(flow)):
                 # mitmproxy reads a refused request's whole body before it answers: close instead.
                 flow.kill()
                 reason = f"{decision.reason}; closed without reading the request body"
@@ -269,14 +284,21 @@ class Enforcer:
         self._finish(flow, flow.response.status_code if flow.response else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, None)
+        message = flow.error.msg if flow.error else ""
+        # A refusal on the way upstream (a forbidden address, the backstop) is the decision.
+        refused = message.startswith(REFUSAL_PREFIX)
+        self._finish(
+            flow, None, Decision(False, message.removeprefix(REFUSAL_PREFIX)) if refused else None
+        )
 
-    def _finish(self, flow: http.HTTPFlow, status: int | None) -> None:
+    def _finish(
+        self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
+    ) -> None:
         allowed = flow.metadata.pop("claude_proxy.decision", None)
         if allowed is not None:
             self.in_flight -= 1
             decision, host, port = allowed
-            log_decision(flow, decision, host=host, port=port, status=status)
+            log_decision(flow, refused or decision, host=host, port=port, status=status)
 
     # Helpers
 
@@ -313,6 +335,17 @@ def refusal(method: str, host: str, port: int, reason: str, status: int = 403) -
     return http.Response.make(status, b"" if method == "HEAD" else body.encode(), headers)
 
 
+def requested_host(request: http.Request) -> str:
+    """The host exactly as the client wrote it: mitmproxy turns A-labels into Unicode in `.host`."""
+    if not request.data.authority:
+        return request.host
+    try:
+        host, _ = policy.split_host_port(request.data.authority.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return request.host  # refused by the policy as it is: not ASCII, or not host[:port]
+    return host
+
+
 def scheme_of(server: connection.Server) -> str:
     return policy.HTTPS if server.tls else policy.HTTP
 
@@ -325,7 +358,8 @@ def misnamed(flow: http.HTTPFlow, target: Target) -> str | None:
     hosts = flow.request.headers.get_all("host")
     if len(hosts) > 1:
         return "more than one Host header"
-    named = {"Host header": hosts[0] if hosts else "", "authority": flow.request.authority}
+    authority = flow.request.data.authority.decode("ascii", "backslashreplace")
+    named = {"Host header": hosts[0] if hosts else "", "authority": authority}
     for what, value in named.items():
         if value and not names_target(value, target):
             return f"{what} {printable(value)} does not name {target[0]}"
@@ -343,8 +377,20 @@ def names_target(authority: str, target: Target, *, port_allowed: bool = True) -
         return False
 
 
-def refused_body_too_large(request: http.Request) -> bool:
-    """Whether a refused request announces a body too large to read just to refuse it."""
+def body_follows(flow: http.HTTPFlow) -> bool | None:
+    """Whether the HTTP layer saw a body follow the head; None where it did not say."""
+    value = flow.metadata.get(wellformed.BODY_FOLLOWS)
+    return None if value is None else bool(value)
+
+
+def refused_body_too_large(request: http.Request, follows: bool | None = None) -> bool:
+    """Whether a refused request announces a body too large to read just to refuse it.
+
+    mitmproxy reads an HTTP/2 body without content-length as size 0: its size is unknown.
+    """
+    h2_or_h3 = request.is_http2 or request.is_http3
+    if follows and h2_or_h3 and "content-length" not in request.headers:
+        return True
     try:
         size = expected_http_body_size(request)
     except ValueError:
@@ -358,9 +404,10 @@ def check_listen(modes: Sequence[str], listen_host: str, remote_ok: bool) -> Non
             mode = mode_specs.ProxyMode.parse(spec)
         except ValueError as e:
             raise exceptions.OptionsError(f"Cannot parse mode {spec!r}: {e}") from e
-        if not isinstance(mode, mode_specs.RegularMode):
+        if not isinstance(mode, mode_specs.RegularMode | mode_specs.Socks5Mode):
             raise exceptions.OptionsError(
-                f"mode {spec!r} is not supported: claude-proxy runs as a regular HTTP(S) proxy"
+                f"mode {spec!r} is not supported: claude-proxy runs as a regular HTTP(S) proxy "
+                "and a SOCKS5 proxy"
             )
         host = mode.listen_host(listen_host)
         if not remote_ok and not is_loopback(host):

@@ -26,7 +26,7 @@ def plist_path(home: Path) -> Path:
 
 
 def render_plist(
-    template: bytes, *, executable: Path, home: Path, log_dir: Path, port: int
+    template: bytes, *, executable: Path, home: Path, log_dir: Path, port: int, socks_port: int
 ) -> bytes:
     """Fill the template's @NAME@ strings with absolute paths; the serializer does the escaping."""
     for what, path in (("executable", executable), ("home", home), ("log folder", log_dir)):
@@ -37,6 +37,7 @@ def render_plist(
         "HOME": str(home),
         "LOG_DIR": str(log_dir),
         "PORT": str(port),
+        "SOCKS_PORT": str(socks_port),
         "PATH": f"{executable.parent}:{SYSTEM_PATH}",
     }
     try:
@@ -92,6 +93,24 @@ def probe(host: str, port: int, timeout: float = 3.0) -> Check:
     return Check(False, what, f"something else answers: {lines[0][:60]!r}")
 
 
+def probe_socks(host: str, port: int, timeout: float = 3.0) -> Check:
+    """Is a SOCKS5 proxy answering that refuses the probe destination by policy (reply 0x02)?"""
+    what = f"SOCKS5 on {host}:{port}"
+    name = PROBE_DESTINATION.rsplit(":", 1)[0].encode()
+    request = b"\x05\x01\x00\x03" + bytes([len(name)]) + name + (443).to_bytes(2, "big")
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"\x05\x01\x00")
+            greeting = sock.recv(2)
+            sock.sendall(request)
+            reply = sock.recv(10)
+    except OSError as e:
+        return Check(False, what, f"nothing answers ({e.strerror or e})")
+    if greeting == b"\x05\x00" and reply[:2] == b"\x05\x02":
+        return Check(True, what, "answers and refuses a probe")
+    return Check(False, what, f"something else answers: {(greeting + reply)[:12]!r}")
+
+
 def keychain_trusts(sha1: str) -> bool:
     """Whether the user's trust settings (macOS) name this exact certificate, by SHA-1."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +126,7 @@ def keychain_trusts(sha1: str) -> bool:
         return sha1.upper() in {key.upper() for key in trust_list}
 
 
-def status(*, home: Path, host: str, port: int) -> list[Check]:
+def status(*, home: Path, host: str, port: int, socks_port: int) -> list[Check]:
     checks = []
     plist = plist_path(home)
     try:
@@ -116,6 +135,7 @@ def status(*, home: Path, host: str, port: int) -> list[Check]:
     except (OSError, plistlib.InvalidFileException) as e:
         checks.append(Check(False, "agent", f"not installed: {plist} ({type(e).__name__})"))
     checks.append(probe(host, port))
+    checks.append(probe_socks(host, socks_port))
     confdir = paths.config_dir()
     authority = None
     if ca.key_path(confdir).exists():

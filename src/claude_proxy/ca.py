@@ -14,7 +14,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from mitmproxy import certs
 
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -42,6 +41,11 @@ def key_path(confdir: Path) -> Path:
 
 def cert_path(confdir: Path) -> Path:
     return confdir / f"{BASENAME}-ca-cert.pem"
+
+
+def bundle_path(confdir: Path) -> Path:
+    """The system's roots plus our CA, for tools that read one file (`ca --bundle` writes it)."""
+    return confdir / "ca-bundle.pem"
 
 
 def ensure_ca(confdir: Path) -> CertificateAuthority:
@@ -82,6 +86,8 @@ def load_ca(confdir: Path) -> CertificateAuthority:
 
 
 def _create(confdir: Path) -> None:
+    from mitmproxy import certs  # only here: commands that find a CA need no mitmproxy
+
     try:
         confdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         certs.CertStore.create_store(confdir, BASENAME, KEY_SIZE)

@@ -10,13 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# Only what every command needs: `orgs` and `pin` must not import mitmproxy (~0.75 s).
-from claude_proxy import accounts, logs, paths, policy
-from claude_proxy.defaults import DEFAULT_HOST, DEFAULT_PORT
+# agent and service import mitmproxy (~0.75 s): only the commands that need them load them.
+from claude_proxy import accounts, ca, defaults, logs, paths, policy
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status", "orgs", "pin")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup", "orgs", "pin")
 SHELLS = ("sh", "zsh", "fish", "nu")
+TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
 
 
@@ -44,8 +44,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy (the default)")
-    run.add_argument("--host", default=DEFAULT_HOST, help="listen address (%(default)s)")
-    run.add_argument("--port", type=port, default=DEFAULT_PORT, help="(%(default)s)")
+    run.add_argument(
+        "--host", help="listen address (default: 127.0.0.1 and ::1, each loopback address)"
+    )
+    run.add_argument("--port", type=port, default=defaults.DEFAULT_PORT, help="(%(default)s)")
+    run.add_argument(
+        "--socks-port",
+        type=port,
+        default=defaults.DEFAULT_SOCKS_PORT,
+        help="SOCKS5 port, same addresses (%(default)s)",
+    )
     add_allow(run)
     run.add_argument(
         "--set",
@@ -67,13 +75,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     run.set_defaults(func=cmd_run)
 
     ca_cmd = sub.add_parser("ca", help="make the CA if missing; print its path and fingerprints")
-    ca_cmd.add_argument("--sha1", action="store_true", help="print only the SHA-1 fingerprint")
+    ca_output = ca_cmd.add_mutually_exclusive_group()
+    ca_output.add_argument("--sha1", action="store_true", help="print only the SHA-1 fingerprint")
+    ca_output.add_argument(
+        "--bundle",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="write the system's trust roots plus the CA to PATH, 0644 "
+        "(default: ca-bundle.pem beside the CA)",
+    )
     ca_cmd.set_defaults(func=cmd_ca)
 
     env = sub.add_parser("env", help="print the environment Claude Code needs to use the proxy")
     env.add_argument("--shell", choices=SHELLS, default=default_shell())
-    env.add_argument("--host", default=DEFAULT_HOST)
-    env.add_argument("--port", type=port, default=DEFAULT_PORT)
+    env.add_argument("--host", default=defaults.DEFAULT_HOST)
+    env.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
+    env.add_argument(
+        "--tools",
+        action="store_true",
+        help="also point SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and GIT_SSL_CAINFO "
+        "at the bundle `ca --bundle` writes",
+    )
     env.set_defaults(func=cmd_env)
 
     check = sub.add_parser("check", help="say whether HOST[:PORT] would be allowed, and why")
@@ -91,14 +114,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=Path(sys.argv[0]).absolute(),
         help="the claude-proxy launchd starts (default: this one)",
     )
-    plist.add_argument("--port", type=port, default=DEFAULT_PORT)
+    plist.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
+    plist.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
     plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
     plist.set_defaults(func=cmd_plist)
 
     status = sub.add_parser("status", help="is the agent installed, serving and trusted?")
-    status.add_argument("--host", default=DEFAULT_HOST)
-    status.add_argument("--port", type=port, default=DEFAULT_PORT)
+    status.add_argument("--host", default=defaults.DEFAULT_HOST)
+    status.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
+    status.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
     status.set_defaults(func=cmd_status)
+
+    setup = sub.add_parser("setup", help="point Claude Code's sandbox (or srt) at claude-proxy")
+    targets = setup.add_subparsers(dest="target", required=True)
+    for name, settings_file in (
+        ("claude-code", "~/.claude/settings.json (or DIR/.claude/settings.json)"),
+        ("srt", "~/.srt-settings.json"),
+    ):
+        target = targets.add_parser(name, help=f"merge claude-proxy's ports into {settings_file}")
+        if name == "claude-code":
+            target.add_argument("--project", type=Path, metavar="DIR", help="DIR's settings")
+        target.add_argument("--port", type=fixed_port, default=defaults.DEFAULT_PORT)
+        target.add_argument("--socks-port", type=fixed_port, default=defaults.DEFAULT_SOCKS_PORT)
+        target.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+        target.add_argument("-y", "--yes", action="store_true", help="write without asking")
+        target.add_argument("--undo", action="store_true", help="take back what setup changed")
+        target.set_defaults(func=cmd_setup)
 
     orgs = sub.add_parser("orgs", help="organizations seen in Anthropic's answers, per credential")
     orgs.add_argument("--json", action="store_true", help="as a JSON document")
@@ -133,6 +174,12 @@ def port(text: str) -> int:
     return int(text)
 
 
+def fixed_port(text: str) -> int:
+    if port(text) == 0:
+        raise argparse.ArgumentTypeError("a settings file needs a port that stays: not 0")
+    return int(text)
+
+
 def default_shell() -> str:
     name = os.path.basename(os.environ.get("SHELL", ""))
     return name if name in SHELLS else "sh"
@@ -148,7 +195,7 @@ def allowlist(extra: Sequence[str]) -> policy.Allowlist:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from claude_proxy import ca, service
+    from claude_proxy import service
 
     allowlist(args.allow)  # refuse a bad rule before anything else happens
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose, quiet=args.quiet)
@@ -158,8 +205,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         confdir=confdir,
         rules=[*policy.DEFAULT_RULES, *args.allow],
         allowlist_source=ALLOWLIST_SOURCE,
-        host=args.host,
+        hosts=(args.host,) if args.host else (),
         port=args.port,
+        socks_port=args.socks_port,
         expose_to_network=args.expose_to_network,
         mitmproxy_options=args.mitmproxy_options,
     )
@@ -168,10 +216,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
-    from claude_proxy import ca
+    confdir = paths.config_dir()
+    authority = ca.ensure_ca(confdir)
+    if args.bundle is not None:
+        from claude_proxy import bundle
 
-    authority = ca.ensure_ca(paths.config_dir())
-    if args.sha1:
+        path = Path(args.bundle) if args.bundle else ca.bundle_path(confdir)
+        written = bundle.write_bundle(path, authority.cert_path, authority.colons(authority.sha256))
+        print(f"bundle:       {written.path}")
+        print(f"system roots: {written.roots}, from {written.source}")
+        print(f"and the CA:   {authority.cert_path}")
+    elif args.sha1:
         print(authority.sha1)
     else:
         print(f"certificate: {authority.cert_path}")
@@ -182,13 +237,19 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from claude_proxy import ca
-
     proxy = f"http://{args.host}:{args.port}"
     cert = ca.cert_path(paths.config_dir())
     if not cert.exists():
         print(f"claude-proxy: {cert} does not exist yet; run `claude-proxy ca`", file=sys.stderr)
     variables = {"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "NODE_EXTRA_CA_CERTS": str(cert)}
+    if args.tools:
+        bundle = ca.bundle_path(paths.config_dir())
+        if not bundle.exists():
+            print(
+                f"claude-proxy: {bundle} does not exist yet; run `claude-proxy ca --bundle`",
+                file=sys.stderr,
+            )
+        variables |= dict.fromkeys(TOOL_VARIABLES, str(bundle))
     for name, value in variables.items():
         print(export_line(args.shell, name, value))
     return ExitCode.OK
@@ -233,6 +294,7 @@ def cmd_plist(args: argparse.Namespace) -> int:
         home=Path.home(),
         log_dir=paths.log_dir(),
         port=args.port,
+        socks_port=args.socks_port,
     )
     if args.output is None:
         sys.stdout.buffer.write(rendered)
@@ -250,10 +312,26 @@ def cmd_plist(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from claude_proxy import agent
 
-    checks = agent.status(home=Path.home(), host=args.host, port=args.port)
+    checks = agent.status(
+        home=Path.home(), host=args.host, port=args.port, socks_port=args.socks_port
+    )
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from claude_proxy import setup
+
+    home = Path.home()
+    if args.target == "claude-code":
+        target = setup.claude_code(
+            home=home, project=args.project, http_port=args.port, socks_port=args.socks_port
+        )
+    else:
+        target = setup.srt(home=home, http_port=args.port, socks_port=args.socks_port)
+    run = setup.undo if args.undo else setup.apply
+    return run(target, dry_run=args.dry_run, yes=args.yes)
 
 
 def cmd_orgs(args: argparse.Namespace) -> int:

@@ -1,6 +1,11 @@
-"""Where the proxy listens by default; here so that commands can know it without mitmproxy."""
+"""Where claude-proxy listens unless told otherwise.
+
+The proxy, the CLI and `setup` all need these; they live here so that asking for them does not
+import mitmproxy.
+"""
 
 from __future__ import annotations
 
-DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HOST = "127.0.0.1"  # what clients are told (`env`); the proxy listens on ::1 too
 DEFAULT_PORT = 9051
+DEFAULT_SOCKS_PORT = 9052

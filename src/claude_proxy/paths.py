@@ -20,9 +20,11 @@ def config_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """The platform's user state folder, where the organizations seen and the pin live.
+    """The platform's user state folder: `~/.local/state/claude-proxy` on Linux,
+    `~/Library/Application Support/claude-proxy` on macOS.
 
-    `~/.local/state/claude-proxy` on Linux, `~/Library/Application Support/claude-proxy` on macOS.
+    The organizations seen and the pin live here; `setup` keeps its record of what it changed here,
+    so that `--undo` takes back only that.
     """
     return Path(platformdirs.user_state_dir(APP))
 

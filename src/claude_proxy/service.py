@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, master, options
-from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script, tlsconfig
+from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
-from claude_proxy import closing, framing, paths
+from claude_proxy import addresses, closing, framing, listeners, paths, socks
 from claude_proxy.addon import Enforcer
-from claude_proxy.defaults import DEFAULT_HOST, DEFAULT_PORT
+from claude_proxy.defaults import DEFAULT_PORT
+from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.limits import Limits
 from claude_proxy.orgguard import OrgGuard
+from claude_proxy.timeouts import Timeouts
+from claude_proxy.tlsguard import GuardedTlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ RESERVED_OPTIONS = {
     "sandbox_allow": "use --allow RULE",
     "sandbox_allowlist_source": "it is set by claude-proxy",
     "sandbox_remote_clients": "use --expose-to-network",
+    "listen_host": "use --host",
+    "listen_port": "use --port",
 }
 # --set NAME=… accepted, with a warning at every start: each can undo what the proxy guarantees.
 RISKY_OPTIONS = {
@@ -48,8 +55,9 @@ class Settings:
     confdir: Path
     rules: Sequence[str]
     allowlist_source: str
-    host: str = DEFAULT_HOST
+    hosts: Sequence[str] = ()  # empty: every loopback address this machine has
     port: int = DEFAULT_PORT
+    socks_port: int | None = DEFAULT_SOCKS_PORT  # None: no SOCKS5 listener
     expose_to_network: bool = False
     mitmproxy_options: Sequence[str] = field(default_factory=tuple)  # NAME=VALUE, as --set takes
     drain_seconds: float = DRAIN_SECONDS
@@ -91,9 +99,14 @@ class StartupCheck(errorcheck.ErrorCheck):
         if ctx.options.deferred:
             logger.error("unknown mitmproxy option(s): %s", ", ".join(ctx.options.deferred))
             return
-        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
-        where = ", ".join(f"{host}:{port}" for host, port, *_ in addresses)
-        logger.info("claude-proxy listening on %s", where)
+        http_at, socks_at = [], []
+        for instance in ctx.master.addons.get("proxyserver").servers:
+            where = socks_at if instance.mode.type_name == "socks5" else http_at
+            where += [listeners.format_address(a[0], a[1]) for a in instance.listen_addrs]
+        message = "claude-proxy listening on " + ", ".join(http_at)
+        if socks_at:
+            message += "; SOCKS5 on " + ", ".join(socks_at)
+        logger.info("%s", message)
 
 
 class HideNextLayerWarning(logging.Filter):
@@ -104,12 +117,17 @@ class HideNextLayerWarning(logging.Filter):
 
 
 def startup_error(settings: Settings, message: str) -> ProxyError:
-    where = f"{settings.host}:{settings.port}"
+    if found := re.search(r"listen on (\S+):(\d+)", message):
+        host, port = found[1], int(found[2])
+        where = listeners.format_address(host, port)
+    else:
+        where, port = f"port {settings.port}", settings.port
+    flag = "--socks-port" if port == settings.socks_port and port != settings.port else "--port"
     lowered = message.lower()
     if "address already in use" in lowered:
         return ProxyError(
             f"cannot listen on {where}: the port is in use (is claude-proxy already running? "
-            "`claude-proxy status` tells); stop it or choose another --port",
+            f"`claude-proxy status` tells); stop it or choose another {flag}",
             ExitCode.ADDRESS,
         )
     if "bind" in lowered or "address" in lowered or "permission denied" in lowered:
@@ -132,6 +150,13 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
     check_option_names(settings.mitmproxy_options)
     framing.install()
     closing.install()
+    socks.install()
+    try:
+        modes = listeners.mode_specs(
+            settings.hosts or listeners.loopback_hosts(), settings.port, settings.socks_port
+        )
+    except OSError as e:
+        raise ProxyError(f"cannot listen: {e.strerror}", ExitCode.ADDRESS) from e
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
     enforcer = Enforcer()
     m = master.Master(options.Options(), with_termlog=False)
@@ -149,15 +174,16 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         m.addons.add(
             enforcer,
             OrgGuard(enforcer, paths.state_dir()),  # acts only on requests the Enforcer allowed
-            tlsconfig.TlsConfig(),
+            Timeouts(),
+            Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
+            GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
             StartupCheck(settings),
         )
         m.options.update(
             confdir=str(settings.confdir),
-            listen_host=settings.host,
-            listen_port=settings.port,
+            mode=modes,
             sandbox_allow=list(settings.rules),
             sandbox_allowlist_source=settings.allowlist_source,
             sandbox_remote_clients=settings.expose_to_network,
@@ -172,6 +198,7 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain requests in flight (bounded) and return."""
     m, enforcer = build_master(settings)
     loop = asyncio.get_running_loop()
+    addresses.install_checked_resolver(loop)
     draining: list[asyncio.Task[None]] = []
 
     def on_signal(signum: int) -> None:

@@ -20,10 +20,20 @@ _ORIGIN_FORM = re.compile(rb"/(?!/)[\x21-\x7e]*|/")
 # Upgrade tokens the proxy carries: a WebSocket. Anything else would end in an unchecked relay.
 ALLOWED_UPGRADE = "websocket"
 H2C_HEADERS = ("http2-settings",)
+BODY_FOLLOWS = "claude_proxy.body_follows"  # flow metadata: the head said a body follows it
+# Methods whose content has no meaning (RFC 9110 §9.3): a server may ignore it and read it as the
+# next request. The proxy refuses such a body rather than trust every upstream to skip it.
+BODYLESS_METHODS = (b"GET", b"HEAD", b"TRACE")
+# What a Connection header may not name: an intermediary that drops it would lose the framing.
+ESSENTIAL_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
 
 
-def malformed(request: http.Request) -> str | None:
-    """Why `request` must not be forwarded, or None when it is well-formed."""
+def malformed(request: http.Request, body_follows: bool | None = None) -> str | None:
+    """Why `request` must not be forwarded, or None when it is well-formed.
+
+    `body_follows`: whether the message goes on after its head (from the HTTP layer; an HTTP/2
+    body needs no header). None: judge by the head alone.
+    """
     method = request.data.method
     if not _TOKEN.fullmatch(method):
         return "the method is not a token"
@@ -40,7 +50,23 @@ def malformed(request: http.Request) -> str | None:
             return "a header name is not a token"
         if _BAD_VALUE.search(value):
             return "a header value has a control character (CR, LF, NUL or DEL)"
+    if body_follows is None:
+        body_follows = announces_body(request)
+    if method in BODYLESS_METHODS and body_follows:
+        return f"a {method.decode()} request may not carry a body"
+    for value in request.headers.get_all("connection"):
+        named = {token.strip().lower() for token in value.split(",")}
+        if named & ESSENTIAL_HEADERS:
+            return "the Connection header names Host or the message framing"
     return None
+
+
+def announces_body(request: http.Request) -> bool:
+    """Whether the head says a body follows (a content-length above 0, or a transfer coding)."""
+    if "transfer-encoding" in request.headers:
+        return True
+    lengths = request.headers.get_all("content-length")
+    return any(length.strip() not in ("", "0") for length in lengths)
 
 
 def strip_upgrades(request: http.Request) -> None:

@@ -1,0 +1,127 @@
+"""Which resolved addresses an allowed name may lead to. Pure Python, no mitmproxy.
+
+An allowed name whose DNS an attacker controls (or a user's `*.corp.example`) can point at this
+machine, the local network or a cloud metadata service; the proxy would then be a bridge from the
+sandbox into them. Such addresses are refused unless a rule names the IP literal itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Each range with the name a refusal gives it. Documentation and benchmarking ranges are not here:
+# they are not reachable on any network, so nothing is gained by refusing them.
+_FORBIDDEN: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "carrier-grade NAT"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata lives here)"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.168.0.0/16", "private"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("fc00::/7", "unique-local (private)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
+)
+FORBIDDEN_NETWORKS = tuple((ipaddress.ip_network(net), why) for net, why in _FORBIDDEN)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (RFC 2765)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: mapped, translated, compatible, NAT64, 6to4,
+    Teredo."""
+    found = []
+    if ip.ipv4_mapped:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour:
+        found.append(ip.sixtofour)
+    if ip.teredo:
+        found.extend(ip.teredo)
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _NAT64 or ip in _NAT64_LOCAL or ip in _SIIT or int(ip) >> 32 == 0:
+        found.append(low32)
+    return found
+
+
+def forbidden(ip: IPAddress) -> str | None:
+    """Why `ip` must not be connected to for a name, or None when it may."""
+    candidates: list[IPAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates += embedded_ipv4(ip)
+    for candidate in candidates:
+        for network, why in FORBIDDEN_NETWORKS:
+            if candidate.version == network.version and candidate in network:
+                return why if candidate is ip else f"{why}, embedded in {ip}"
+    return None
+
+
+def is_this_machine(ip: IPAddress) -> bool:
+    """Whether `ip` is an address of this machine: only a local address can be bound."""
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+class ForbiddenAddress(OSError):
+    """A name resolved to an address the proxy must not connect to."""
+
+
+def check_resolved(host: str, infos: list[Any]) -> None:
+    """Raise ForbiddenAddress when any address `host` resolved to is forbidden."""
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        why = forbidden(ip)
+        if why is None and is_this_machine(ip):
+            why = "an address of this machine"
+        if why is not None:
+            raise ForbiddenAddress(
+                f"claude-proxy: {host} resolves to {ip} ({why}); only a rule naming that IP "
+                "literal allows it"
+            )
+
+
+def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
+    """Every outbound name lookup on `loop` is checked; the connection uses what was checked.
+
+    asyncio connects to the addresses its own lookup returned, so checking inside the lookup
+    leaves no second lookup to rebind. Lookups for listening (AI_PASSIVE) are left alone; IP
+    literals never reach the resolver (and pass only where a rule names them).
+    """
+    resolve: Callable[..., Awaitable[list[Any]]] = loop.getaddrinfo
+
+    async def checked_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        infos = await resolve(host, port, *args, **kwargs)
+        flags = kwargs.get("flags", args[3] if len(args) > 3 else 0)
+        if host is not None and not flags & socket.AI_PASSIVE:
+            name = host.decode() if isinstance(host, bytes) else str(host)
+            try:
+                check_resolved(name, infos)
+            except ForbiddenAddress as e:
+                logger.warning(
+                    "BLOCK upstream connection: %s", str(e).removeprefix("claude-proxy: ")
+                )
+                raise
+        return infos
+
+    loop.getaddrinfo = checked_getaddrinfo  # type: ignore[method-assign]

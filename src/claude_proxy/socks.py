@@ -1,0 +1,69 @@
+"""SOCKS5 with the same enforcement as CONNECT: the target is decided before the reply.
+
+mitmproxy's SOCKS5 layer answers "succeeded" before any hook sees the target. This layer decides
+first and answers a refused target with reply 0x02 ("connection not allowed by ruleset"); what
+follows an allowed one is checked like a CONNECT tunnel (TLS only, SNI, every request).
+Username/password (mitmproxy answers 0xFF: no acceptable method, since no proxyauth is set), BIND
+and UDP ASSOCIATE (0x07: command not supported) are refused by mitmproxy's own layer.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import ctx
+from mitmproxy.proxy import commands, layer
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.mode_servers import Socks5Instance
+
+from claude_proxy.decisions import log_line
+
+METHOD = "SOCKS5"  # how these tunnels appear in the decision log
+REPLY_NOT_ALLOWED = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"
+
+
+class CheckedSocks5Proxy(modes.Socks5Proxy):
+    refused = False
+
+    def state_connect(self) -> layer.CommandGenerator[None]:
+        """mitmproxy's, less its 0x04 reply to a target this layer refused (it answered 0x02)."""
+        steps = super().state_connect()
+        answer: object = None
+        while True:
+            try:
+                command = steps.send(answer)
+            except StopIteration:
+                return
+            if (
+                self.refused
+                and isinstance(command, commands.SendData)
+                and command.data != REPLY_NOT_ALLOWED
+            ):
+                answer = None
+                continue
+            answer = yield command
+
+    def finish_start(self) -> layer.CommandGenerator[str | None]:
+        started = time.time()
+        client = self.context.client
+        address = self.context.server.address
+        if address is None:  # pragma: no cover - the SOCKS layer always sets it first
+            reason = "no destination"
+            decision = None
+        else:
+            host, port = address
+            decision = ctx.master.addons.get("enforcer").open_tunnel(client, host, port)
+            log_line(METHOD, host, port, "-", "-", decision, started=started)
+            reason = decision.reason
+        if decision is not None and decision.allowed:
+            return (yield from super().finish_start())
+        self.refused = True
+        yield commands.SendData(client, REPLY_NOT_ALLOWED)
+        yield commands.CloseConnection(client)
+        self._handle_event = self.done  # type: ignore[method-assign]
+        return reason
+
+
+def install() -> None:
+    """mitmproxy's SOCKS5 listener builds its first layer itself: make it this one."""
+    Socks5Instance.make_top_layer = lambda self, context: CheckedSocks5Proxy(context)  # type: ignore[method-assign]

@@ -1,0 +1,306 @@
+"""Bounded waits on an upstream: the TCP connect, its TLS handshake, and the response head.
+
+mitmproxy bounds none of them (only `tcp_timeout` of silence, then a close without a status). Here
+each step has its own limit, and a step that runs out ends in a 504 that names it. A response
+whose head has arrived is never cut: an SSE stream may pause for minutes.
+
+The limits live in the HTTP layer (mitmproxy's own wakeups, no task of our own): a stream arms a
+timer while it waits for a connection or for a response head. A connection that runs out is closed,
+and the stream answers once mitmproxy reports the failure; a response head that runs out is
+abandoned upstream (HTTP/1 closes, HTTP/2 resets only that stream) and answered at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import commands, context, events, layer, layers
+from mitmproxy.proxy.layers.http import (
+    DropStream,
+    ErrorCode,
+    GetHttpConnection,
+    HTTPMode,
+    HttpResponseHook,
+    HttpStream,
+    RegisterHttpConnection,
+    RequestHeaders,
+    RequestProtocolError,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    SendHttp,
+)
+
+from claude_proxy.decisions import FAILURE, printable
+from claude_proxy.wellformed import BODY_FOLLOWS
+
+logger = logging.getLogger(__name__)
+
+HEADER = "X-Claude-Proxy"  # as on refusals (addon.py imports this module, so not from there)
+EXPIRED = 0.01  # seconds: a timer this close to its deadline counts as expired
+ERROR_LOG_SECONDS = 60.0  # a failing timer logs one line at most this often
+
+
+@dataclass(frozen=True)
+class Step:
+    option: str
+    default: int  # seconds
+    doing: str  # "{}" is the upstream's host:port
+    error: str  # the RFC 9209 proxy error type
+    help: str
+
+
+CONNECT = Step(
+    "sandbox_connect_timeout",
+    30,
+    "connecting to {}",
+    "connection_timeout",
+    "Seconds to resolve and connect to an upstream before answering 504. A healthy connect takes "
+    "well under a second; 30 s leaves room for DNS retries and several lost SYNs.",
+)
+TLS = Step(
+    "sandbox_tls_timeout",
+    30,
+    "the TLS handshake with {}",
+    "tls_protocol_error",
+    "Seconds for the TLS handshake with an upstream, once connected, before answering 504.",
+)
+RESPONSE = Step(
+    "sandbox_response_timeout",
+    3600,
+    "waiting for the response head from {}",
+    "http_response_timeout",
+    "Seconds from the end of a request to the head of its response before answering 504. A "
+    "non-streaming /v1/messages call sends its head only when the whole message is written: "
+    "the anthropic SDK allows such a call up to an hour. Never applies once a response has begun.",
+)
+STEPS = (CONNECT, TLS, RESPONSE)
+
+
+class Timeouts:
+    """Declares the limits; TimedHttpLayer, which the Enforcer puts in place, applies them."""
+
+    def load(self, loader: object) -> None:
+        for step in STEPS:
+            loader.add_option(step.option, int, step.default, step.help)  # type: ignore[attr-defined]
+
+    def configure(self, updated: set[str]) -> None:
+        for step in STEPS:
+            if step.option in updated and getattr(ctx.options, step.option) < 1:
+                raise exceptions.OptionsError(f"{step.option} must be at least 1 (seconds)")
+
+
+class TimedHttpLayer(layers.HttpLayer):
+    """mitmproxy's HTTP layer, whose streams bound their waits on the upstream."""
+
+    def __init__(self, context: context.Context, mode: HTTPMode) -> None:
+        super().__init__(context, mode)
+        self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        self.streams[stream_id] = TimedHttpStream(self.context.fork(), stream_id)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+    def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
+        yield from super().register_connection(command)
+        if command.err and command.connection in self.expired:
+            # mitmproxy fails every later request on a failed connection at once; a timeout may
+            # pass, so a retry on this client connection gets a new upstream connection instead.
+            self.expired.discard(command.connection)
+            self.connections.pop(command.connection, None)
+
+
+class Timer(commands.RequestWakeup):
+    def __init__(self, delay: float, stream: TimedHttpStream) -> None:
+        super().__init__(delay)
+        self.stream = stream
+
+
+class TimedHttpStream(HttpStream):
+    last_error_log = 0.0
+
+    def __init__(self, context: context.Context, stream_id: int) -> None:
+        super().__init__(context, stream_id)
+        self.broken = False  # the timer code failed: this stream goes on without limits
+        self.body_follows = False
+        self.waiting: str | None = None  # "connection" or "response"
+        self.since = 0.0
+        self.timer: Timer | None = None  # the one that counts; older ones are ignored
+        self.timed_out: tuple[Step, str] | None = None
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestHeaders):
+            self.body_follows = not event.end_stream
+        wakeup = event.command if isinstance(event, events.Wakeup) else None
+        if isinstance(wakeup, Timer) and wakeup.stream is self:
+            if wakeup is self.timer:
+                yield from self._guarded(self._expire())
+            return
+        yield from super().handle_event(event)
+        yield from self._guarded(self._rearm())
+
+    def _guarded(self, steps: Iterator[commands.Command]) -> layer.CommandGenerator[None]:
+        """A bug here must not break the stream (mitmproxy would log a traceback per event)."""
+        if self.broken:
+            return
+        try:
+            yield from steps
+        except Exception as e:
+            self.broken, self.timer = True, None
+            now = time.monotonic()
+            if now - TimedHttpStream.last_error_log > ERROR_LOG_SECONDS:
+                TimedHttpStream.last_error_log = now
+                logger.error("upstream timeouts failed, a request goes without them: %r", e)
+
+    def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
+        if request:
+            # Only the stream knows whether a body follows the head (HTTP/2 says so in its frames,
+            # not in a header): the Enforcer reads it from the flow.
+            self.flow.metadata[BODY_FOLLOWS] = self.body_follows
+        return (yield from super().check_invalid(request))
+
+    def handle_protocol_error(
+        self, event: RequestProtocolError | ResponseProtocolError
+    ) -> layer.CommandGenerator[None]:
+        # A connection we closed on a timeout fails like any other: answer with the reason.
+        if self.timed_out and isinstance(event, ResponseProtocolError):
+            yield from self._answer()
+        else:
+            yield from super().handle_protocol_error(event)
+
+    def _waiting_for(self) -> str | None:
+        if self.timed_out:
+            return None
+        if self._paused is not None:
+            return "connection" if isinstance(self._paused.command, GetHttpConnection) else None
+        if (
+            self.client_state == self.state_done
+            and self.server_state == self.state_wait_for_response_headers
+        ):
+            return "response"
+        return None
+
+    def _rearm(self) -> layer.CommandGenerator[None]:
+        waiting = self._waiting_for()
+        if waiting == self.waiting:
+            return
+        self.waiting, self.since, self.timer = waiting, time.time(), None
+        if waiting is not None:
+            yield from self._wake_in(
+                limit(self.context, CONNECT if waiting == "connection" else RESPONSE)
+            )
+
+    def _wake_in(self, seconds: float) -> layer.CommandGenerator[None]:
+        # A wakeup counts as activity for mitmproxy's idle timeout (tcp_timeout): waking at least
+        # twice within it keeps a connection waiting on the upstream from a close without status.
+        idle = getattr(self.context.options, "tcp_timeout", 600)
+        self.timer = Timer(min(seconds, max(idle / 2, 0.5)), self)
+        yield self.timer
+
+    def _expire(self) -> layer.CommandGenerator[None]:
+        now = time.time()
+        server = None
+        if self.waiting == "connection":
+            if (server := self._pending_connection()) is None:  # not seen yet: look again later
+                yield from self._wake_in(limit(self.context, CONNECT))
+                return
+            if server.timestamp_tcp_setup is not None:
+                step, since = TLS, server.timestamp_tcp_setup
+            elif server.timestamp_start is not None:
+                step, since = CONNECT, server.timestamp_start
+            else:  # mitmproxy has not started connecting yet (hooks, or a free connection slot)
+                step, since = CONNECT, now
+        else:
+            step, since = RESPONSE, self.since
+        seconds = limit(self.context, step)
+        if (remaining := since + seconds - now) > EXPIRED:
+            yield from self._wake_in(remaining)
+            return
+        if server is None:
+            reason = timed_out(step, self.flow.request.host, self.flow.request.port, seconds)
+            self.timed_out = (step, reason)
+            # Abandon the request upstream: HTTP/1 closes the connection, HTTP/2 resets the stream.
+            yield SendHttp(
+                RequestProtocolError(self.stream_id, reason, ErrorCode.CANCEL), self.context.server
+            )
+            # Fail the stream as mitmproxy would, so that it answers (and pauses for the response
+            # hook) inside its own event handling.
+            failed = ResponseProtocolError(self.stream_id, reason, ErrorCode.GENERIC_SERVER_ERROR)
+            yield from super().handle_event(failed)
+            return
+        host, port = server.address or ("?", 0)
+        self._http_layer().expired.add(server)
+        for stream in self._streams_waiting_on(server):  # they all share this connection's fate
+            stream.timed_out = (step, timed_out(step, host, port, seconds))
+        yield commands.CloseConnection(server)
+
+    def _answer(self) -> layer.CommandGenerator[None]:
+        assert self.timed_out is not None
+        step, reason = self.timed_out
+        self.server_state = self.client_state = self.state_errored
+        self.flow.response = timeout_response(self.flow.request.method, step, reason)
+        self.flow.metadata[FAILURE] = reason
+        yield HttpResponseHook(self.flow)  # addons see it as any answer (the decision log does)
+        response = self.flow.response
+        yield SendHttp(
+            ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
+        )
+        if response.raw_content:
+            yield SendHttp(ResponseData(self.stream_id, response.raw_content), self.context.client)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        self.flow.live = False
+        yield DropStream(self.stream_id)
+
+    def _http_layer(self) -> TimedHttpLayer:
+        parent = self.context.layers[self.context.layers.index(self) - 1]
+        assert isinstance(parent, TimedHttpLayer)
+        return parent
+
+    def _pending_connection(self) -> connection.Server | None:
+        """The upstream connection this stream waits for."""
+        asked = self._paused.command if self._paused else None
+        for server, waiting in self._http_layer().waiting_for_establishment.items():
+            if any(command is asked for command in waiting):
+                return server if isinstance(server, connection.Server) else None
+        return None
+
+    def _streams_waiting_on(self, server: connection.Server) -> Iterable[TimedHttpStream]:
+        parent = self._http_layer()
+        for command in parent.waiting_for_establishment.get(server, ()):
+            if isinstance(stream := parent.command_sources.get(command), TimedHttpStream):
+                yield stream
+
+
+def limit(context: context.Context, step: Step) -> int:
+    return int(getattr(context.options, step.option, step.default))
+
+
+def timed_out(step: Step, host: str, port: int, seconds: int) -> str:
+    return f"{step.doing.format(printable(f'{host}:{port}'))} timed out after {seconds} s"
+
+
+def timeout_response(method: str, step: Step, reason: str) -> http.Response:
+    body = (
+        f"claude-proxy: {reason}.\n"
+        "The upstream did not answer in time: a network or upstream fault, not the sandbox's "
+        "policy.\n"
+        f"The limit is the proxy option {step.option} "
+        f"(claude-proxy run --set {step.option}=SECONDS).\n"
+    )
+    headers = {
+        HEADER: "timeout",
+        "Proxy-Status": f'claude-proxy; error={step.error}; details="{structured_string(reason)}"',
+        "Content-Type": "text/plain; charset=utf-8",
+        "Cache-Control": "no-store",
+    }
+    return http.Response.make(504, b"" if method == "HEAD" else body.encode(), headers)
+
+
+def structured_string(text: str) -> str:
+    """`text` as the inside of an RFC 8941 string: printable ASCII, no quote or backslash."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)

@@ -1,0 +1,472 @@
+"""One client's appetite is bounded: head size and header count, head deadline, idle connections,
+descriptors and bursts of connections. The real proxy; proofs are what reached the upstream, what
+the client received, and the proxy's own memory (VmRSS) and log."""
+
+from __future__ import annotations
+
+import select
+import signal
+import socket
+import ssl
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from tests import conftest
+from tests.conftest import (
+    ProxyFactory,
+    ProxyProcess,
+    curl,
+    open_tunnel,
+    read_head,
+    send_connect,
+    start_proxy,
+)
+from tests.upstream import Upstream
+
+MIB = 1024 * 1024
+OFFERED = 40 * MIB  # what a hostile client offers; the proxy must stop taking it long before
+ANSWER_SECONDS = 10  # bound on every wait for the proxy; running into it fails the test
+DESCRIPTOR_LIMIT = 256  # launchd's default soft limit
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """All the proxy sends until it closes; fails when it neither closes nor answers in time."""
+    sock.settimeout(ANSWER_SECONDS)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pytest.fail(f"the proxy kept the connection open; it sent {data[:80]!r}")
+    except OSError:
+        pass  # reset after the answer (or instead of it): the connection is closed
+    return data
+
+
+def read_head_in_time(sock: socket.socket) -> bytes:
+    sock.settimeout(ANSWER_SECONDS)
+    try:
+        return read_head(sock)
+    except TimeoutError:
+        pytest.fail("the proxy did not answer in time")
+
+
+def log_file(proxy: ProxyProcess) -> str:
+    """The proxy's log file alone (log_text() also has stderr, where each line appears again)."""
+    return (proxy.home / ".local/state/claude-proxy/log/claude-proxy.log").read_text()
+
+
+def listener(proxy: ProxyProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proxy.port), timeout=ANSWER_SECONDS)
+
+
+def offer(sock: socket.socket, start: bytes, filler: bytes, offered: int = OFFERED) -> bool:
+    """Send `start`, then `filler` up to `offered` bytes; whether the proxy took all of it."""
+    sent = 0
+    try:
+        sock.sendall(start)
+        while sent < offered:
+            sock.sendall(filler)
+            sent += len(filler)
+    except OSError:
+        return False
+    return True
+
+
+def warm_up(proxy: ProxyProcess) -> None:
+    """One request through a tunnel, so TLS and certificate caches exist before RSS is read."""
+    assert curl(proxy, "https://api.anthropic.com/warm-up").returncode == 0
+
+
+# Head size
+
+
+@pytest.mark.parametrize(
+    ("where", "start", "status"),
+    [
+        ("listener", b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nX-Endless: ", b"431"),
+        ("listener", b"CONNECT api.anthropic.com:443", b"414"),  # an endless request line
+        ("tunnel", b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Endless: ", b"431"),
+    ],
+    ids=["listener-header", "listener-request-line", "tunnel-header"],
+)
+def test_endless_head_is_cut_off_and_its_memory_freed(
+    proxy: ProxyProcess, upstream: Upstream, where: str, start: bytes, status: bytes
+) -> None:
+    warm_up(proxy)
+    before = rss(proxy.proc.pid)
+    sock = open_tunnel(proxy, "api.anthropic.com") if where == "tunnel" else listener(proxy)
+    took_all = offer(sock, start, b"a" * 65536)
+    answer = read_answer(sock)
+    sock.close()
+    assert not took_all, "the proxy took a 40 MiB head"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert rss(proxy.proc.pid) - before < 8 * MIB
+    assert upstream.seen.requests == [("GET", "/warm-up", "api.anthropic.com")]
+
+
+TLS_RECORD = b"\x16\x03\x01\x40\x00"  # a handshake record of 16 KiB
+
+
+def test_endless_client_hello_is_cut_off(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """A ClientHello that announces 16 MiB, sent in full records: never complete, never parsed."""
+    warm_up(proxy)
+    before = rss(proxy.proc.pid)
+    sock = send_connect(proxy, b"api.anthropic.com:443")
+    assert read_head(sock).startswith(b"HTTP/1.1 200")
+    hello = TLS_RECORD + b"\x01\xff\xff\xff" + bytes(16380)  # ClientHello, 16 MiB long
+    took_all = offer(sock, hello, TLS_RECORD + bytes(16384), 12 * MIB)
+    answer = read_answer(sock)
+    sock.close()
+    assert not took_all, "the proxy took 12 MiB of a ClientHello"
+    assert answer == b""
+    assert rss(proxy.proc.pid) - before < 8 * MIB
+    assert upstream.seen.requests == [("GET", "/warm-up", "api.anthropic.com")]
+
+
+def test_head_size_refusal_says_why(proxy: ProxyProcess, upstream: Upstream) -> None:
+    sock = listener(proxy)
+    sock.sendall(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nX-Big: " + b"a" * 70_000)
+    answer = read_answer(sock)  # all of it was read: the answer arrives before the close
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"x-claude-proxy: refused" in head
+    assert b"proxy-status: claude-proxy; error=http_request_error" in head
+    assert upstream.seen.connections == 0
+    assert 'BLOCK - - - 431 "request head larger than 64 KiB"' in proxy.log_text()
+
+
+# Header count
+
+MANY_HEADERS = b"".join(b"X-Header-%d: v\r\n" % i for i in range(300))
+
+
+def test_too_many_headers_in_a_tunnel(proxy: ProxyProcess, upstream: Upstream) -> None:
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    tls.sendall(b"GET /many HTTP/1.1\r\nHost: api.anthropic.com\r\n" + MANY_HEADERS + b"\r\n")
+    answer = read_answer(tls)
+    tls.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"x-claude-proxy: refused" in answer.lower()
+    assert upstream.seen.connections == 0
+    result = curl(proxy, "https://api.anthropic.com/normal")
+    assert result.returncode == 0, result.stderr
+    assert upstream.seen.requests == [("GET", "/normal", "api.anthropic.com")]
+
+
+def test_too_many_headers_on_the_listener(proxy: ProxyProcess, upstream: Upstream) -> None:
+    sock = send_connect(proxy, b"api.anthropic.com:443", MANY_HEADERS)
+    answer = read_answer(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert upstream.seen.connections == 0
+    assert curl(proxy, "https://api.anthropic.com/normal").returncode == 0
+
+
+def h2_tunnel(proxy: ProxyProcess) -> ssl.SSLSocket:
+    sock = send_connect(proxy, b"api.anthropic.com:443")
+    assert read_head(sock).startswith(b"HTTP/1.1 200")
+    context = proxy.client_context()
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(sock, server_hostname="api.anthropic.com")
+    assert tls.selected_alpn_protocol() == "h2"
+    return tls
+
+
+def h2_events(tls: ssl.SSLSocket, conn: h2.connection.H2Connection) -> Iterator[h2.events.Event]:
+    """The client's HTTP/2 events until the proxy closes; fails if it does neither in time."""
+    tls.settimeout(ANSWER_SECONDS)
+    while True:
+        try:
+            data = tls.recv(65536)
+        except TimeoutError:
+            pytest.fail("the proxy neither answered nor closed the HTTP/2 connection")
+        if not data:
+            return
+        yield from conn.receive_data(data)
+        tls.sendall(conn.data_to_send())
+
+
+@pytest.mark.parametrize(("count", "status"), [(300, 431), (20, 200)])
+def test_http2_header_count(
+    proxy: ProxyProcess, upstream: Upstream, count: int, status: int
+) -> None:
+    tls = h2_tunnel(proxy)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    extra = [(f"x-header-{i}", "v") for i in range(count)]
+    pseudo = [(":method", "GET"), (":scheme", "https"), (":authority", "api.anthropic.com")]
+    conn.send_headers(1, [*pseudo, (":path", "/h2"), *extra], end_stream=True)
+    tls.sendall(conn.data_to_send())
+    answered = next(e for e in h2_events(tls, conn) if isinstance(e, h2.events.ResponseReceived))
+    tls.close()
+    assert int(dict(answered.headers)[b":status"]) == status
+    assert upstream.seen.connections == (status == 200)  # 431: no upstream connection at all
+
+
+def frame_head(kind: int, length: int) -> bytes:
+    """An HTTP/2 frame header on stream 1, no flags (so a HEADERS frame's block goes on)."""
+    return length.to_bytes(3, "big") + bytes([kind, 0]) + (1).to_bytes(4, "big")
+
+
+HEADERS, CONTINUATION = 0x1, 0x9
+
+
+@pytest.mark.parametrize(
+    ("start", "filler", "offered"),
+    [
+        # A frame that announces 16 MiB: h2 checks the length only once all of it has arrived.
+        (frame_head(HEADERS, 2**24 - 1), b"\x00" * 65536, 12 * MIB),
+        # A header block that never ends (h2 itself stops at 64 CONTINUATION frames).
+        (
+            frame_head(HEADERS, 1) + b"\x82",
+            frame_head(CONTINUATION, 16000) + b"\0" * 16000,
+            OFFERED,
+        ),
+    ],
+    ids=["huge-frame", "endless-continuation"],
+)
+def test_http2_oversized_head_is_cut_off(
+    proxy: ProxyProcess, upstream: Upstream, start: bytes, filler: bytes, offered: int
+) -> None:
+    warm_up(proxy)
+    before = rss(proxy.proc.pid)
+    tls = h2_tunnel(proxy)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    took_all = offer(tls, start, filler, offered)
+    answer = read_answer(tls)  # the frame is never complete: only a refusal closes the connection
+    tls.close()
+    assert not took_all
+    assert rss(proxy.proc.pid) - before < 8 * MIB
+    assert answer == b"" or b"\x07" in answer  # a GOAWAY frame (type 7), or just a close
+    assert upstream.seen.requests == [("GET", "/warm-up", "api.anthropic.com")]
+
+
+# Deadlines, with a proxy that waits one second
+
+HEAD_SECONDS = 1
+
+
+@pytest.fixture(scope="module")
+def impatient(module_proxy: ProxyFactory) -> ProxyProcess:
+    return module_proxy(
+        "--set",
+        f"sandbox_head_timeout={HEAD_SECONDS}",
+        "--set",
+        f"sandbox_idle_timeout={HEAD_SECONDS}",
+    )
+
+
+def trickle(sock: socket.socket, head: bytes) -> bytes:
+    """Send `head` a byte at a time, ten a second, until the proxy answers or closes."""
+    for byte in head:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            break  # closed while we were sending
+        if select.select([sock], [], [], 0.1)[0]:
+            break
+    else:
+        pytest.fail(f"the proxy let a head trickle in for {len(head) / 10:.0f} s")
+    return read_answer(sock)
+
+
+SLOW_HEAD = b"GET / HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Slow: " + b"a" * 100
+
+
+@pytest.mark.parametrize("where", ["listener", "tunnel"])
+def test_trickled_head_gets_408(impatient: ProxyProcess, upstream: Upstream, where: str) -> None:
+    sock = open_tunnel(impatient, "api.anthropic.com") if where == "tunnel" else listener(impatient)
+    answer = trickle(sock, SLOW_HEAD)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"x-claude-proxy: refused" in answer.lower()
+    assert upstream.seen.requests == []
+    assert "408" in impatient.log_text()
+
+
+@pytest.mark.parametrize("stage", ["connected", "after-connect", "after-tls"])
+def test_silent_client_is_closed(impatient: ProxyProcess, upstream: Upstream, stage: str) -> None:
+    if stage == "connected":
+        sock: socket.socket = listener(impatient)
+    elif stage == "after-connect":
+        sock = send_connect(impatient, b"api.anthropic.com:443")
+        assert read_head(sock).startswith(b"HTTP/1.1 200")
+    else:
+        sock = open_tunnel(impatient, "api.anthropic.com")
+    answer = read_answer(sock)
+    sock.close()
+    assert b"HTTP/1.1 200" not in answer
+    assert upstream.seen.connections == 0
+
+
+def test_idle_keep_alive_tunnel_is_closed_after_its_requests(
+    impatient: ProxyProcess, upstream: Upstream
+) -> None:
+    tls = open_tunnel(impatient, "api.anthropic.com")
+    for path in (b"/one", b"/two"):
+        tls.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+        head = read_head_in_time(tls)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < len(b"hello from upstream\n"):
+            body += tls.recv(65536)
+    assert read_answer(tls) == b""  # then, idle, it is closed
+    tls.close()
+    assert [r[1] for r in upstream.seen.requests] == ["/one", "/two"]
+
+
+def test_idle_http2_connection_gets_goaway(impatient: ProxyProcess, upstream: Upstream) -> None:
+    tls = h2_tunnel(impatient)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    pseudo = [(":method", "GET"), (":scheme", "https"), (":authority", "api.anthropic.com")]
+    conn.send_headers(1, [*pseudo, (":path", "/h2")], end_stream=True)
+    tls.sendall(conn.data_to_send())
+    seen = list(h2_events(tls, conn))
+    tls.close()
+    assert any(isinstance(e, h2.events.StreamEnded) for e in seen)  # the request was served
+    assert isinstance(seen[-1], h2.events.ConnectionTerminated)  # then, idle, a GOAWAY
+    assert upstream.seen.requests == [("GET", "/h2", "api.anthropic.com")]
+
+
+def test_response_in_flight_is_not_idle(impatient: ProxyProcess, upstream: Upstream) -> None:
+    """A stream that is silent for longer than every timeout still ends normally."""
+    tls = open_tunnel(impatient, "api.anthropic.com")
+    tls.sendall(b"GET /sse?n=2&gate=quiet HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+    received = read_head_in_time(tls)
+    while b"data: 0" not in received:
+        received += tls.recv(65536)
+    time.sleep(3 * HEAD_SECONDS)  # silence past every deadline, with the response still open
+    upstream.gate("quiet").set()
+    rest = read_answer(tls)
+    tls.close()
+    assert b"data: 1" in rest
+    assert upstream.seen.gate_waits == [True]
+
+
+# Descriptors and bursts
+
+
+@pytest.fixture
+def limited_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start proxies under an open-files limit, as launchd does."""
+    wrapper = tmp_path / "limited-claude-proxy"
+    limit = f"{DESCRIPTOR_LIMIT}:{DESCRIPTOR_LIMIT}"
+    wrapper.write_text(f'#!/bin/sh\nexec prlimit --nofile={limit} "{conftest.EXECUTABLE}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(conftest, "EXECUTABLE", wrapper)
+
+
+def connect_answer(proxy: ProxyProcess, authority: bytes) -> tuple[socket.socket, bytes]:
+    sock = send_connect(proxy, authority)
+    return sock, read_head_in_time(sock)
+
+
+@pytest.mark.usefixtures("limited_descriptors")
+def test_clients_past_the_cap_are_refused_at_once(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(DESCRIPTOR_LIMIT):
+            sock, head = connect_answer(proxy, b"api.anthropic.com:443")
+            if not head.startswith(b"HTTP/1.1 200"):
+                sock.close()
+                break
+            held.append(sock)  # an idle tunnel: one descriptor in the proxy
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"X-Claude-Proxy: refused" in head
+        assert b"Proxy-Status: claude-proxy; error=connection_limit_reached" in head
+        lines = len(log_file(proxy).splitlines())
+        for _ in range(100):
+            sock, head = connect_answer(proxy, b"api.anthropic.com:443")
+            sock.close()
+            assert head.startswith(b"HTTP/1.1 503"), head
+        log = log_file(proxy)
+        assert len(log.splitlines()) - lines <= 1  # a summary every 10 s at most
+        assert "Traceback" not in log
+    finally:
+        for sock in held:
+            sock.close()
+    for _ in range(100):  # the proxy sees the closes within a few event-loop turns
+        sock, head = connect_answer(proxy, b"api.anthropic.com:443")
+        sock.close()
+        if head.startswith(b"HTTP/1.1 200"):
+            break
+        time.sleep(0.05)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert curl(proxy, "https://api.anthropic.com/after").returncode == 0
+    assert upstream.seen.requests == [("GET", "/after", "api.anthropic.com")]
+    assert proxy.stop() == 0
+
+
+def test_out_of_descriptors_logs_one_line_and_recovers(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    scripts = ("route_to_upstream.py", "hog_descriptors.py")
+    proxy = start_proxy(home, upstream, upstream_ca_file, scripts=scripts)
+    sock = send_connect(proxy, b"evil.example:443")  # waits in the listen queue
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while "cannot accept connections" not in log_file(proxy):
+        assert time.monotonic() < deadline, "no accept failure logged"
+        time.sleep(0.05)
+    time.sleep(2.5)  # accepts are retried every second: let a few more fail
+    proxy.proc.send_signal(signal.SIGUSR1)  # the script gives its descriptors back
+    assert read_head_in_time(sock).startswith(b"HTTP/1.1 403")
+    sock.close()
+    log = log_file(proxy)
+    assert "Traceback" not in proxy.log_text()
+    assert log.count("cannot accept connections") == 1
+    failures = int(log.split("accepting connections again after ", 1)[1].split()[0])
+    assert failures >= 2
+    assert proxy.stop() == 0
+
+
+BURST = 300
+
+
+def test_a_burst_of_connections_is_served_without_connect_retries(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    socks = []
+    for _ in range(BURST):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", proxy.port))
+        socks.append(sock)
+    try:
+        for sock in socks:
+            sock.settimeout(ANSWER_SECONDS * 3)  # a SYN retried twice takes 3 s
+            sock.sendall(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n")
+        for sock in socks:
+            assert read_head(sock).startswith(b"HTTP/1.1 403")
+        # A connection that found the listen queue full retransmitted its SYN (a wait of 1 s+).
+        retransmits = [
+            struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0]
+            for s in socks
+        ]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sum(retransmits) == 0, f"{sum(1 for r in retransmits if r)} connections had to retry"
+    assert upstream.seen.connections == 0

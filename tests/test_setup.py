@@ -1,0 +1,449 @@
+"""`setup claude-code` / `setup srt` on real files, through the real CLI, with a temporary HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EXECUTABLE
+
+OTHER_KEYS: dict[str, Any] = {
+    "model": "opus",
+    "permissions": {"allow": ["Bash(ls:*)"], "deny": []},
+    "env": {"DISABLE_TELEMETRY": "1"},
+}
+SANDBOX_KEYS: dict[str, Any] = {
+    "sandbox": {
+        "excludedCommands": ["docker"],
+        "network": {"allowUnixSockets": ["/var/run/docker.sock"]},
+    },
+}
+OURS = {"enabled": True, "network": {"httpProxyPort": 9051, "socksProxyPort": 9052}}
+SRT_REQUIRED = {
+    "network": {
+        "allowedDomains": [
+            "anthropic.com",
+            "*.anthropic.com",
+            "claude.ai",
+            "*.claude.ai",
+            "claude.com",
+            "*.claude.com",
+        ],
+        "deniedDomains": [],
+    },
+    "filesystem": {"denyRead": [], "allowWrite": [], "denyWrite": []},
+}
+
+
+def run(
+    home: Path, *args: str, env: dict[str, str] | None = None, stdin: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    full_env.update(HOME=str(home), **(env or {}))
+    return subprocess.run(
+        [str(EXECUTABLE), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
+    )
+
+
+def settings_file(home: Path) -> Path:
+    return home / ".claude" / "settings.json"
+
+
+def write_settings(path: Path, document: Any, mode: int = 0o640) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=4) + "\n")
+    path.chmod(mode)
+    return path.read_bytes()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def backups(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".claude-proxy-backup-*"))
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every path under `root` with its mode and content: what "changes nothing" compares."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        content = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        found[str(path.relative_to(root))] = (st.st_mode, content)
+    return found
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("original", [OTHER_KEYS, SANDBOX_KEYS], ids=["other-keys", "sandbox-keys"])
+def test_merges_without_touching_other_keys(home: Path, original: dict[str, Any]) -> None:
+    path = settings_file(home)
+    before = write_settings(path, original)
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 0, result.stderr
+    merged = json.loads(path.read_text())
+    sandbox = original.get("sandbox", {})
+    expected = {
+        **original,
+        "sandbox": {
+            **sandbox,
+            "enabled": True,
+            "network": {**sandbox.get("network", {}), **OURS["network"]},
+        },
+    }
+    assert merged == expected
+    assert mode(path) == 0o640
+    [backup] = backups(path)
+    assert backup.read_bytes() == before and mode(backup) == 0o640
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, backup.name])
+    assert '+            "httpProxyPort": 9051,' in result.stdout.splitlines()  # the diff
+    assert result.stdout.index("httpProxyPort") < result.stdout.index(f"wrote {path}")
+
+
+def test_project_settings(home: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    result = run(home, "setup", "claude-code", "--project", str(project), "--yes", "--port", "8123")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((project / ".claude" / "settings.json").read_text())
+    assert written == {"sandbox": {**OURS, "network": {**OURS["network"], "httpProxyPort": 8123}}}
+    assert not settings_file(home).exists()
+
+
+def test_missing_file_and_folder_are_created_private(home: Path) -> None:
+    path = settings_file(home)
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(path.read_text()) == {"sandbox": OURS}
+    assert mode(path.parent) == 0o700 and mode(path) == 0o600
+    assert backups(path) == []
+    assert "--- /dev/null" in result.stdout
+    undone = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert undone.returncode == 0, undone.stderr
+    assert not path.exists()  # setup made it, undo takes it back
+    assert path.parent.is_dir()
+
+
+BROKEN = '{\n  "model": "opus"\n  "theme": "dark"\n}\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (BROKEN, "{path}:3:3: Expecting ',' delimiter"),
+        ('[{"sandbox": {}}]\n', "{path}: the top level is an array, not an object"),
+        ('{"sandbox": true}\n', "{path}: sandbox is `true`, not an object"),
+        (
+            '{"sandbox": {"network": "none"}}\n',
+            "{path}: sandbox.network is a string, not an object",
+        ),
+    ],
+    ids=["syntax", "top-level-array", "sandbox-not-object", "network-not-object"],
+)
+def test_refuses_a_file_it_cannot_merge_into(home: Path, text: str, error: str) -> None:
+    path = settings_file(home)
+    path.parent.mkdir()
+    path.write_text(text)
+    state = tree(home)
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert error.format(path=path) in line and "nothing was written" in line
+    assert path.read_text() == text
+    assert tree(home) == state  # no backup, no record, nothing
+
+
+def test_refuses_srt_network_that_is_not_an_object(home: Path) -> None:
+    path = home / ".srt-settings.json"
+    path.write_text('{"network": []}')
+    result = run(home, "setup", "srt", "--yes")
+    assert result.returncode == 2
+    assert f"{path}: network is an array, not an object" in one_line(result.stderr)
+    assert path.read_text() == '{"network": []}'
+
+
+def test_read_only_file(home: Path) -> None:
+    path = settings_file(home)
+    before = write_settings(path, OTHER_KEYS, mode=0o444)
+    state = tree(home)
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert f"{path} is read-only (mode 0444)" in line and "nothing was written" in line
+    assert path.read_bytes() == before and mode(path) == 0o444
+    assert tree(home) == state
+
+
+def test_no_terminal_and_no_yes_refuses(home: Path) -> None:
+    path = settings_file(home)
+    before = write_settings(path, OTHER_KEYS)
+    state = tree(home)
+    result = run(home, "setup", "claude-code")
+    assert result.returncode == 2
+    assert "pass --yes" in one_line(result.stderr)
+    assert path.read_bytes() == before
+    assert tree(home) == state
+
+
+@pytest.fixture
+def terminal() -> Iterator[tuple[int, int]]:
+    controller, stdin = os.openpty()
+    yield controller, stdin
+    os.close(controller)
+    os.close(stdin)
+
+
+@pytest.mark.parametrize(("answer", "written"), [("n", False), ("", False), ("y", True)])
+def test_asks_on_a_terminal(
+    home: Path, terminal: tuple[int, int], answer: str, written: bool
+) -> None:
+    controller, stdin = terminal
+    path = settings_file(home)
+    before = write_settings(path, OTHER_KEYS)
+    os.write(controller, answer.encode() + b"\n")  # waits in the terminal until it is read
+    result = run(home, "setup", "claude-code", stdin=stdin)
+    assert "Write it? [y/N]" in result.stdout
+    assert result.returncode == (0 if written else 1), result.stderr
+    assert (path.read_bytes() != before) == written
+    assert bool(backups(path)) == written
+
+
+def test_dry_run_changes_nothing_anywhere(home: Path) -> None:
+    write_settings(settings_file(home), SANDBOX_KEYS)
+    state = tree(home)
+    for target in ("claude-code", "srt"):
+        result = run(home, "setup", target, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        assert "httpProxyPort" in result.stdout and "dry run: nothing was written" in result.stdout
+        assert tree(home) == state
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    state = tree(home)
+    result = run(home, "setup", "claude-code", "--undo", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert '-            "httpProxyPort": 9051,' in result.stdout.splitlines()
+    assert tree(home) == state
+
+
+def test_undo_keeps_what_the_user_changed_meanwhile(home: Path) -> None:
+    path = settings_file(home)
+    write_settings(path, OTHER_KEYS)
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    document = json.loads(path.read_text())
+    document["model"] = "sonnet"
+    document["theme"] = "dark"
+    document["sandbox"]["excludedCommands"] = ["docker"]
+    path.write_text(json.dumps(document, indent=2))
+    result = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert result.returncode == 0, result.stderr
+    expected = {**OTHER_KEYS, "model": "sonnet", "theme": "dark"}
+    expected["sandbox"] = {"excludedCommands": ["docker"]}  # the emptied network object is gone
+    assert json.loads(path.read_text()) == expected
+    assert mode(path) == 0o640
+    again = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert again.returncode == 0
+    assert "nothing to undo" in again.stdout
+
+
+def test_undo_leaves_our_key_alone_when_the_user_changed_it(home: Path) -> None:
+    path = settings_file(home)
+    write_settings(path, OTHER_KEYS)
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    document = json.loads(path.read_text())
+    document["sandbox"]["network"]["httpProxyPort"] = 8080
+    path.write_text(json.dumps(document))
+    result = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "sandbox.network.httpProxyPort is now 8080, not the 9051 setup wrote: left as it is"
+        in result.stdout
+    )
+    assert json.loads(path.read_text()) == {
+        **OTHER_KEYS,
+        "sandbox": {"network": {"httpProxyPort": 8080}},
+    }
+
+
+def test_undo_restores_the_values_setup_replaced(home: Path) -> None:
+    path = settings_file(home)
+    original = {
+        **OTHER_KEYS,
+        "sandbox": {
+            "enabled": False,
+            "network": {"httpProxyPort": 3128, "allowLocalBinding": True},
+        },
+    }
+    write_settings(path, original)
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    assert run(home, "setup", "claude-code", "--yes", "--port", "9999").returncode == 0
+    assert json.loads(path.read_text())["sandbox"]["network"]["httpProxyPort"] == 9999
+    result = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(path.read_text()) == original  # as before the first run, not the second
+    assert len(backups(path)) == 3  # one per write, undo included
+
+
+def test_second_run_with_the_same_ports_changes_nothing(home: Path) -> None:
+    path = settings_file(home)
+    write_settings(path, OTHER_KEYS)
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    state = tree(home)
+    result = run(home, "setup", "claude-code")  # no --yes needed: there is nothing to ask
+    assert result.returncode == 0, result.stderr
+    assert "already has these settings" in result.stdout
+    assert tree(home) == state
+
+
+def test_srt(home: Path) -> None:
+    path = home / ".srt-settings.json"
+    result = run(home, "setup", "srt", "--yes", "--socks-port", "1081")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(path.read_text())
+    ports = {"httpProxyPort": 9051, "socksProxyPort": 1081}
+    assert written == {**SRT_REQUIRED, "network": {**ports, **SRT_REQUIRED["network"]}}
+    assert mode(path) == 0o600
+    assert "Then run commands as `srt COMMAND`" in result.stdout
+    assert run(home, "setup", "srt", "--undo", "--yes").returncode == 0
+    assert not path.exists()
+
+
+def test_srt_keeps_the_users_own_lists(home: Path) -> None:
+    path = home / ".srt-settings.json"
+    original = {
+        "network": {"allowedDomains": ["github.com"], "deniedDomains": ["evil.example"]},
+        "filesystem": {"denyRead": ["~/.ssh"], "allowWrite": ["."], "denyWrite": []},
+        "enableWeakerNestedSandbox": True,
+    }
+    write_settings(path, original)
+    assert run(home, "setup", "srt", "--yes").returncode == 0
+    written = json.loads(path.read_text())
+    assert written["network"] == {
+        **original["network"],
+        "httpProxyPort": 9051,
+        "socksProxyPort": 9052,
+    }
+    assert {k: v for k, v in written.items() if k != "network"} == {
+        k: v for k, v in original.items() if k != "network"
+    }
+    assert run(home, "setup", "srt", "--undo", "--yes").returncode == 0
+    assert json.loads(path.read_text()) == original
+
+
+def test_port_zero_is_refused(home: Path) -> None:
+    result = run(home, "setup", "srt", "--yes", "--port", "0")
+    assert result.returncode == 2
+    assert "not 0" in result.stderr
+    assert not (home / ".srt-settings.json").exists()
+
+
+def test_says_what_remains_and_checks_it(home: Path) -> None:
+    with socket.socket() as listening, socket.socket() as silent:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        silent.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        http_port, socks_port = listening.getsockname()[1], silent.getsockname()[1]
+        cert = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
+        env = {"HTTPS_PROXY": f"http://127.0.0.1:{http_port}", "NODE_EXTRA_CA_CERTS": str(cert)}
+        ports = ("--port", str(http_port), "--socks-port", str(socks_port))
+        result = run(home, "setup", "claude-code", "--yes", *ports, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"ok   HTTP port: something answers on 127.0.0.1:{http_port}" in lines
+    assert any(
+        line.startswith(f"TODO SOCKS port: nothing answers on 127.0.0.1:{socks_port} ")
+        for line in lines
+    )
+    assert any(line.startswith("ok   env: HTTPS_PROXY is http://127.0.0.1:") for line in lines)
+    if sys.platform != "darwin":
+        assert "TODO CA: no CA in" in result.stdout  # checked before the keychain
+    unset = run(home, "setup", "claude-code", "--yes", "--port", "9999", env={"HTTPS_PROXY": ""})
+    assert "TODO env: in this shell HTTPS_PROXY is not set" in unset.stdout
+    assert 'eval "$(claude-proxy env --port 9999)"' in unset.stdout
+
+
+def test_keychain_cannot_be_checked_off_macos(home: Path) -> None:
+    if sys.platform == "darwin":
+        pytest.skip("macOS checks the keychain")
+    assert run(home, "ca").returncode == 0
+    result = run(home, "setup", "srt", "--yes")
+    assert "?    keychain: cannot check here (not macOS)" in result.stdout.splitlines()
+
+
+def test_undo_with_no_record(home: Path) -> None:
+    path = settings_file(home)
+    write_settings(path, {"sandbox": OURS})  # the same keys, but not setup's doing
+    state = tree(home)
+    result = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert result.returncode == 0
+    assert f"nothing to undo: setup has not changed {path}" in result.stdout
+    assert tree(home) == state
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["setup", "claude-code", "--dry-run"],
+        ["setup", "srt", "--yes"],
+        ["setup", "claude-code", "--undo", "--yes"],
+        ["ca", "--bundle"],
+        ["ca"],
+        ["env", "--tools"],
+    ],
+    ids=" ".join,
+)
+def test_commands_do_not_import_mitmproxy(home: Path, args: list[str]) -> None:
+    assert run(home, "ca").returncode == 0  # making a CA is the one thing that needs mitmproxy
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "claude_proxy", *args],
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
+    assert "claude_proxy.cli" in imported  # the measurement saw our own imports
+    assert [name for name in imported if name.split(".")[0] == "mitmproxy"] == []
+
+
+def test_a_linked_settings_file_stays_a_link(home: Path, tmp_path: Path) -> None:
+    real = tmp_path / "dotfiles" / "claude-settings.json"
+    before = write_settings(real, OTHER_KEYS)
+    path = settings_file(home)
+    path.parent.mkdir()
+    path.symlink_to(real)
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert path.is_symlink() and path.resolve() == real
+    assert json.loads(real.read_text())["sandbox"] == OURS
+    [backup] = backups(real)
+    assert backup.read_bytes() == before
+
+
+def test_an_empty_file_is_an_empty_object(home: Path) -> None:
+    path = home / ".srt-settings.json"
+    path.write_text("\n")
+    result = run(home, "setup", "srt", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(path.read_text())["network"]["httpProxyPort"] == 9051
+    assert [b.read_text() for b in backups(path)] == ["\n"]
