@@ -337,6 +337,7 @@ def test_refusal_leaves_nothing_in_flight(
     caplog.set_level(logging.INFO, "claude_proxy.decisions")
     with pinned_guard(tmp_path) as (enforcer, guard):
         f = api_request(**{"x-api-key": KEY_B, "content-length": str(len(body))})
+        f.request.method = "POST"
         enforcer.requestheaders(f)
         assert enforcer.in_flight == 1
         asyncio.run(guard.requestheaders(f))
@@ -350,7 +351,7 @@ def test_refusal_leaves_nothing_in_flight(
             enforcer.error(f)
         assert enforcer.in_flight == 0
     decisions = [r.getMessage() for r in caplog.records if r.name == "claude_proxy.decisions"]
-    assert len(decisions) == 1 and decisions[0].startswith("BLOCK GET api.anthropic.com:443")
+    assert len(decisions) == 1 and decisions[0].startswith("BLOCK POST api.anthropic.com:443")
 
 
 def test_a_failing_check_refuses_with_one_line(

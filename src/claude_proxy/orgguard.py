@@ -21,7 +21,7 @@ from mitmproxy import ctx, exceptions, http
 
 from claude_proxy import accounts, probe
 from claude_proxy.accounts import Credential, Pin, StateError, short
-from claude_proxy.addon import Enforcer, refusal, refused_body_too_large
+from claude_proxy.addon import Enforcer, body_follows, refusal, refused_body_too_large
 from claude_proxy.decisions import log_decision, printable
 from claude_proxy.errors import ProxyError
 from claude_proxy.policy import Decision
@@ -153,7 +153,7 @@ class OrgGuard:
     def refuse(self, flow: http.HTTPFlow, host: str, port: int, reason: str) -> None:
         if flow.metadata.pop(DECISION, None) is not None:
             self.enforcer.in_flight -= 1  # counted as allowed; the Enforcer will not finish it
-        if refused_body_too_large(flow.request):
+        if refused_body_too_large(flow.request, body_follows(flow)):
             # mitmproxy reads a refused request's whole body before it answers: close instead.
             flow.kill()
             reason = f"{reason}; closed without reading the request body"
