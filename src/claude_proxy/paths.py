@@ -19,16 +19,15 @@ def config_dir() -> Path:
     return Path(Unix(APP).user_config_dir)
 
 
-def state_dir() -> Path:
-    """The platform's user state folder: `~/.local/state/claude-proxy` on Linux,
-    `~/Library/Application Support/claude-proxy` on macOS.
-
-    The organizations seen and the pin live here; `setup` keeps its record of what it changed here,
-    so that `--undo` takes back only that.
-    """
-    return Path(platformdirs.user_state_dir(APP))
-
-
 def log_dir() -> Path:
     """The platform's user log folder: `~/Library/Logs/claude-proxy` on macOS."""
     return Path(platformdirs.user_log_dir(APP))
+
+
+def state_dir() -> Path:
+    """The platform's user state folder: `~/.local/state/claude-proxy` on Linux.
+
+    `setup` keeps its record of what it changed here, so that `--undo` takes back only that; the
+    organizations seen and the organization pin live here too.
+    """
+    return Path(platformdirs.user_state_dir(APP))
