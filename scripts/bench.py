@@ -33,12 +33,13 @@ import trustme
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.upstream import Upstream  # noqa: E402
+from tests.upstream import Account, Upstream  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ROUTE = ROOT / "tests" / "scripts" / "route_to_upstream.py"
 HOST = "api.anthropic.com"
 BLOCKED = b"127.0.0.1:9"  # refused by claude-proxy's policy; mitmdump tries it (ECONNREFUSED)
+ORG = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"  # the organization the benchmark's keys belong to
 
 
 @dataclass
@@ -87,9 +88,12 @@ def read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def get(sock: ssl.SSLSocket, path: str, sink: Callable[[bytes], None] | None = None) -> int:
-    """One GET with a Content-Length response; returns the body size."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+def get(
+    sock: ssl.SSLSocket, path: str, sink: Callable[[bytes], None] | None = None, key: str = ""
+) -> int:
+    """One GET with a Content-Length response (with `key`: as x-api-key); returns the body size."""
+    credential = f"x-api-key: {key}\r\n" if key else ""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{credential}\r\n".encode())
     data = read_head(sock)
     head, body = data.split(b"\r\n\r\n", 1)
     length = next(
@@ -136,15 +140,26 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
 
 
 def start_claude_proxy(
-    work: Path, upstream: Upstream, upstream_ca: Path, name: str = "claude-proxy", *extra: str
+    work: Path,
+    upstream: Upstream,
+    upstream_ca: Path,
+    *,
+    name: str = "claude-proxy",
+    executable: Path = BIN / "claude-proxy",
+    extra: tuple[str, ...] = ("--socks-port", "0"),
+    pin: str | None = None,
 ) -> Target:
     home = work / f"{name}-home"
     home.mkdir(exist_ok=True)
+    if pin:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+        env["HOME"] = str(home)
+        pinned = [str(BIN / "claude-proxy"), "pin", pin]
+        subprocess.run(pinned, env=env, check=True, capture_output=True)
     args = [
-        str(BIN / "claude-proxy"), "--port", "0", "--socks-port", "0",
+        str(executable), "--port", "0", *extra,
         "--set", f"scripts={ROUTE}",
         "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
-        *extra,
     ]  # fmt: skip
     trust = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
     return start(name, args, home, trust, upstream)
@@ -174,12 +189,14 @@ def refused_per_second(target: Target, seconds: float) -> float | None:
     return count / (time.perf_counter() - began)
 
 
-def keepalive_per_second(target: Target, upstream: Upstream, seconds: float) -> float:
+def keepalive_per_second(
+    target: Target, upstream: Upstream, seconds: float, key: str = ""
+) -> float:
     sock = target.connect(upstream.port)
-    get(sock, "/warm")
+    get(sock, "/warm", key=key)
     count, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds and count < 200_000:
-        get(sock, "/ka")
+        get(sock, "/ka", key=key)
         count += 1
     sock.close()
     return count / (time.perf_counter() - began)
@@ -247,14 +264,52 @@ def measure(
     return result
 
 
+def measure_pin(
+    work: Path, upstream: Upstream, upstream_ca: Path, args: argparse.Namespace
+) -> dict[str, float]:
+    """Keep-alive requests/s with a key, pinned or not (interleaved); a new key's first request."""
+    print("measuring the organization pin…", file=sys.stderr, flush=True)
+    key = "sk-ant-api03-bench-key"
+    upstream.accounts[key] = Account(ORG)
+    plain = start_claude_proxy(work, upstream, upstream_ca, name="claude-proxy-unpinned")
+    pinned = start_claude_proxy(work, upstream, upstream_ca, name="claude-proxy-pinned", pin=ORG)
+    rates: dict[str, list[float]] = {"plain": [], "pinned": []}
+    first, later = [], []
+    try:
+        for _ in range(6):  # interleaved, so that the machine's noise hits both alike
+            rates["plain"].append(keepalive_per_second(plain, upstream, args.seconds / 3, key))
+            rates["pinned"].append(keepalive_per_second(pinned, upstream, args.seconds / 3, key))
+        sock = pinned.connect(upstream.port)
+        for i in range(args.rounds):
+            new_key = f"sk-ant-api03-bench-new-key-{i}"
+            upstream.accounts[new_key] = Account(ORG)
+            for timings in (first, later):  # the first request waits for the probe
+                began = time.perf_counter()
+                get(sock, "/pin", key=new_key)
+                timings.append((time.perf_counter() - began) * 1000)
+        sock.close()
+    finally:
+        for target in (plain, pinned):
+            assert target.process is not None
+            target.process.terminate()
+            target.process.wait(30)
+    plain_rps, pinned_rps = statistics.median(rates["plain"]), statistics.median(rates["pinned"])
+    return {
+        "keepalive_with_key_rps": round(plain_rps),
+        "keepalive_with_key_pinned_rps": round(pinned_rps),
+        "pinned_vs_plain": round(pinned_rps / plain_rps, 3),
+        "new_key_first_request_p50_ms": round(statistics.median(first), 2),
+        "new_key_later_request_p50_ms": round(statistics.median(later), 2),
+    }
+
+
 def audit_comparison(
     work: Path, upstream: Upstream, upstream_ca: Path, args: argparse.Namespace
 ) -> dict[str, float | int]:
     """The audit database on vs off, measured in turns in the same run, and its size."""
-    on = start_claude_proxy(work, upstream, upstream_ca, "audit-on")
-    off = start_claude_proxy(
-        work, upstream, upstream_ca, "audit-off", "--set", "sandbox_audit=false"
-    )
+    on = start_claude_proxy(work, upstream, upstream_ca, name="audit-on")
+    off_flags = ("--socks-port", "0", "--set", "sandbox_audit=false")
+    off = start_claude_proxy(work, upstream, upstream_ca, name="audit-off", extra=off_flags)
     rates: dict[str, dict[str, list[float]]] = {
         t.name: {"keepalive_rps": [], "refused_per_s": []} for t in (on, off)
     }
@@ -294,12 +349,33 @@ def ratio(a: float | int | None, b: float | int | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def print_table(results: dict[str, dict[str, float | int | None]]) -> None:
+    before = results.get("before", {})
+    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}{'before':>10}"
+          f"{'cp/direct':>11}{'cp/mitmdump':>13}{'cp/before':>11}")  # fmt: skip
+    for key in results["direct"]:
+        d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
+        b = before.get(key)
+        print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
+              f"{c if c is not None else '-':>14}{b if b is not None else '-':>10}"
+              f"{ratio(c, d):>11}{ratio(c, m):>13}{ratio(c, b):>11}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     parser.add_argument("--rounds", type=int, default=40, help="fresh connections to time")
     parser.add_argument("--download-mb", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="EXECUTABLE",
+        help="also measure this claude-proxy (an earlier version's console script) in the same run",
+    )
+    parser.add_argument(
+        "--pin-only", action="store_true", help="only the organization pin's figures"
+    )
     parser.add_argument("--audit-rounds", type=int, default=4, help="turns of audit on vs off")
     parser.add_argument(
         "--audit-only", action="store_true", help="only the audit database on vs off"
@@ -317,38 +393,49 @@ def main() -> int:
         upstream.serve_in_background()
 
         results: dict[str, dict[str, float | int | None]] = {}
-        if not args.audit_only:
+        if not args.pin_only and not args.audit_only:
             results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
-            for starter in (start_mitmdump, start_claude_proxy):
-                target = starter(work, upstream, upstream_ca)
+            starters: list[Callable[[], Target]] = [
+                lambda: start_mitmdump(work, upstream, upstream_ca),
+                lambda: start_claude_proxy(work, upstream, upstream_ca),
+            ]
+            if args.before:
+                starters.append(
+                    lambda: start_claude_proxy(
+                        work, upstream, upstream_ca, name="before", executable=args.before, extra=()
+                    )
+                )
+            for starter in starters:
+                target = starter()
                 try:
                     results[target.name] = measure(target, upstream, args)
                 finally:
                     assert target.process is not None
                     target.process.terminate()
                     target.process.wait(30)
-        audit = audit_comparison(work, upstream, upstream_ca, args)
+        if not args.audit_only:
+            results["pin"] = {
+                **measure_pin(work, upstream, upstream_ca, args),
+                # What a probe costs at least: a fresh TLS connection and one GET.
+                "direct_fresh_conn_p50_ms": round(
+                    fresh_connection_ms(Target("direct", None, upstream_ca), upstream, args.rounds),
+                    2,
+                ),
+            }
+        if not args.pin_only:
+            results["audit"] = audit_comparison(work, upstream, upstream_ca, args)
         upstream.shutdown()
 
-    if not args.audit_only:
+    if "direct" in results:
         print_table(results)
-    for key, value in audit.items():
-        print(f"{key:<32}{value:>12}")
-    document = json.dumps({**results, "audit": audit}, indent=2)
+    for section in ("pin", "audit"):
+        for key, value in results.get(section, {}).items():
+            print(f"{key:<32}{value:>12}")
+    document = json.dumps(results, indent=2)
     print(document)
     if args.json:
         args.json.write_text(document + "\n")
     return 0
-
-
-def print_table(results: dict[str, dict[str, float | int | None]]) -> None:
-    columns = list(results["direct"])
-    print(f"{'metric':<24}{'direct':>12}{'mitmdump':>12}{'claude-proxy':>14}"
-          f"{'cp/direct':>11}{'cp/mitmdump':>13}")  # fmt: skip
-    for key in columns:
-        d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
-        print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
-              f"{c if c is not None else '-':>14}{ratio(c, d):>11}{ratio(c, m):>13}")  # fmt: skip
 
 
 if __name__ == "__main__":

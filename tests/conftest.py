@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -141,6 +141,26 @@ def proxy(
     process = start_proxy(tmp_path_factory.mktemp("home"), upstream_server, upstream_ca_file)
     yield process
     process.stop()
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+
+
+@pytest.fixture(scope="module")
+def module_proxy(
+    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyFactory]:
+    """Start a proxy with extra arguments (and environment) for one module; stopped after it."""
+    started: list[ProxyProcess] = []
+
+    def start(*extra: str, env: dict[str, str] | None = None) -> ProxyProcess:
+        home = tmp_path_factory.mktemp("home")
+        started.append(start_proxy(home, upstream_server, upstream_ca_file, *extra, env=env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from claude_proxy import addresses
-from tests.conftest import ProxyProcess, curl, start_proxy
+from tests.conftest import ProxyFactory, ProxyProcess, curl
 from tests.upstream import Upstream
 
 
@@ -94,21 +92,15 @@ if (OWN := this_machines_address()) is not None:
 
 
 @pytest.fixture(scope="module")
-def fenced(
-    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("home"),
-        upstream_server,
-        upstream_ca_file,
+def fenced(module_proxy: ProxyFactory) -> ProxyProcess:
+    resolve = ";".join(f"{name}={address}" for name, address in RESOLVES.items())
+    return module_proxy(
         "--allow",
         "*.internal.example",
         "--allow",
         "127.0.0.1",
-        env={"CLAUDE_PROXY_TEST_RESOLVE": ";".join(f"{k}={v}" for k, v in RESOLVES.items())},
+        env={"CLAUDE_PROXY_TEST_RESOLVE": resolve},
     )
-    yield process
-    process.stop()
 
 
 @pytest.mark.parametrize("name", sorted(RESOLVES))

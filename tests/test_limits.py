@@ -20,7 +20,15 @@ import h2.events
 import pytest
 
 from tests import conftest
-from tests.conftest import ProxyProcess, curl, open_tunnel, read_head, send_connect, start_proxy
+from tests.conftest import (
+    ProxyFactory,
+    ProxyProcess,
+    curl,
+    open_tunnel,
+    read_head,
+    send_connect,
+    start_proxy,
+)
 from tests.upstream import Upstream
 
 MIB = 1024 * 1024
@@ -258,20 +266,13 @@ HEAD_SECONDS = 1
 
 
 @pytest.fixture(scope="module")
-def impatient(
-    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("home"),
-        upstream_server,
-        upstream_ca_file,
+def impatient(module_proxy: ProxyFactory) -> ProxyProcess:
+    return module_proxy(
         "--set",
         f"sandbox_head_timeout={HEAD_SECONDS}",
         "--set",
         f"sandbox_idle_timeout={HEAD_SECONDS}",
     )
-    yield process
-    process.stop()
 
 
 def trickle(sock: socket.socket, head: bytes) -> bytes:

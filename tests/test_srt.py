@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyProcess, start_proxy
+from tests.conftest import ProxyFactory, ProxyProcess
 from tests.upstream import Upstream
 
 SRT_DIR = Path(__file__).parent / "srt"  # package.json and its lock pin the version
@@ -56,12 +55,8 @@ def srt() -> Path:
 
 
 @pytest.fixture(scope="module")
-def fenced(
-    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(tmp_path_factory.mktemp("home"), upstream_server, upstream_ca_file)
-    yield process
-    process.stop()
+def fenced(module_proxy: ProxyFactory) -> ProxyProcess:
+    return module_proxy()
 
 
 def sandboxed(

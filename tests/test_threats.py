@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -13,13 +11,13 @@ import h2.events
 import pytest
 
 from tests.conftest import (
+    ProxyFactory,
     ProxyProcess,
     curl,
     open_tunnel,
     read_head,
     read_until_closed,
     send_connect,
-    start_proxy,
 )
 from tests.upstream import Upstream
 
@@ -326,18 +324,8 @@ def test_refused_upload_is_not_read(
 
 
 @pytest.fixture(scope="module")
-def idna_proxy(
-    upstream_server: Upstream, upstream_ca_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("home"),
-        upstream_server,
-        upstream_ca_file,
-        "--allow",
-        "bücher.example",
-    )
-    yield process
-    process.stop()
+def idna_proxy(module_proxy: ProxyFactory) -> ProxyProcess:
+    return module_proxy("--allow", "bücher.example")
 
 
 def test_a_unicode_rule_matches_the_a_label_clients_send(

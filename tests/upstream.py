@@ -19,6 +19,10 @@ from urllib.parse import parse_qs, urlsplit
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 GATE_SECONDS = 5
+ORG_HEADER = "anthropic-organization-id"
+# What claude-proxy asks to learn the organization of an API key, and of an OAuth token.
+PROFILE_PATH = "/api/oauth/profile"
+PROBE_PATHS = ("/v1/models", PROFILE_PATH)
 
 
 @dataclass
@@ -30,6 +34,15 @@ class Seen:
     gate_waits: list[bool] = field(default_factory=list)  # False: the gate timed out
     bodies: list[bytes] = field(default_factory=list)  # request bodies, de-chunked
     raw: bytearray = field(default_factory=bytearray)  # every byte read, on every connection
+
+
+@dataclass
+class Account:
+    """How the upstream answers a key or token, as Anthropic would for its organization."""
+
+    organization: str | None  # in anthropic-organization-id and the OAuth profile; None: unnamed
+    probe_gate: str = ""  # /v1/models and /api/oauth/profile wait for this gate before answering
+    hang_up: bool = False  # a GET with it is not answered: the connection just closes
 
 
 class Upstream(ThreadingHTTPServer):
@@ -44,6 +57,8 @@ class Upstream(ThreadingHTTPServer):
         self.open_connections = 0
         self.seen = Seen()
         self.gates: dict[str, threading.Event] = {}
+        self.accounts: dict[str, Account] = {}  # key or OAuth token → its account
+        self.unreachable = False  # close every connection before TLS
         tls.sni_callback = self._sni
 
     @property
@@ -54,6 +69,8 @@ class Upstream(ThreadingHTTPServer):
         with self.lock:
             self.seen = Seen()
             self.gates.clear()
+            self.accounts.clear()
+            self.unreachable = False
 
     def gate(self, name: str) -> threading.Event:
         """An event a handler waits on before it sends the rest of a response."""
@@ -79,6 +96,10 @@ class Upstream(ThreadingHTTPServer):
                 raise AssertionError(f"upstream: {self.open_connections} connection(s) still open")
 
     def finish_request(self, request: socket.socket, client_address: object) -> None:
+        if self.unreachable:
+            request.close()
+            self._closed()
+            return
         try:
             wrapped = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
@@ -146,10 +167,45 @@ class Handler(BaseHTTPRequestHandler):
             )
             self.server.seen.headers.append({k.lower(): v for k, v in self.headers.items()})
 
+    def _account(self) -> Account | None:
+        """The account of the key (x-api-key) or token (Authorization: Bearer) presented."""
+        headers = getattr(self, "headers", None)  # unset when the request line was malformed
+        if headers is None:
+            return None
+        bearer = headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return self.server.accounts.get(headers.get("x-api-key", "") or bearer)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        super().send_response(code, message)
+        account = self._account()
+        # Every API answer names the credential's organization; the OAuth profile only in JSON.
+        if account and account.organization and urlsplit(self.path).path != PROFILE_PATH:
+            self.send_header(ORG_HEADER, account.organization)
+
+    def _profile(self) -> None:
+        account = self._account()
+        if account is None or account.organization is None:
+            body, status = b'{"type": "error", "error": {"type": "authentication_error"}}', 401
+        else:
+            profile = {"account": {"uuid": "acc"}, "organization": {"uuid": account.organization}}
+            body, status = json.dumps(profile).encode(), 200
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self) -> None:
         self._record()
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if (account := self._account()) and account.hang_up:
+            self.close_connection = True
+            return
+        if account and account.probe_gate and url.path in PROBE_PATHS:
+            self.server.wait_gate(account.probe_gate)
+        if url.path == PROFILE_PATH:
+            return self._profile()
         if self.headers.get("Upgrade", "").lower() == "websocket":
             return self._websocket()
         if self.headers.get("Upgrade"):

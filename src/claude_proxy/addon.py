@@ -140,14 +140,20 @@ class Enforcer:
         self.tunnels.pop(client.id, None)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        host, port = requested_host(flow.request), flow.request.port
-        decision = self.open_tunnel(flow.client_conn, host, port)
-        if decision.allowed and flow.request.host != host:
-            flow.request.host = host  # the A-label the client sent, not mitmproxy's U-label
-        if decision.allowed:
-            log_decision(flow, decision, host=host, port=port, status=200)
-        else:
-            self.refuse(flow, host, port, decision)
+        host, port = flow.request.host, flow.request.port
+        try:
+            host = requested_host(flow.request)
+            decision = self.open_tunnel(flow.client_conn, host, port)
+            if decision.allowed:
+                if flow.request.host != host:
+                    flow.request.host = host  # the A-label the client sent, not the U-label
+                log_decision(flow, decision, host=host, port=port, status=200)
+                return
+        except Exception:
+            logger.exception("refusing a CONNECT: the check failed")
+            self.tunnels.pop(flow.client_conn.id, None)
+            decision = Decision(False, "internal error in the policy check")
+        self.refuse(flow, host, port, decision)
 
     def open_tunnel(self, client: connection.Client, host: str, port: int) -> Decision:
         """Decide a tunnel's destination (CONNECT or SOCKS5) and remember it for what follows."""

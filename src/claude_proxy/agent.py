@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import auditlog, ca, paths
+from claude_proxy import accounts, auditlog, ca, paths
 from claude_proxy.addon import REFUSAL_HEADER
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -151,8 +151,20 @@ def status(*, home: Path, host: str, port: int, socks_port: int) -> list[Check]:
         trusted = authority is not None and keychain_trusts(authority.sha1)
         detail = "trusted for SSL" if trusted else "not trusted: run scripts/install-agent.sh"
         checks.append(Check(trusted, "keychain", detail))
+    checks.append(pin_check(paths.state_dir()))
     log = paths.log_dir() / paths.LOG_FILE
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
     audit_ok, audit_detail = auditlog.describe(paths.audit_db())
     checks.append(Check(audit_ok, "audit log", audit_detail))
     return checks
+
+
+def pin_check(state: Path) -> Check:
+    what = "organization pin"
+    try:
+        pin = accounts.load_pin(state)
+    except accounts.StateError as e:
+        return Check(False, what, f"{e}; `claude-proxy pin ORG_UUID` or `pin --off` rewrites it")
+    if pin is None:
+        return Check(True, what, "off: credentials of any organization reach Anthropic")
+    return Check(True, what, pin.describe())

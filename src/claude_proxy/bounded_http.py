@@ -140,6 +140,18 @@ class BoundedReceiveBuffer(ReceiveBuffer):
         return None
 
 
+def arm(
+    deadline: Deadline, bounds: Bounds, phase: Phase, head_started: float
+) -> layer.CommandGenerator[None]:
+    """Set `deadline` for a phase: a head due `head_timeout` after it started, or idle time."""
+    if phase == "head":
+        yield from deadline.set(bounds.head_timeout - (time.monotonic() - head_started))
+    elif phase == "idle":
+        yield from deadline.set(bounds.idle_timeout)
+    else:
+        deadline.clear()
+
+
 class TrailerDroppingReader:
     """A body reader whose end carries no trailers: mitmproxy's HTTP/1 server raises on them
     (one traceback and a hung client per attempt). Trailers never change where a message ends."""
@@ -208,15 +220,9 @@ class BoundedHttp1Server(Http1Server):
         if phase == self.phase:
             return
         self.phase = phase
-        if phase == "head":
-            if self.stream_id != 1:  # the first request's time counts from the start
-                self.head_started = time.monotonic()
-            remaining = self.bounds.head_timeout - (time.monotonic() - self.head_started)
-            yield from self.deadline.set(remaining)
-        elif phase == "idle":
-            yield from self.deadline.set(self.bounds.idle_timeout)
-        else:
-            self.deadline.clear()
+        if phase == "head" and self.stream_id != 1:  # the first request counts from the start
+            self.head_started = time.monotonic()
+        yield from arm(self.deadline, self.bounds, phase, self.head_started)
 
     def on_deadline(self) -> layer.CommandGenerator[None]:
         if self.phase == "head":
@@ -357,15 +363,9 @@ class BoundedHttp2Server(Http2Server):
         if phase == self.phase:
             return
         self.phase = phase
-        if phase == "head":
-            if self.served:
-                self.head_started = time.monotonic()
-            remaining = self.bounds.head_timeout - (time.monotonic() - self.head_started)
-            yield from self.deadline.set(remaining)
-        elif phase == "idle":
-            yield from self.deadline.set(self.bounds.idle_timeout)
-        else:
-            self.deadline.clear()
+        if phase == "head" and self.served:
+            self.head_started = time.monotonic()
+        yield from arm(self.deadline, self.bounds, phase, self.head_started)
 
     def on_deadline(self) -> layer.CommandGenerator[None]:
         if self.phase == "head":

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 # agent and service import mitmproxy (~0.75 s): only the commands that need them load them.
-from claude_proxy import ca, defaults, logs, paths, policy
+from claude_proxy import accounts, ca, defaults, logs, paths, policy
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup", "log")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup", "orgs", "pin", "log")
 SHELLS = ("sh", "zsh", "fish", "nu")
 TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
@@ -157,6 +158,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         target.add_argument("-y", "--yes", action="store_true", help="write without asking")
         target.add_argument("--undo", action="store_true", help="take back what setup changed")
         target.set_defaults(func=cmd_setup)
+
+    orgs = sub.add_parser("orgs", help="organizations seen in Anthropic's answers, per credential")
+    orgs.add_argument("--json", action="store_true", help="as a JSON document")
+    orgs.set_defaults(func=cmd_orgs)
+
+    pin = sub.add_parser("pin", help="let only one organization's credentials reach Anthropic")
+    which = pin.add_mutually_exclusive_group(required=True)
+    which.add_argument("organization", nargs="?", metavar="ORG_UUID", help="this organization")
+    which.add_argument(
+        "--first-seen",
+        action="store_true",
+        help="whichever organization the next authenticated answer names",
+    )
+    which.add_argument("--off", action="store_true", help="lift the pin")
+    pin.set_defaults(func=cmd_pin)
     return parser.parse_args(argv)
 
 
@@ -364,3 +380,73 @@ def cmd_setup(args: argparse.Namespace) -> int:
         target = setup.srt(home=home, http_port=args.port, socks_port=args.socks_port)
     run = setup.undo if args.undo else setup.apply
     return run(target, dry_run=args.dry_run, yes=args.yes)
+
+
+def cmd_orgs(args: argparse.Namespace) -> int:
+    state = paths.state_dir()
+    try:
+        pin, ledger = accounts.load_pin(state), accounts.load_ledger(state)
+    except accounts.StateError as e:
+        raise ProxyError(str(e)) from None
+    rows = sorted(ledger.entries.items(), key=lambda kv: (kv[1].organization, kv[1].last_seen))
+    if args.json:
+        document = {
+            "pin": pin.to_json() if pin else None,
+            "credentials": [
+                {
+                    "fingerprint": fp,
+                    **vars(seen),
+                    "pinned": pin is not None and seen.organization == pin.organization,
+                }
+                for fp, seen in rows
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return ExitCode.OK
+    print(f"pin: {pin.describe() if pin else 'off'}")
+    if not rows:
+        print("no organization seen yet: Anthropic's answers through the proxy name them")
+        return ExitCode.OK
+    print(f"{'ORGANIZATION':<38}{'FINGERPRINT':<14}{'FIRST SEEN':<22}{'LAST SEEN':<22}COUNT")
+    for fp, seen in rows:
+        mark = "  pinned" if pin is not None and seen.organization == pin.organization else ""
+        print(
+            f"{seen.organization:<38}{accounts.short(fp):<14}{seen.first_seen:<22}"
+            f"{seen.last_seen:<22}{seen.count}{mark}"
+        )
+    return ExitCode.OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    state = paths.state_dir()
+    if args.off:
+        pin, done = None, "pin lifted: credentials of every organization reach Anthropic"
+    elif args.first_seen:
+        pin = accounts.Pin(None, accounts.timestamp(), first_seen=True)
+        done = "the organization the next authenticated answer names will be pinned"
+    else:
+        org = accounts.organization(args.organization)
+        if org is None:
+            raise ProxyError(
+                f"{args.organization!r} is not an organization id (a UUID); "
+                "`claude-proxy orgs` lists the organizations seen",
+                ExitCode.USAGE,
+            )
+        pin = accounts.Pin(org, accounts.timestamp())
+        done = f"pinned organization {org}: only its credentials reach Anthropic"
+        try:
+            seen = {s.organization for s in accounts.load_ledger(state).entries.values()}
+        except accounts.StateError:
+            seen = set()
+        if org not in seen:
+            print(
+                f"claude-proxy: no credential of organization {org} has been seen yet; "
+                "check the id with `claude-proxy orgs`",
+                file=sys.stderr,
+            )
+    try:
+        accounts.save_pin(state, pin)
+    except accounts.StateError as e:
+        raise ProxyError(str(e)) from None
+    print(f"{done} (a running claude-proxy applies it within a second)")
+    return ExitCode.OK

@@ -28,7 +28,8 @@ def log_dir() -> Path:
 def state_dir() -> Path:
     """The platform's user state folder: `~/.local/state/claude-proxy` on Linux.
 
-    `setup` keeps its record of what it changed here, so that `--undo` takes back only that.
+    `setup` keeps its record of what it changed here, so that `--undo` takes back only that; the
+    organizations seen and the organization pin live here too.
     """
     return Path(platformdirs.user_state_dir(APP))
 

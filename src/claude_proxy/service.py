@@ -17,13 +17,14 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
-from claude_proxy import addresses, framing, listeners, socks
+from claude_proxy import addresses, closing, framing, listeners, paths, socks
 from claude_proxy.addon import Enforcer
 from claude_proxy.decisions import AuditLog
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.limits import Limits
+from claude_proxy.orgguard import OrgGuard
 from claude_proxy.timeouts import Timeouts
 from claude_proxy.tlsguard import GuardedTlsConfig
 
@@ -149,6 +150,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
     """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
     check_option_names(settings.mitmproxy_options)
     framing.install()
+    closing.install()
     socks.install()
     try:
         modes = listeners.mode_specs(
@@ -172,6 +174,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         # and before user scripts, so its checks always see a flow first.
         m.addons.add(
             enforcer,
+            OrgGuard(enforcer, paths.state_dir()),  # acts only on requests the Enforcer allowed
             Timeouts(),
             Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
             GuardedTlsConfig(),

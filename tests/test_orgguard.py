@@ -1,0 +1,369 @@
+"""The organization pin, end to end: data reaches Anthropic only with the pinned organization's
+credentials.
+
+The upstream plays Anthropic: it names each key's or token's organization in its answers. Proofs
+are what reached it, read after it has finished reading every connection (`wait_idle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import pytest
+from mitmproxy.test import taddons, tflow
+
+from claude_proxy import accounts
+from claude_proxy.addon import Enforcer
+from claude_proxy.orgguard import OrgGuard
+from claude_proxy.policy import DEFAULT_RULES
+from tests.conftest import EXECUTABLE, ProxyProcess, open_tunnel, read_head, start_proxy
+from tests.upstream import PROBE_PATHS, Account, Upstream
+
+ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"
+ORG_B = "0b0b0b0b-bbbb-4bbb-8bbb-00000000000b"
+KEY_A = "sk-ant-api03-key-of-A-never-logged-1111"
+KEY_A2 = "sk-ant-api03-second-key-of-A-never-logged-2222"
+TOKEN_A = "sk-ant-oat01-token-of-A-never-logged-3333"
+KEY_B = "sk-ant-api03-attackers-key-of-B-never-logged-4444"
+KEY_X = "sk-ant-api03-unverifiable-key-never-logged-5555"
+SECRETS = (KEY_A, KEY_A2, TOKEN_A, KEY_B, KEY_X)
+PROMPT_SECRET = "the-users-private-notes-6666"
+OAUTH_HEADERS = {"Authorization": f"Bearer {TOKEN_A}", "anthropic-beta": "oauth-2025-04-20"}
+
+
+def play_anthropic(upstream: Upstream) -> None:
+    upstream.accounts.update(
+        {
+            KEY_A: Account(ORG_A),
+            KEY_A2: Account(ORG_A),
+            TOKEN_A: Account(ORG_A),
+            KEY_B: Account(ORG_B),
+        }
+    )
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(home)
+    return subprocess.run(
+        [str(EXECUTABLE), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def pinned_proxy(
+    home: Path,
+    upstream: Upstream,
+    upstream_ca_file: Path,
+    pin: str,
+    *extra: str,
+    trust_upstream: bool = True,
+) -> ProxyProcess:
+    """A proxy started with a pin already set (`pin`: ORG_UUID or --first-seen)."""
+    assert cli(home, "pin", pin).returncode == 0
+    play_anthropic(upstream)
+    return start_proxy(home, upstream, upstream_ca_file, *extra, trust_upstream=trust_upstream)
+
+
+def client(proxy: ProxyProcess) -> httpx.Client:
+    return httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30)
+
+
+def probes(upstream: Upstream) -> list[str]:
+    return [path for _, path, _ in upstream.seen.requests if path.split("?")[0] in PROBE_PATHS]
+
+
+def wait_for_line(proxy: ProxyProcess, text: str, after: int, timeout: float = 10) -> None:
+    """Barrier: the proxy has logged `text` more than `after` times."""
+    deadline = time.monotonic() + timeout
+    while sum(text in line for line in proxy.stderr) <= after:
+        assert time.monotonic() < deadline, f"no {text!r} in:\n" + "\n".join(proxy.stderr)
+        time.sleep(0.02)
+
+
+def count_lines(proxy: ProxyProcess, text: str) -> int:
+    return sum(text in line for line in proxy.stderr)
+
+
+def test_pinned_organizations_key_and_token_work(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = pinned_proxy(home, upstream, upstream_ca_file, ORG_A)
+    with client(proxy) as c:
+        assert c.get("https://api.anthropic.com/v1/first", headers={"x-api-key": KEY_A}).is_success
+        # A known credential goes on without another probe.
+        assert c.get("https://api.anthropic.com/v1/again", headers={"x-api-key": KEY_A}).is_success
+        assert c.get("https://api.anthropic.com/v1/anonymous").is_success  # no credential
+        gate = upstream.gate("sse")
+        url = "https://api.anthropic.com/sse?n=3&gate=sse"
+        with c.stream("GET", url, headers=OAUTH_HEADERS) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:")).startswith("data: 0")
+            gate.set()
+            rest = [line.split()[1] for line in lines if line.startswith("data:")]
+    assert rest == ["1", "2"]
+    assert upstream.seen.gate_waits == [True]  # the first event arrived before the last was sent
+    assert probes(upstream) == ["/v1/models?limit=1", "/api/oauth/profile"]
+    forwarded = [path for _, path, _ in upstream.seen.requests if path not in probes(upstream)]
+    assert forwarded == ["/v1/first", "/v1/again", "/v1/anonymous", "/sse?n=3&gate=sse"]
+    # Each probe carried the credential and nothing else of the request it held.
+    key_probe, token_probe = (
+        upstream.seen.headers[i]
+        for i, (_, path, _) in enumerate(upstream.seen.requests)
+        if path in probes(upstream)
+    )
+    assert key_probe["x-api-key"] == KEY_A and "authorization" not in key_probe
+    assert token_probe["authorization"] == f"Bearer {TOKEN_A}" and "x-api-key" not in token_probe
+    assert token_probe["anthropic-beta"] == "oauth-2025-04-20"
+
+
+def test_other_organizations_key_never_delivers_a_body(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = pinned_proxy(home, upstream, upstream_ca_file, ORG_A)
+    upload = b"user file " * 800_000  # 8 MB
+    with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=10) as c:
+        # The first is held for a probe, which names B; each one is cut off, never forwarded.
+        for _ in range(10):
+            with pytest.raises((httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError)):
+                c.post(
+                    "https://api.anthropic.com/v1/files",
+                    headers={"x-api-key": KEY_B},
+                    content=upload,
+                )
+    sdk = anthropic.Anthropic(
+        api_key=KEY_B,
+        base_url="https://api.anthropic.com",
+        http_client=anthropic.DefaultHttpxClient(proxy=proxy.url, verify=proxy.client_context()),
+        max_retries=0,
+    )
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        sdk.messages.create(  # now known to be B's: refused at once
+            model="claude-test",
+            max_tokens=16,
+            messages=[{"role": "user", "content": PROMPT_SECRET}],
+        )
+    body = refused.value.response.text
+    assert refused.value.response.headers["x-claude-proxy"] == "refused"
+    assert f"is of organization {ORG_B}, not the pinned {ORG_A}" in body
+    assert "claude-proxy pin ORG_UUID" in body and "claude-proxy pin --off" in body
+    with client(proxy) as c:
+        cookie = c.get("https://claude.ai/api/x", headers={"Cookie": "sessionKey=s"})
+    assert cookie.status_code == 403 and "Cookie" in cookie.text
+    upstream.wait_idle()
+    assert probes(upstream) == ["/v1/models?limit=1"]
+    assert upstream.seen.requests == [("GET", "/v1/models?limit=1", "api.anthropic.com")]
+    assert upstream.seen.bodies == []
+    assert b"user file" not in upstream.seen.raw and PROMPT_SECRET.encode() not in upstream.seen.raw
+    assert len(upstream.seen.raw) < 1024  # the probe's request head, nothing else
+
+
+def test_burst_with_a_new_credential_makes_one_probe(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = pinned_proxy(home, upstream, upstream_ca_file, ORG_A)
+    upstream.accounts[KEY_A2] = Account(ORG_A, probe_gate="probe")
+    sockets = []
+    for i in range(50):  # the probe is held at the upstream while the requests arrive
+        tls = open_tunnel(proxy, "api.anthropic.com")
+        request = f"GET /burst/{i} HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: {KEY_A2}\r\n"
+        tls.sendall(request.encode() + b"\r\n")
+        sockets.append(tls)
+    upstream.gate("probe").set()
+    heads = [read_head(tls) for tls in sockets]
+    for tls in sockets:
+        tls.close()
+    assert all(head.startswith(b"HTTP/1.1 200") for head in heads)
+    assert probes(upstream) == ["/v1/models?limit=1"]
+    assert upstream.seen.gate_waits == [True]
+    assert sorted(p for _, p, _ in upstream.seen.requests if p.startswith("/burst/")) == sorted(
+        f"/burst/{i}" for i in range(50)
+    )
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "hangs-up", "unnamed", "silent", "untrusted"])
+def test_unverifiable_credential_is_refused(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, failure: str
+) -> None:
+    proxy = pinned_proxy(
+        home,
+        upstream,
+        upstream_ca_file,
+        ORG_A,
+        "--set",
+        "sandbox_probe_timeout=1",
+        trust_upstream=failure != "untrusted",
+    )
+    upstream.accounts[KEY_X] = Account(
+        None if failure == "unnamed" else ORG_A,
+        probe_gate="never" if failure == "silent" else "",
+        hang_up=failure == "hangs-up",
+    )
+    upstream.unreachable = failure == "unreachable"
+    with client(proxy) as c:
+        responses = [  # the second is refused on the first one's result, without a new probe
+            c.post(
+                "https://api.anthropic.com/v1/messages",
+                headers={"x-api-key": KEY_X},
+                content=PROMPT_SECRET,
+            )
+            for _ in range(2)
+        ]
+    for response in responses:
+        assert response.status_code == 403
+        assert "could not be verified" in response.text and "claude-proxy pin" in response.text
+    upstream.gate("never").set()
+    upstream.wait_idle()
+    assert len(probes(upstream)) == (0 if failure in ("unreachable", "untrusted") else 1)
+    assert upstream.seen.bodies == []
+    assert PROMPT_SECRET.encode() not in upstream.seen.raw
+    assert all(path in probes(upstream) for _, path, _ in upstream.seen.requests)
+
+
+def test_pin_while_running_changes_the_next_request(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    play_anthropic(upstream)
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    url = "https://api.anthropic.com/v1/x"
+    with client(proxy) as c:
+        assert c.get(url, headers={"x-api-key": KEY_B}).status_code == 200
+        before = count_lines(proxy, f"organization pin: {ORG_A}")
+        assert cli(home, "pin", ORG_A).returncode == 0
+        wait_for_line(proxy, f"organization pin: {ORG_A}", before)
+        assert c.get(url, headers={"x-api-key": KEY_B}).status_code == 403
+        before = count_lines(proxy, "organization pin: off")
+        assert cli(home, "pin", "--off").returncode == 0
+        wait_for_line(proxy, "organization pin: off", before)
+        assert c.get(url, headers={"x-api-key": KEY_B}).status_code == 200
+        # A pin file that cannot be read refuses every credential, not none.
+        (home / ".local" / "state" / "claude-proxy" / "pin.json").write_text("{")
+        wait_for_line(proxy, "organization pin: unreadable", 0)
+        damaged = c.get(url, headers={"x-api-key": KEY_A})
+        assert damaged.status_code == 403 and "pin is unreadable" in damaged.text
+        assert c.get(url).status_code == 200  # no credential
+    assert probes(upstream) == []  # B was learned from its first answer
+    assert [p for _, p, _ in upstream.seen.requests] == ["/v1/x"] * 3
+
+
+def test_first_seen_pins_the_next_answers_organization(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = pinned_proxy(home, upstream, upstream_ca_file, "--first-seen")
+    with client(proxy) as c:
+        assert c.get("https://api.anthropic.com/v1/x", headers={"x-api-key": KEY_B}).is_success
+        assert c.get("https://api.anthropic.com/v1/y", headers={"x-api-key": KEY_A}).is_error
+    pin = json.loads(cli(home, "orgs", "--json").stdout)["pin"]
+    assert pin["organization"] == ORG_B and pin["first_seen"] is True
+    assert [p for _, p, _ in upstream.seen.requests] == ["/v1/x", "/v1/models?limit=1"]
+
+
+def test_state_and_logs_hold_fingerprints_never_credentials(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    play_anthropic(upstream)
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    with client(proxy) as c:
+        for headers in ({"x-api-key": KEY_A}, {"x-api-key": KEY_B}, OAUTH_HEADERS):
+            assert c.get("https://api.anthropic.com/v1/learn", headers=headers).is_success
+        assert cli(home, "pin", ORG_A).returncode == 0
+        wait_for_line(proxy, f"organization pin: {ORG_A}", 0)
+        refused = [
+            c.get("https://api.anthropic.com/v1/no", headers={"x-api-key": key})
+            for key in (KEY_B, KEY_X)
+        ]
+        assert [r.status_code for r in refused] == [403, 403]
+    assert proxy.stop() == 0  # the organizations seen are saved at the latest on the way out
+    listed = json.loads(cli(home, "orgs", "--json").stdout)["credentials"]
+    assert sorted(c["organization"] for c in listed) == [ORG_A, ORG_A, ORG_B]
+    fingerprint_b = next(c["fingerprint"] for c in listed if c["organization"] == ORG_B)
+    assert f"credential {fingerprint_b[:12]} is of organization {ORG_B}" in proxy.log_text()
+    files = [p for p in home.rglob("*") if p.is_file()]
+    state = home / ".local" / "state" / "claude-proxy"
+    assert {state / "organizations.json", state / "pin.json", state / "fingerprint.key"} <= set(
+        files
+    )
+    for path in files:
+        data = path.read_bytes()
+        for secret in SECRETS:
+            assert secret.encode() not in data, f"{secret} in {path}"
+        assert b"never-logged" not in data, path
+    for name in ("organizations.json", "pin.json", "fingerprint.key"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+# In process, in mitmproxy's test idiom: the guard beside the Enforcer, as the service adds them.
+
+
+@contextlib.contextmanager
+def pinned_guard(state: Path) -> Iterator[tuple[Enforcer, OrgGuard]]:
+    """Pinned on A; KEY_B known to be of B."""
+    key = accounts.load_key(state)
+    ledger = accounts.Ledger()
+    ledger.record(accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B)), ORG_B, "t")
+    accounts.save_ledger(state, ledger)
+    accounts.save_pin(state, accounts.Pin(ORG_A, "t"))
+    enforcer = Enforcer()
+    guard = OrgGuard(enforcer, state)
+    with taddons.context(enforcer, guard) as tctx:
+        tctx.configure(enforcer, sandbox_allow=list(DEFAULT_RULES))
+        yield enforcer, guard
+
+
+def api_request(**headers: str) -> tflow.http.HTTPFlow:
+    f = tflow.tflow()
+    f.request.host, f.request.port, f.request.scheme = "api.anthropic.com", 443, "https"
+    f.request.headers.clear()
+    f.request.headers.update({"host": "api.anthropic.com", **headers})
+    return f
+
+
+@pytest.mark.parametrize("body", [b"small", b"x" * 100_000])
+def test_refusal_leaves_nothing_in_flight(
+    tmp_path: Path, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "claude_proxy.decisions")
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        f = api_request(**{"x-api-key": KEY_B, "content-length": str(len(body))})
+        f.request.method = "POST"
+        enforcer.requestheaders(f)
+        assert enforcer.in_flight == 1
+        asyncio.run(guard.requestheaders(f))
+        if f.response is not None:  # answered: mitmproxy goes on to the response hooks
+            assert f.response.status_code == 403 and not f.request.stream
+            enforcer.responseheaders(f)
+            guard.responseheaders(f)
+            enforcer.response(f)
+        else:  # closed: mitmproxy goes on to the error hook
+            assert f.error is not None and f.error.msg == f.error.KILLED_MESSAGE
+            enforcer.error(f)
+        assert enforcer.in_flight == 0
+    decisions = [r.getMessage() for r in caplog.records if r.name == "claude_proxy.decisions"]
+    assert len(decisions) == 1 and decisions[0].startswith("BLOCK POST api.anthropic.com:443")
+
+
+def test_a_failing_check_refuses_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accounts, "credentials", lambda _fields: 1 / 0)
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        for _ in range(3):
+            f = api_request(**{"x-api-key": KEY_A})
+            enforcer.requestheaders(f)
+            asyncio.run(guard.requestheaders(f))
+            assert f.response is not None and f.response.status_code == 403
+            assert "internal error in the organization check" in (f.response.text or "")
+    errors = [r for r in caplog.records if r.name == "claude_proxy.orgguard"]
+    assert [r.levelname for r in errors] == ["ERROR"]  # once, however often it fails
