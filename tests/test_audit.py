@@ -7,6 +7,8 @@ import io
 import json
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -17,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy.exceptions import OptionsError
+from mitmproxy.test import taddons
 
-from claude_proxy import audit, auditlog, cli, paths, policy
+from claude_proxy import audit, auditlog, cli, decisions, paths, policy
 
 DEADLINE = 10  # seconds any awaited event may take; running out fails the test
 NOW = time.time()
@@ -550,6 +554,15 @@ def test_log_without_a_database_says_so_in_one_line(log: Any) -> None:
     assert err.count("\n") == 1 and "no audit log yet" in err
 
 
+def test_log_of_a_database_still_being_made_shows_nothing_yet(db: Path, log: Any) -> None:
+    db.parent.mkdir()
+    db.touch()  # the proxy has made the file, not yet the schema
+    code, lines, err = log()
+    assert (code, lines) == (0, [])
+    assert "no audit log yet" in err
+    assert auditlog.describe(db) == (True, f"{db} (not written yet)")
+
+
 def test_log_of_a_damaged_database_is_one_line_and_exit_1(db: Path, log: Any) -> None:
     db.parent.mkdir()
     db.write_bytes(b"garbage " * 1000)
@@ -592,7 +605,7 @@ def test_status_names_the_database_its_rows_and_what_was_dropped(db: Path) -> No
     for path in db.parent.glob("audit.db-*"):
         path.unlink()
     ok, detail = auditlog.describe(db)
-    assert not ok and "cannot read it" in detail
+    assert not ok and detail.startswith(f"cannot read the audit log {db}: ")
 
 
 def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
@@ -606,3 +619,26 @@ def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
         ip = policy.parse_ip(suggestion.host) is not None
         text = auditlog.rule_text(suggestion.host, 443, ip)
         assert policy.Allowlist.from_texts([text]).decide(suggestion.host, 443).allowed, text
+
+
+@pytest.mark.parametrize("option", ["sandbox_audit_days", "sandbox_audit_max_mb"])
+def test_retention_options_must_be_positive(option: str) -> None:
+    audit_log = decisions.AuditLog()
+    with taddons.context(audit_log) as tctx:
+        with pytest.raises(OptionsError, match="must be at least 1"):
+            tctx.configure(audit_log, **{option: 0})
+        tctx.configure(audit_log, sandbox_audit_days=7, sandbox_audit_max_mb=5)
+        assert decisions.retention() == audit.Retention(max_age=7 * DAY, max_bytes=5 * audit.MIB)
+
+
+def test_log_does_not_load_mitmproxy(db: Path, tmp_path: Path) -> None:
+    fill(db, [record()])
+    code = (
+        "import sys; from claude_proxy import cli, paths; from pathlib import Path\n"
+        f"paths.audit_db = lambda: Path({str(db)!r})\n"
+        "assert cli.main(['log', '--json']) == 0\n"
+        "assert not [m for m in sys.modules if m.startswith('mitmproxy')], 'mitmproxy loaded'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["host"] == "api.anthropic.com"

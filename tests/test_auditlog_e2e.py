@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from claude_proxy import audit
+from claude_proxy import accounts, auditlog
 from tests.conftest import (
     EXECUTABLE,
     ProxyProcess,
@@ -31,7 +31,7 @@ from tests.conftest import (
     start_proxy,
 )
 from tests.test_socks import NOT_ALLOWED, socks_connect, socks_tunnel
-from tests.upstream import Upstream
+from tests.upstream import Account, Upstream
 
 DEADLINE = 10  # seconds any awaited event may take; running out fails the test
 SECRETS = ("sk-ant-api03-SECRETHEADER", "SECRETCOOKIE", "SECRETQUERY", "SECRETBEARER")
@@ -49,10 +49,10 @@ def audit_db(proxy: ProxyProcess) -> Path:
 
 
 def decisions(proxy: ProxyProcess, where: str = "1", args: tuple[Any, ...] = ()) -> list[dict]:
-    path = audit_db(proxy)
-    if not path.exists():
-        return []
-    with closing(audit.open_readonly(path)) as conn:
+    conn = auditlog.connect(audit_db(proxy))
+    if conn is None:
+        return []  # not made yet
+    with closing(conn):
         query = f"SELECT * FROM decisions WHERE {where} ORDER BY id"
         return [dict(row) for row in conn.execute(query, args)]
 
@@ -72,7 +72,10 @@ def wait_for(
 
 
 def writer_row(proxy: ProxyProcess) -> dict:
-    with closing(audit.open_readonly(audit_db(proxy))) as conn:
+    conn = auditlog.connect(audit_db(proxy))
+    if conn is None:
+        return {}
+    with closing(conn):
         row = conn.execute("SELECT * FROM writer").fetchone()
     return dict(row) if row else {}
 
@@ -210,6 +213,22 @@ def test_secrets_in_headers_cookies_and_queries_never_reach_the_file(
     assert b"/v1/audit-secrets" in content  # the rows are in these bytes
     for secret in SECRETS:
         assert secret.encode() not in content, secret
+
+
+def test_the_organization_and_fingerprint_of_a_credential(
+    audited: ProxyProcess, upstream: Upstream
+) -> None:
+    key, org = "sk-ant-api03-AUDIT-KEY", "0c0c0c0c-cccc-4ccc-8ccc-00000000000c"
+    upstream.accounts[key] = Account(org)
+    result = curl(audited, "-H", f"x-api-key: {key}", "https://api.anthropic.com/v1/org-audit")
+    assert result.returncode == 0, result.stderr
+    [row] = wait_for(audited, "path = '/v1/org-audit'")
+    state = audited.home / ".local" / "state" / "claude-proxy"
+    credential = accounts.Credential("x-api-key", key)
+    assert row["organization"] == org
+    assert row["fingerprint"] == accounts.fingerprint(accounts.load_key(state), credential)
+    content = b"".join(path.read_bytes() for path in state.glob("audit.db*"))
+    assert key.encode() not in content
 
 
 def test_a_refused_connect(audited: ProxyProcess, upstream: Upstream) -> None:

@@ -66,12 +66,22 @@ def parse_since(text: str, now: float | None = None) -> float:
     return moment.timestamp()  # a naive datetime counts as local time
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """The database, read-only; a clear ProxyError when it cannot be read."""
+def connect(path: Path) -> sqlite3.Connection | None:
+    """The database, read-only; None while it is not there or not made yet (a proxy is making
+    it); a clear ProxyError when it cannot be read."""
+    if not path.exists():
+        return None
     try:
         conn = audit.open_readonly(path)
+    except sqlite3.Error as e:
+        raise ProxyError(f"cannot read the audit log {path}: {e}") from None
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            conn.close()
+            return None
         conn.execute("SELECT id FROM decisions LIMIT 1").fetchall()
     except sqlite3.Error as e:
+        conn.close()
         raise ProxyError(f"cannot read the audit log {path}: {e}") from None
     return conn
 
@@ -332,18 +342,19 @@ class Request:
 
 def show(path: Path, request: Request, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    if not path.exists():
-        if request.mode != "follow":
-            print(
-                f"claude-proxy: no audit log yet at {path} "
-                "(the proxy writes it from its first decision)",
-                file=sys.stderr,
-            )
-            return 0
-        print(f"claude-proxy: waiting for {path}", file=sys.stderr)
-        while not path.exists():
-            time.sleep(FOLLOW_SECONDS)
     conn = connect(path)
+    if conn is None and request.mode != "follow":
+        print(
+            f"claude-proxy: no audit log yet at {path} (the proxy writes it from its first "
+            "decision)",
+            file=sys.stderr,
+        )
+        return 0
+    if conn is None:
+        print(f"claude-proxy: waiting for {path}", file=sys.stderr)
+    while conn is None:
+        time.sleep(FOLLOW_SECONDS)
+        conn = connect(path)
     try:
         return _show(conn, request, out)
     except sqlite3.Error as e:
@@ -402,17 +413,19 @@ def emit(
 
 def describe(path: Path) -> tuple[bool, str]:
     """One line for `status`: where the database is, its rows, and what the writer dropped."""
-    if not path.exists():
-        return True, f"{path} (not written yet)"
     try:
-        conn = audit.open_readonly(path)
+        conn = connect(path)
+        if conn is None:
+            return True, f"{path} (not written yet)"
         try:
             count = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
             writer = conn.execute("SELECT pid, dropped FROM writer WHERE id = 1").fetchone()
         finally:
             conn.close()
+    except ProxyError as e:
+        return False, str(e)
     except sqlite3.Error as e:
-        return False, f"{path}: cannot read it: {e}"
+        return False, f"cannot read the audit log {path}: {e}"
     detail = f"{path}: {count} decisions"
     if writer is not None:
         pid, dropped = writer

@@ -11,9 +11,10 @@ from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from claude_proxy import audit, paths
+from claude_proxy import accounts, audit, paths
 from claude_proxy.listeners import format_address
 from claude_proxy.policy import Decision
+from claude_proxy.probe import ORG_HEADER
 
 logger = logging.getLogger("claude_proxy.decisions")
 
@@ -21,6 +22,7 @@ MAX_FIELD = 200
 FAILURE = "claude_proxy.failure"  # flow.metadata: why an allowed request got no upstream answer
 SENT_UP = "claude_proxy.bytes_up"  # flow.metadata: the request body's BodyCount
 SENT_DOWN = "claude_proxy.bytes_down"  # flow.metadata: the response body's BodyCount
+FINGERPRINTS = "claude_proxy.fingerprints"  # flow.metadata: the credentials' (OrgGuard's)
 LISTENERS = {"regular": "http"}  # mitmproxy's mode names, as the audit log calls them
 _writer: audit.Writer | None = None  # the running proxy's audit writer, if any
 
@@ -66,6 +68,11 @@ def log_decision(
     path = "-" if request.method == "CONNECT" else request.path.split("?", 1)[0] or "/"
     up, down = flow.metadata.get(SENT_UP), flow.metadata.get(SENT_DOWN)
     response = flow.response
+    if found := flow.metadata.get(FINGERPRINTS):
+        fingerprint = fingerprint or ",".join(found)
+        if organization is None and response is not None and len(set(found)) == 1:
+            # Anthropic names the organization of the one credential in every answer.
+            organization = accounts.organization(response.headers.get(ORG_HEADER))
     if down is None and response is not None:
         down_size = len(response.raw_content or b"")  # our own answer: a refusal, a 504
     else:

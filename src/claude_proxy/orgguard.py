@@ -22,14 +22,13 @@ from mitmproxy import ctx, exceptions, http
 from claude_proxy import accounts, probe
 from claude_proxy.accounts import Credential, Pin, StateError, short
 from claude_proxy.addon import Enforcer, body_follows, refusal, refused_body_too_large
-from claude_proxy.decisions import log_decision, printable
+from claude_proxy.decisions import FINGERPRINTS, log_decision, printable
 from claude_proxy.errors import ProxyError
 from claude_proxy.policy import Decision
 
 logger = logging.getLogger(__name__)
 
 DECISION = "claude_proxy.decision"  # set by the Enforcer on every request it let through
-FINGERPRINTS = "claude_proxy.fingerprints"
 RELOAD_SECONDS = 1.0  # how often the pin file is looked at (one stat), rather than per request
 SAVE_SECONDS = 60.0  # counts and last-seen times reach the disk at most this often
 FAILURE_SECONDS = 10.0  # an unverifiable credential is refused this long without a new probe
