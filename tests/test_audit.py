@@ -642,3 +642,18 @@ def test_log_does_not_load_mitmproxy(db: Path, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["host"] == "api.anthropic.com"
+
+
+def test_status_and_log_read_a_v1_database_a_proxy_has_not_migrated_yet(db: Path, log: Any) -> None:
+    db.parent.mkdir()
+    with closing(sqlite3.connect(db)) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute(
+            "INSERT INTO decisions (time, method, host, port, decision, reason, status) "
+            "VALUES (?, 'CONNECT', 'mozilla.org', 443, 'block', 'not on the allowlist', 403)",
+            (NOW,),
+        )
+        conn.commit()
+    assert auditlog.describe(db) == (True, f"{db}: 1 decisions")
+    code, lines, _ = log("--blocked")
+    assert code == 0 and "mozilla.org:443" in lines[-1]

@@ -145,22 +145,25 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to SCHEMA_VERSION, one migration per transaction; rows are kept."""
+    """Bring the schema to SCHEMA_VERSION in one transaction (readers never see a step of it);
+    rows are kept."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise Unusable(
             f"it has schema version {version}, newer than this claude-proxy's "
             f"({SCHEMA_VERSION}); move it aside or upgrade claude-proxy"
         )
-    for number in range(version, SCHEMA_VERSION):
-        try:
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;"
-            )
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    if version == SCHEMA_VERSION:
+        return
+    steps = "".join(MIGRATIONS[version:])
+    try:
+        conn.executescript(
+            f"BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def open_readonly(path: Path) -> sqlite3.Connection:

@@ -266,7 +266,7 @@ def table(rows: Iterable[sqlite3.Row], layout: Layout, colour: bool) -> Iterator
                 why += f"  {row['reason']}"
         else:
             why = row["reason"] or ""
-        if row["organization"]:
+        if "organization" in row.keys() and row["organization"]:  # noqa: SIM118 - not a dict
             why += f"  org={row['organization']}"
         word = "ALLOW" if allowed else "BLOCK"
         destination = "-" if row["host"] is None else f"{row['host']}:{row['port']}"
@@ -419,7 +419,9 @@ def describe(path: Path) -> tuple[bool, str]:
             return True, f"{path} (not written yet)"
         try:
             count = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
-            writer = conn.execute("SELECT pid, dropped FROM writer WHERE id = 1").fetchone()
+            writer = None
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'writer'").fetchone():
+                writer = conn.execute("SELECT pid, dropped FROM writer WHERE id = 1").fetchone()
         finally:
             conn.close()
     except ProxyError as e:
