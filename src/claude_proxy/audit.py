@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DAY = 86400.0
-QUEUE_SIZE = 10_000  # records waiting for the disk: ~2 MB, over ten seconds of the busiest proxy
+QUEUE_SIZE = 10_000  # records waiting for the disk: a few MB, ten seconds of the busiest proxy
 BATCH = 500  # records per transaction at most
 GATHER_SECONDS = 0.1  # a batch's time to gather records once the first has come
 BUSY_SECONDS = 1.0  # how long the writer waits for another process's lock before it gives up
