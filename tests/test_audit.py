@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import sqlite3
 import stat
 import subprocess
@@ -657,3 +658,31 @@ def test_status_and_log_read_a_v1_database_a_proxy_has_not_migrated_yet(db: Path
     assert auditlog.describe(db) == (True, f"{db}: 1 decisions")
     code, lines, _ = log("--blocked")
     assert code == 0 and "mozilla.org:443" in lines[-1]
+
+
+class WatchedQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that remembers how the writer asked it for records."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.asked: list[float | None] = []  # the timeout of each get; None: get_nowait
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        self.asked.append(timeout if block else None)
+        return super().get(block, timeout)
+
+
+def test_an_idle_writer_waits_for_records_rather_than_polling(db: Path, start: Start) -> None:
+    writer = audit.Writer(db)
+    watched = WatchedQueue(10)
+    writer.queue = watched
+    writer.start()
+    try:
+        wait_until(lambda: len(watched.asked) >= 1, "the writer to ask for records")
+        assert watched.asked[0] is not None and watched.asked[0] > 1, watched.asked
+        writer.submit(record())
+        wait_until(lambda: writer.written == 1, "one record")
+        wait_until(lambda: len(watched.asked) >= 3, "the writer to ask again")  # get, get_nowait
+        assert watched.asked[-1] is not None and watched.asked[-1] > 1, watched.asked
+    finally:
+        writer.stop()

@@ -280,9 +280,13 @@ class Writer:
     # The writer's thread
 
     def _run(self) -> None:
-        maintain_at = 0.0
+        maintain_at = 0.0  # retention is due once a first batch has opened the database
         while True:
-            batch = self.pending or self._take(max(0.0, maintain_at - time.monotonic()))
+            if self.conn is None:  # nothing to maintain: wait for records (or for stop)
+                wait = MAINTENANCE_SECONDS
+            else:
+                wait = max(0.0, maintain_at - time.monotonic())
+            batch = self.pending or self._take(wait)
             stopping = self.stopping.is_set()
             if batch and not self._write(batch):
                 if stopping:
