@@ -119,7 +119,7 @@ def mac(tmp_path: Path, home: Path) -> Mac:
 @pytest.fixture
 def serving(mac: Mac) -> Iterator[ProxyProcess]:
     """A real claude-proxy on the agent's port, as launchd would have started it."""
-    process = ProxyProcess(mac.home, ["--port", "0"], {}).wait_listening()
+    process = ProxyProcess(mac.home, ["--port", "0", "--socks-port", "0"], {}).wait_listening()
     yield process
     process.stop()
 
