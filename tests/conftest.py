@@ -180,13 +180,26 @@ def read_head(sock: socket.socket | ssl.SSLSocket) -> bytes:
 
 
 def read_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """Everything until the peer closes (or resets). A peer that does neither in time fails."""
     data = b""
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (ssl.SSLError, ConnectionError, TimeoutError):
-        pass
+    except (ssl.SSLError, ConnectionError):
+        pass  # closed uncleanly: closed all the same
     return data
+
+
+def read_response(sock: socket.socket | ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """One response, head and Content-Length body, on a connection that may stay open."""
+    head, _, body = read_head(sock).partition(b"\r\n\r\n")
+    found = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    length = int(found[1]) if found else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(body)} of {length} body bytes"
+        body += chunk
+    return head, body
 
 
 def open_tunnel(
