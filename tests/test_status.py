@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from claude_proxy import status
+from claude_proxy import agent, probes
 from tests.conftest import read_head, start_proxy
 from tests.macos import Mac
 from tests.test_agent import free_port, sha1
@@ -154,19 +154,19 @@ def keychain(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Mac
 def test_keychain_check_is_the_trust_decision(keychain: Mac, home: Path) -> None:
     cert = keychain.confdir / "mitmproxy-ca-cert.pem"
     fingerprint = sha1(cert)
-    check = status.keychain(home, cert)
+    check = probes.keychain(home, cert)
     assert not check.ok  # not there at all
     assert check.fix == (
         "security add-trusted-cert -r trustRoot -p ssl -p basic -k "
         f"'{home}/Library/Keychains/login.keychain-db' '{cert}'"
     )
     keychain.put_in_keychain("0" * 40, "trusted")  # another mitmproxy CA is trusted, not ours
-    assert not status.keychain(home, cert).ok
+    assert not probes.keychain(home, cert).ok
     keychain.put_in_keychain(fingerprint, "never")  # there, but marked Never Trust
-    check = status.keychain(home, cert)
+    check = probes.keychain(home, cert)
     assert not check.ok and "CSSMERR_TP_NOT_TRUSTED" in check.detail
     keychain.put_in_keychain(fingerprint, "trusted")
-    assert status.keychain(home, cert).ok
+    assert probes.keychain(home, cert).ok
 
 
 def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
@@ -179,7 +179,7 @@ def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
     keychain.put_in_keychain(sha1(cert), "never")
 
     def checks() -> dict[str, bool]:
-        found = status.status(home=home, host="127.0.0.1", port=proxy.port,
+        found = agent.status(home=home, host="127.0.0.1", port=proxy.port,
                               socks_port=proxy.socks_port)  # fmt: skip
         return {c.what.split(" ")[0]: c.ok for c in found}
 

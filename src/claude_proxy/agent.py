@@ -1,18 +1,20 @@
-"""The launchd agent: rendering its plist, and reading back what the installed one says."""
+"""The launchd agent: rendering its plist, reading back the installed one, and `status`."""
 
 from __future__ import annotations
 
 import os
 import plistlib
 import re
+import shlex
 import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import paths
+from claude_proxy import ca, defaults, paths, probes
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.probes import Check
 
 LABEL = paths.LABEL
 COMMAND = "claude-proxy"  # the console script's name (pyproject's [project.scripts])
@@ -101,7 +103,7 @@ class Installed:
     config_dir: Path | None
 
 
-def installed(home: Path) -> Installed:
+def installed_plist(home: Path) -> Installed:
     """Read the installed plist; raises OSError when it is missing or unreadable, ValueError when
     it is not an agent plist of ours."""
     plist = paths.plist_path(home)
@@ -132,3 +134,62 @@ def installed(home: Path) -> Installed:
         socks_port=number("--socks-port"),
         config_dir=Path(folder) if folder else None,
     )
+
+
+def status(
+    *,
+    home: Path,
+    host: str,
+    port: int | None,
+    socks_port: int | None,
+    config_dir: Path | None = None,
+) -> list[Check]:
+    """Would Claude Code work through the agent? One row per step; all ok, or it would not."""
+    agent_check, installed = agent_state(home)
+    told = installed or Installed(None, None, None, None, None)
+    target = probes.Target(
+        host=host,
+        port=port or told.port or defaults.DEFAULT_PORT,
+        socks_port=socks_port or told.socks_port or defaults.DEFAULT_SOCKS_PORT,
+        config_dir=config_dir or told.config_dir or paths.config_dir(),
+        agent_installed=installed is not None,
+    )
+    checks = [agent_check]
+    ca_check, cert = certificate(target)
+    checks.append(ca_check)
+    checks.append(probes.probe_http(target, cert))
+    checks.append(probes.probe_socks(target, cert))
+    if sys.platform == "darwin":
+        checks.append(probes.keychain(home, cert or ca.cert_path(target.config_dir)))
+    log = paths.log_dir() / paths.LOG_FILE
+    checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
+    return checks
+
+
+def agent_state(home: Path) -> tuple[Check, Installed | None]:
+    plist = paths.plist_path(home)
+    try:
+        installed = installed_plist(home)
+    except FileNotFoundError:
+        return Check(False, "agent", f"not installed: no {plist}", probes.INSTALL), None
+    except (OSError, ValueError) as e:
+        return Check(False, "agent", f"{plist} is unusable: {e}", probes.INSTALL), None
+    exe = installed.executable
+    if exe is None or not os.access(exe, os.X_OK):
+        missing = f"{plist} starts {exe}, which is not there"
+        return Check(False, "agent", missing, probes.INSTALL), None
+    return Check(True, "agent", f"{plist} (starts {exe})"), installed
+
+
+def certificate(target: probes.Target) -> tuple[Check, Path | None]:
+    confdir = target.config_dir
+    fix = probes.INSTALL if target.agent_installed else "claude-proxy ca"
+    if not ca.key_path(confdir).exists():
+        return Check(False, "CA", f"none in {confdir}", fix), None
+    try:
+        authority = ca.load_ca(confdir)
+    except ProxyError as e:
+        aside = f"move {shlex.quote(str(confdir))} aside, then {fix}"
+        return Check(False, "CA", str(e), aside), None
+    colons = authority.colons(authority.sha256)
+    return Check(True, "CA", f"{authority.cert_path} SHA-256 {colons}"), authority.cert_path

@@ -327,9 +327,9 @@ def cmd_plist(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from claude_proxy import status
+    from claude_proxy import agent
 
-    checks = status.status(
+    checks = agent.status(
         home=Path.home(), host=args.host, port=args.port, socks_port=args.socks_port
     )
     for check in checks:
@@ -351,7 +351,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
     )
     if args.installed:
         try:
-            installed = agent.installed(home)
+            installed = agent.installed_plist(home)
         except (OSError, ValueError):
             pass  # no usable plist: this environment's values
         else:

@@ -1,4 +1,4 @@
-"""`claude-proxy status`: would Claude Code work through the agent? Each check proves one step.
+"""The checks behind `claude-proxy status` that talk to something: the proxy's ports, the keychain.
 
 The proxy checks go the whole way without contacting any upstream: a tunnel to an allowed host
 (CONNECT, and SOCKS5), then a TLS handshake inside it that must verify against *our* CA. The
@@ -14,12 +14,10 @@ import shlex
 import socket
 import ssl
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import agent, ca, defaults, paths
-from claude_proxy.errors import ProxyError
+from claude_proxy import defaults, paths
 
 PROBE_HOST = "api.anthropic.com"  # allowed by the built-in rules, which no flag removes
 PROBE_PORT = 443
@@ -45,63 +43,6 @@ class Target:
     socks_port: int
     config_dir: Path
     agent_installed: bool
-
-
-def status(
-    *,
-    home: Path,
-    host: str,
-    port: int | None,
-    socks_port: int | None,
-    config_dir: Path | None = None,
-) -> list[Check]:
-    agent_check, installed = agent_state(home)
-    told = installed or agent.Installed(None, None, None, None, None)
-    target = Target(
-        host=host,
-        port=port or told.port or defaults.DEFAULT_PORT,
-        socks_port=socks_port or told.socks_port or defaults.DEFAULT_SOCKS_PORT,
-        config_dir=config_dir or told.config_dir or paths.config_dir(),
-        agent_installed=installed is not None,
-    )
-    checks = [agent_check]
-    ca_check, cert = certificate(target)
-    checks.append(ca_check)
-    checks.append(probe_http(target, cert))
-    checks.append(probe_socks(target, cert))
-    if sys.platform == "darwin":
-        checks.append(keychain(home, cert or ca.cert_path(target.config_dir)))
-    log = paths.log_dir() / paths.LOG_FILE
-    checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
-    return checks
-
-
-def agent_state(home: Path) -> tuple[Check, agent.Installed | None]:
-    plist = paths.plist_path(home)
-    try:
-        installed = agent.installed(home)
-    except FileNotFoundError:
-        return Check(False, "agent", f"not installed: no {plist}", INSTALL), None
-    except (OSError, ValueError) as e:
-        return Check(False, "agent", f"{plist} is unusable: {e}", INSTALL), None
-    exe = installed.executable
-    if exe is None or not os.access(exe, os.X_OK):
-        return Check(False, "agent", f"{plist} starts {exe}, which is not there", INSTALL), None
-    return Check(True, "agent", f"{plist} (starts {exe})"), installed
-
-
-def certificate(target: Target) -> tuple[Check, Path | None]:
-    confdir = target.config_dir
-    fix = INSTALL if target.agent_installed else "claude-proxy ca"
-    if not ca.key_path(confdir).exists():
-        return Check(False, "CA", f"none in {confdir}", fix), None
-    try:
-        authority = ca.load_ca(confdir)
-    except ProxyError as e:
-        aside = f"move {shlex.quote(str(confdir))} aside, then {fix}"
-        return Check(False, "CA", str(e), aside), None
-    colons = authority.colons(authority.sha256)
-    return Check(True, "CA", f"{authority.cert_path} SHA-256 {colons}"), authority.cert_path
 
 
 def start_fix(target: Target) -> str:
@@ -172,7 +113,8 @@ def probe_socks(target: Target, cert: Path | None) -> Check:
 
 def handshake(sock: socket.socket, what: str, target: Target, cert: Path | None) -> Check:
     if cert is None:
-        return Check(False, what, "a tunnel opens, but there is no CA to verify it against")
+        why = "a tunnel opens, but there is no CA to verify it against"
+        return Check(False, what, why, "the CA line's fix, then this again")
     context = ssl.create_default_context(cafile=str(cert))  # our CA alone, not the system's
     context.set_alpn_protocols(["http/1.1"])
     try:
