@@ -7,6 +7,7 @@ import time
 
 from mitmproxy import http
 
+from claude_proxy.defaults import PROBE_AGENT
 from claude_proxy.policy import Decision
 
 logger = logging.getLogger("claude_proxy.decisions")
@@ -28,6 +29,7 @@ def log_decision(
 ) -> None:
     request = flow.request
     path = "-" if request.method == "CONNECT" else request.path.split("?", 1)[0] or "/"
+    probe = request.method == "CONNECT" and request.headers.get("user-agent") == PROBE_AGENT
     log_line(
         request.method,
         host,
@@ -37,6 +39,7 @@ def log_decision(
         decision,
         started=request.timestamp_start,
         failure=flow.metadata.get(FAILURE),
+        probe=probe,
     )
 
 
@@ -50,13 +53,22 @@ def log_line(
     *,
     started: float,
     failure: str | None = None,
+    probe: bool = False,
 ) -> None:
-    """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5)."""
+    """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5).
+
+    A tunnel `claude-proxy status` opens (`probe`) is no one's traffic: when allowed, it is
+    logged at DEBUG and marked. Its requests, if any were sent, would each be logged as usual;
+    a refused probe is a decision like any other.
+    """
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
     if failure:
         why += f' "{printable(failure)}"'
-    logger.info(
-        "%s %s %s:%d %s %s %s %.0fms",
+    quiet = probe and decision.allowed
+    logger.log(
+        logging.DEBUG if quiet else logging.INFO,
+        "%s%s %s %s:%d %s %s %s %.0fms",
+        "probe: " if quiet else "",
         "ALLOW" if decision.allowed else "BLOCK",
         printable(method),
         printable(host),
