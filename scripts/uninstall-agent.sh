@@ -5,13 +5,14 @@
 # bash 3.2 (macOS's own).
 set -u
 
-LABEL="local.claude-proxy"
-DRY_RUN=0
+HERE=$(cd "$(dirname "$0")" && pwd) || exit 1
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "${HERE}/lib.sh"
+
 PURGE=0
 FAILURES=0
+TRUST_KEPT=0 # the keychain may still trust the CA: its certificate file is needed to undo that
 
-say() { printf 'claude-proxy: %s\n' "$*" >&2; }
-warn() { printf 'claude-proxy: warning: %s\n' "$*" >&2; }
 fail() {
   printf 'claude-proxy: failed: %s\n' "$*" >&2
   FAILURES=$((FAILURES + 1))
@@ -21,22 +22,15 @@ usage() {
   cat <<EOF
 Usage: scripts/uninstall-agent.sh [--dry-run] [--purge] [-h]
 
-Stops and removes the launchd agent ${LABEL}, removes the CA's trust and certificate from the
-login keychain, and uninstalls the claude-proxy tool. Keeps ~/.config/claude-proxy (the CA) and
-~/Library/Logs/claude-proxy unless --purge. Safe when nothing, or only part, is installed.
+Stops and removes the launchd agent local.claude-proxy, removes the CA's trust and certificate
+from the login keychain, and uninstalls the claude-proxy tool. Keeps the CA (the installed agent's
+config folder) and ~/Library/Logs/claude-proxy unless --purge. Safe when nothing, or only part,
+is installed.
 
-  -n, --dry-run  print every change instead of making it
+  -n, --dry-run  print every change instead of making it; change nothing
       --purge    also delete the CA and the logs
   -h, --help     this help
 EOF
-}
-
-change() {
-  if [ "${DRY_RUN}" -eq 1 ]; then
-    say "would run: $*"
-    return 0
-  fi
-  "$@"
 }
 
 parse_args() {
@@ -93,33 +87,54 @@ remove_plist() {
   fi
 }
 
-# SHA-1 of our CA certificate, uppercase hex: from the tool if it is still there, else openssl.
+# SHA-1 of the agent's CA certificate (CA_CERT), uppercase hex. Not `claude-proxy ca --sha1`:
+# that reads this shell's config folder, and makes a CA there if it has none.
 ca_sha1() {
-  if [ -x "${EXE}" ] && "${EXE}" ca --sha1 2>/dev/null; then
-    return 0
+  openssl x509 -noout -fingerprint -sha1 -in "${CA_CERT}" | sed 's/^.*=//; s/://g' |
+    tr '[:lower:]' '[:upper:]'
+}
+
+# Whether the user's trust settings still name the certificate $1 (SHA-1): 0 yes, 1 no, 2 unknown.
+has_trust_settings() {
+  local exported said code=2
+  exported=$(mktemp -t claude-proxy-trust.XXXXXX) || return 2
+  if said=$(security trust-settings-export "${exported}" 2>&1); then
+    if grep -q "<key>$1</key>" "${exported}"; then code=0; else code=1; fi
   else
-    openssl x509 -noout -fingerprint -sha1 -in "${CERT}" | sed 's/^.*=//; s/://g' |
-      tr '[:lower:]' '[:upper:]'
+    case "${said}" in
+      *"No Trust Settings"*) code=1 ;;
+    esac
   fi
+  rm -f "${exported}"
+  return "${code}"
 }
 
 untrust_ca() {
-  local sha1
-  if [ ! -f "${CERT}" ]; then
-    say "no CA certificate at ${CERT}: nothing to remove from the keychain"
+  local sha1 said
+  if [ ! -f "${CA_CERT}" ]; then
+    say "no CA certificate at ${CA_CERT}: nothing to remove from the keychain"
     return 0
   fi
   sha1=$(ca_sha1)
   if [ -z "${sha1}" ]; then
-    fail "could not read the SHA-1 of ${CERT}; remove its trust in Keychain Access by hand"
+    fail "could not read the SHA-1 of ${CA_CERT}; remove its trust in Keychain Access by hand"
+    TRUST_KEPT=1
     return 0
   fi
   if [ "${DRY_RUN}" -eq 1 ]; then
-    say "would run: security remove-trusted-cert ${CERT}"
-  elif security remove-trusted-cert "${CERT}" >/dev/null 2>&1; then
+    say "would run: security remove-trusted-cert ${CA_CERT}"
+  elif said=$(security remove-trusted-cert "${CA_CERT}" 2>&1); then
     say "removed the CA's trust settings"
   else
-    say "the CA had no trust settings"
+    # It also fails when there was nothing to remove: only trust that is still there is a failure.
+    has_trust_settings "${sha1}"
+    case "$?" in
+      1) say "the CA had no trust settings" ;;
+      *)
+        fail "security remove-trusted-cert ${CA_CERT}: ${said:-exit status non-zero}"
+        TRUST_KEPT=1
+        ;;
+    esac
   fi
   if security find-certificate -a -Z "${KEYCHAIN}" 2>/dev/null | grep -q "SHA-1 hash: ${sha1}"; then
     change security delete-certificate -Z "${sha1}" "${KEYCHAIN}" >/dev/null ||
@@ -130,20 +145,23 @@ untrust_ca() {
 }
 
 uninstall_tool() {
-  if uv tool list 2>/dev/null | grep -q '^claude-proxy '; then
-    change uv tool uninstall claude-proxy >/dev/null || fail "uv tool uninstall claude-proxy"
+  if direct uv tool list 2>/dev/null | grep -q '^claude-proxy '; then
+    change direct uv tool uninstall claude-proxy >/dev/null || fail "uv tool uninstall claude-proxy"
   else
     say "the claude-proxy tool is not installed"
   fi
 }
 
 purge() {
-  local dir
-  for dir in "${CONFIG_DIR}" "${LOG_DIR}"; do
-    if [ -e "${dir}" ]; then
-      change rm -rf "${dir}" || fail "could not remove ${dir}"
-    fi
-  done
+  if [ "${TRUST_KEPT}" -eq 1 ]; then
+    warn "kept ${CONFIG_DIR}: the keychain may still trust its CA, and removing that trust needs" \
+      "${CA_CERT}; fix the failure above, then run this again"
+  elif [ -e "${CONFIG_DIR}" ]; then
+    change rm -rf "${CONFIG_DIR}" || fail "could not remove ${CONFIG_DIR}"
+  fi
+  if [ -e "${LOG_DIR}" ]; then
+    change rm -rf "${LOG_DIR}" || fail "could not remove ${LOG_DIR}"
+  fi
 }
 
 main() {
@@ -153,14 +171,14 @@ main() {
     exit 1
   fi
   DOMAIN="gui/$(id -u)"
-  PLIST="${HOME}/Library/LaunchAgents/${LABEL}.plist"
-  LOG_DIR="${HOME}/Library/Logs/claude-proxy"
-  CONFIG_DIR="${XDG_CONFIG_HOME:-${HOME}/.config}/claude-proxy"
-  CERT="${CONFIG_DIR}/mitmproxy-ca-cert.pem"
-  KEYCHAIN="${HOME}/Library/Keychains/login.keychain-db"
-  EXE=""
+  REPO=$(cd "${HERE}/.." && pwd) || exit 1
   if command -v uv >/dev/null 2>&1; then
-    EXE="$(uv tool dir --bin 2>/dev/null)/claude-proxy"
+    EXE="$(direct uv tool dir --bin 2>/dev/null)/claude-proxy"
+  fi
+  # The installed agent's own config folder and ports, read from its plist while it is there.
+  if ! load_paths --installed; then
+    printf 'claude-proxy: error: could not ask claude-proxy for its paths (needs uv): nothing done\n' >&2
+    exit 1
   fi
   [ "${DRY_RUN}" -eq 1 ] && say "dry run: nothing is changed"
 

@@ -36,6 +36,8 @@ class ProxyProcess:
         self.listening = threading.Event()
         self.port = 0
         self.socks_port = 0
+        if "--socks-port" not in args and (not args or args[0].startswith("-") or args[0] == "run"):
+            args = [*args, "--socks-port", "0"]  # never the default port another run may hold
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         full_env.update(HOME=str(home), PYTHONUNBUFFERED="1", **env)
         self.proc = subprocess.Popen(
@@ -124,7 +126,7 @@ def start_proxy(
     trust_upstream: bool = True,
     env: dict[str, str] | None = None,
 ) -> ProxyProcess:
-    args = ["--port", "0", "--socks-port", "0"]
+    args = ["--port", "0"]
     if trust_upstream:
         args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_file}"]
     for name in scripts:
@@ -200,13 +202,26 @@ def read_head(sock: socket.socket | ssl.SSLSocket) -> bytes:
 
 
 def read_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """Everything until the peer closes (or resets). A peer that does neither in time fails."""
     data = b""
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (ssl.SSLError, ConnectionError, TimeoutError):
-        pass
+    except (ssl.SSLError, ConnectionError):
+        pass  # closed uncleanly: closed all the same
     return data
+
+
+def read_response(sock: socket.socket | ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """One response, head and Content-Length body, on a connection that may stay open."""
+    head, _, body = read_head(sock).partition(b"\r\n\r\n")
+    found = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    length = int(found[1]) if found else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(body)} of {length} body bytes"
+        body += chunk
+    return head, body
 
 
 def open_tunnel(

@@ -342,7 +342,7 @@ def test_only_a_websocket_upgrade_is_offered_upstream(
     headers: dict[str, str], kept: str | None
 ) -> None:
     r = request(**headers)
-    wellformed.strip_upgrades(r)
+    wellformed.strip_hop_headers(r)
     assert r.headers.get("upgrade") == kept
     assert "http2-settings" not in r.headers
 

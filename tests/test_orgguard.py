@@ -27,7 +27,14 @@ from claude_proxy import accounts
 from claude_proxy.addon import Enforcer
 from claude_proxy.orgguard import OrgGuard
 from claude_proxy.policy import DEFAULT_RULES
-from tests.conftest import EXECUTABLE, ProxyProcess, open_tunnel, read_head, start_proxy
+from tests.conftest import (
+    EXECUTABLE,
+    ProxyProcess,
+    open_tunnel,
+    read_head,
+    read_until_closed,
+    start_proxy,
+)
 from tests.upstream import PROBE_PATHS, Account, Upstream
 
 ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"
@@ -367,3 +374,27 @@ def test_a_failing_check_refuses_with_one_line(
             assert "internal error in the organization check" in (f.response.text or "")
     errors = [r for r in caplog.records if r.name == "claude_proxy.orgguard"]
     assert [r.levelname for r in errors] == ["ERROR"]  # once, however often it fails
+
+
+def test_a_new_credential_with_a_large_upload_is_refused_before_any_probe(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """mitmproxy reads a body while its request waits for a probe: only a bounded one waits."""
+    proxy = pinned_proxy(home, upstream, upstream_ca_file, ORG_A)
+    tls = open_tunnel(proxy, "api.anthropic.com")
+    tls.sendall(
+        b"POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: "
+        + KEY_A2.encode()
+        + b"\r\nContent-Length: 50000000\r\n\r\n"
+        + b"x" * 65536
+    )
+    answer = read_until_closed(tls)  # closed without the rest of the body: never waits for it
+    tls.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 403"), answer[:80]
+    upstream.wait_idle()
+    assert probes(upstream) == []
+    assert upstream.seen.connections == 0
+    assert "is not held while it is verified" in proxy.log_text()
+    with client(proxy) as c:  # a small request with it is verified, then the credential is known
+        ok = c.get("https://api.anthropic.com/v1/models", headers={"x-api-key": KEY_A2})
+    assert ok.status_code == 200

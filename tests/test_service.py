@@ -79,7 +79,11 @@ def test_log_file_is_written_and_private(
         (["--set", "mode=transparent"], 2, "mode 'transparent' is not supported"),
         (["--set", "listen_host=0.0.0.0"], 2, "--set listen_host is not supported: use --host"),
         (["--set", "mode=regular@0.0.0.0:0"], 2, "would let other machines use the proxy"),
-        (["--set", "no_such_option=1", "--port", "0"], 2, "unknown mitmproxy option(s)"),
+        (
+            ["--set", "no_such_option=1", "--port", "0", "--socks-port", "0"],
+            2,
+            "unknown mitmproxy option(s)",
+        ),
         # options that would weaken a check
         (["--set", "validate_inbound_headers=false"], 2, "validate_inbound_headers must stay on"),
         (["--set", "rawtcp=true"], 2, "rawtcp must stay off"),
@@ -116,7 +120,7 @@ def test_port_in_use(home: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli(home, "--port", str(port))
+        result = run_cli(home, "--port", str(port), "--socks-port", "0")
     assert result.returncode == 3
     assert result.stderr.strip().splitlines() == [
         f"claude-proxy: cannot listen on 127.0.0.1:{port}: the port is in use (is claude-proxy "
@@ -149,7 +153,7 @@ def test_damaged_ca_is_an_error_and_left_alone(home: Path, damage: str, why: str
         )
     before = {p.name: p.read_bytes() for p in confdir.iterdir()}
     for args in ([], ["ca"]):
-        result = run_cli(home, *args, *(["--port", "0"] if not args else []))
+        result = run_cli(home, *args, *(["--port", "0", "--socks-port", "0"] if not args else []))
         assert result.returncode == 4
         assert why in result.stderr
         assert "never replaced automatically" in result.stderr

@@ -382,3 +382,18 @@ def test_h1_request_trailers_are_dropped_without_a_crash(
     assert upstream.seen.bodies == [b"hello"]
     assert b"X-Trailer" not in upstream.seen.raw
     assert "HTTP trailers are not implemented" not in proxy.log_text()
+
+
+@pytest.mark.parametrize(
+    "header", [b"Proxy-Authorization: Bearer sk-ant-api03-secret", b"Proxy-Connection: keep-alive"]
+)
+def test_headers_meant_for_the_proxy_never_reach_the_origin(
+    proxy: ProxyProcess, upstream: Upstream, header: bytes
+) -> None:
+    """Proxy-* headers are for the proxy: one carrying a credential must not ride along."""
+    head = h1_in_tunnel(
+        proxy, b"GET /p HTTP/1.1\r\nHost: api.anthropic.com\r\n" + header + b"\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200"), head
+    upstream.wait_idle()
+    assert header.split(b":")[0].lower() not in bytes(upstream.seen.raw).lower()

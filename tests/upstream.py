@@ -55,7 +55,8 @@ class Upstream(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.finished = threading.Condition(self.lock)
         self.open_connections = 0
-        self.seen = Seen()
+        self.record = Seen()  # what the handlers write; tests read it through `seen`
+        self.markers: dict[tuple[str, int], bool] = {}  # settle()'s connections: accepted yet?
         self.gates: dict[str, threading.Event] = {}
         self.accounts: dict[str, Account] = {}  # key or OAuth token → its account
         self.unreachable = False  # close every connection before TLS
@@ -65,9 +66,31 @@ class Upstream(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    @property
+    def seen(self) -> Seen:
+        """What reached the upstream, counting every connection opened before this call."""
+        self.settle()
+        return self.record
+
+    def settle(self, timeout: float = 10) -> None:
+        """Barrier: a connection waits in the listen queue until the server thread accepts it, so
+        a marker connection, once accepted, proves that every earlier one has been counted."""
+        with socket.socket() as marker:
+            marker.bind(("127.0.0.1", 0))
+            name = marker.getsockname()
+            with self.lock:
+                self.markers[name] = False
+            marker.settimeout(timeout)
+            marker.connect(("127.0.0.1", self.port))
+            with self.finished:
+                accepted = self.finished.wait_for(lambda: self.markers[name], timeout)
+                del self.markers[name]
+        if not accepted:
+            raise AssertionError("upstream: the marker connection was never accepted")
+
     def reset(self) -> None:
         with self.lock:
-            self.seen = Seen()
+            self.record = Seen()
             self.gates.clear()
             self.accounts.clear()
             self.unreachable = False
@@ -80,12 +103,16 @@ class Upstream(ThreadingHTTPServer):
     def wait_gate(self, name: str) -> None:
         opened = self.gate(name).wait(timeout=GATE_SECONDS)
         with self.lock:
-            self.seen.gate_waits.append(opened)
+            self.record.gate_waits.append(opened)
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, addr = super().get_request()
-        with self.lock:
-            self.seen.connections += 1
+        with self.finished:
+            if addr in self.markers:
+                self.markers[addr] = True
+                self.finished.notify_all()
+            else:
+                self.record.connections += 1
             self.open_connections += 1
         return sock, addr
 
@@ -118,7 +145,7 @@ class Upstream(ThreadingHTTPServer):
 
     def _sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         with self.lock:
-            self.seen.snis.append(name)
+            self.record.snis.append(name)
 
     def serve_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -135,7 +162,7 @@ class RecordingReader:
 
     def _keep(self, data: bytes) -> bytes:
         with self.server.lock:
-            self.server.seen.raw += data
+            self.server.record.raw += data
         return data
 
     def readline(self, limit: int = -1) -> bytes:
@@ -162,10 +189,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _record(self) -> None:
         with self.server.lock:
-            self.server.seen.requests.append(
+            self.server.record.requests.append(
                 (self.command, self.path, self.headers.get("Host", ""))
             )
-            self.server.seen.headers.append({k.lower(): v for k, v in self.headers.items()})
+            self.server.record.headers.append({k.lower(): v for k, v in self.headers.items()})
 
     def _account(self) -> Account | None:
         """The account of the key (x-api-key) or token (Authorization: Bearer) presented."""
@@ -235,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
         self._record()
         body = self._read_body()
         with self.server.lock:
-            self.server.seen.bodies.append(body)
+            self.server.record.bodies.append(body)
         if urlsplit(self.path).path == "/v1/messages":
             return self._messages(json.loads(body))
         self.send_response(200)

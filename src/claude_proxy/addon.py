@@ -239,7 +239,7 @@ class Enforcer:
             ):
                 decision = Decision(False, mismatch)
             if decision.allowed:
-                wellformed.strip_upgrades(flow.request)
+                wellformed.strip_hop_headers(flow.request)
         except Exception:
             logger.exception("refusing a request: the check failed")
             host, port = flow.request.host, flow.request.port

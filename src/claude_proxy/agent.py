@@ -1,41 +1,68 @@
-"""The launchd agent: rendering its plist, and checking that everything is in order (`status`)."""
+"""The launchd agent: rendering its plist, reading back the installed one, and `status`."""
 
 from __future__ import annotations
 
+import os
 import plistlib
 import re
-import socket
-import subprocess
+import shlex
+import shutil
 import sys
-import tempfile
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import accounts, auditlog, ca, paths
-from claude_proxy.addon import REFUSAL_HEADER
+from claude_proxy import accounts, auditlog, ca, defaults, paths, probes
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.probes import Check
 
-LABEL = "local.claude-proxy"
+LABEL = paths.LABEL
+COMMAND = "claude-proxy"  # the console script's name (pyproject's [project.scripts])
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
-PROBE_DESTINATION = "status-probe.claude-proxy.invalid:443"
 
 
-def plist_path(home: Path) -> Path:
-    return home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+def console_script() -> Path:
+    """The installed `claude-proxy` command of this environment (never `__main__.py`)."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        found = shutil.which(COMMAND, path=folder)
+        if found:
+            return Path(os.path.abspath(found))
+    raise ProxyError(
+        f"cannot find the {COMMAND} command beside {sys.executable}; "
+        "pass --executable PATH (the installed claude-proxy)",
+        ExitCode.USAGE,
+    )
 
 
 def render_plist(
-    template: bytes, *, executable: Path, home: Path, log_dir: Path, port: int, socks_port: int
+    template: bytes,
+    *,
+    executable: Path,
+    home: Path,
+    log_dir: Path,
+    config_dir: Path,
+    port: int,
+    socks_port: int,
 ) -> bytes:
     """Fill the template's @NAME@ strings with absolute paths; the serializer does the escaping."""
-    for what, path in (("executable", executable), ("home", home), ("log folder", log_dir)):
+    folders = (
+        ("executable", executable),
+        ("home", home),
+        ("log folder", log_dir),
+        ("config folder", config_dir),
+    )
+    for what, path in folders:
         if not path.is_absolute():
             raise ProxyError(f"the {what} must be an absolute path, not {path}", ExitCode.USAGE)
+    for name, number in (("port", port), ("SOCKS port", socks_port)):
+        if not 1 <= number <= 65535:
+            raise ProxyError(f"the agent's {name} must be 1-65535, not {number}", ExitCode.USAGE)
     values = {
         "EXECUTABLE": str(executable),
         "HOME": str(home),
         "LOG_DIR": str(log_dir),
+        "CONFIG_DIR": str(config_dir),
         "PORT": str(port),
         "SOCKS_PORT": str(socks_port),
         "PATH": f"{executable.parent}:{SYSTEM_PATH}",
@@ -66,91 +93,74 @@ def render_plist(
 
 
 @dataclass(frozen=True)
-class Check:
-    ok: bool
-    what: str
-    detail: str
+class Installed:
+    """What the installed plist tells the agent: its program, ports and config folder."""
+
+    plist: Path | None
+    executable: Path | None
+    port: int | None
+    socks_port: int | None
+    config_dir: Path | None
 
 
-def probe(host: str, port: int, timeout: float = 3.0) -> Check:
-    """Is claude-proxy answering? Only it refuses a probe CONNECT with its own header."""
-    what = f"proxy on {host}:{port}"
+def installed_plist(home: Path) -> Installed:
+    """Read the installed plist; raises OSError when it is missing or unreadable, ValueError when
+    it is not an agent plist of ours."""
+    plist = paths.plist_path(home)
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(f"CONNECT {PROBE_DESTINATION} HTTP/1.1\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < 65536:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-    except OSError as e:
-        return Check(False, what, f"nothing answers ({e.strerror or e})")
-    lines = head.decode("latin-1").split("\r\n")
-    ours = any(line.lower().startswith(REFUSAL_HEADER.lower() + ":") for line in lines)
-    if lines[0].startswith("HTTP/1.1 403") and ours:
-        return Check(True, what, "claude-proxy answers and refuses a probe")
-    return Check(False, what, f"something else answers: {lines[0][:60]!r}")
+        document = plistlib.loads(plist.read_bytes())
+    except plistlib.InvalidFileException as e:
+        raise ValueError(f"not a valid plist ({e})") from e
+    if not isinstance(document, dict) or document.get("Label") != LABEL:
+        label = document.get("Label") if isinstance(document, dict) else None
+        raise ValueError(f"its Label is {label!r}, not {LABEL}")
+    arguments = document.get("ProgramArguments")
+    if not isinstance(arguments, list) or not arguments:
+        raise ValueError("it has no ProgramArguments")
+    words = [str(a) for a in arguments]
+
+    def flag(name: str) -> str | None:
+        return words[words.index(name) + 1] if name in words[:-1] else None
+
+    def number(name: str) -> int | None:
+        text = flag(name)
+        return int(text) if text is not None and text.isdigit() else None
+
+    folder = flag("--config-dir")
+    return Installed(
+        plist=plist,
+        executable=Path(words[0]),
+        port=number("--port"),
+        socks_port=number("--socks-port"),
+        config_dir=Path(folder) if folder else None,
+    )
 
 
-def probe_socks(host: str, port: int, timeout: float = 3.0) -> Check:
-    """Is a SOCKS5 proxy answering that refuses the probe destination by policy (reply 0x02)?"""
-    what = f"SOCKS5 on {host}:{port}"
-    name = PROBE_DESTINATION.rsplit(":", 1)[0].encode()
-    request = b"\x05\x01\x00\x03" + bytes([len(name)]) + name + (443).to_bytes(2, "big")
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"\x05\x01\x00")
-            greeting = sock.recv(2)
-            sock.sendall(request)
-            reply = sock.recv(10)
-    except OSError as e:
-        return Check(False, what, f"nothing answers ({e.strerror or e})")
-    if greeting == b"\x05\x00" and reply[:2] == b"\x05\x02":
-        return Check(True, what, "answers and refuses a probe")
-    return Check(False, what, f"something else answers: {(greeting + reply)[:12]!r}")
-
-
-def keychain_trusts(sha1: str) -> bool:
-    """Whether the user's trust settings (macOS) name this exact certificate, by SHA-1."""
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = Path(tmp) / "trust.plist"
-        result = subprocess.run(
-            ["security", "trust-settings-export", str(exported)],
-            capture_output=True,
-            check=False,
-        )
-        if result.returncode != 0 or not exported.exists():
-            return False
-        trust_list = plistlib.loads(exported.read_bytes()).get("trustList", {})
-        return sha1.upper() in {key.upper() for key in trust_list}
-
-
-def status(*, home: Path, host: str, port: int, socks_port: int) -> list[Check]:
-    checks = []
-    plist = plist_path(home)
-    try:
-        label = plistlib.loads(plist.read_bytes()).get("Label")
-        checks.append(Check(label == LABEL, "agent", f"{plist} (Label {label})"))
-    except (OSError, plistlib.InvalidFileException) as e:
-        checks.append(Check(False, "agent", f"not installed: {plist} ({type(e).__name__})"))
-    checks.append(probe(host, port))
-    checks.append(probe_socks(host, socks_port))
-    confdir = paths.config_dir()
-    authority = None
-    if ca.key_path(confdir).exists():
-        try:
-            authority = ca.load_ca(confdir)
-            colons = authority.colons(authority.sha256)
-            checks.append(Check(True, "CA", f"{authority.cert_path} SHA-256 {colons}"))
-        except ProxyError as e:
-            checks.append(Check(False, "CA", str(e)))
-    else:
-        checks.append(Check(False, "CA", f"none in {confdir}: run `claude-proxy ca`"))
+def status(
+    *,
+    home: Path,
+    host: str,
+    port: int | None,
+    socks_port: int | None,
+    config_dir: Path | None = None,
+) -> list[Check]:
+    """Would Claude Code work through the agent? One row per step; all ok, or it would not."""
+    agent_check, installed = agent_state(home)
+    told = installed or Installed(None, None, None, None, None)
+    target = probes.Target(
+        host=host,
+        port=port or told.port or defaults.DEFAULT_PORT,
+        socks_port=socks_port or told.socks_port or defaults.DEFAULT_SOCKS_PORT,
+        config_dir=config_dir or told.config_dir or paths.config_dir(),
+        agent_installed=installed is not None,
+    )
+    checks = [agent_check]
+    ca_check, cert = certificate(target)
+    checks.append(ca_check)
+    checks.append(probes.probe_http(target, cert))
+    checks.append(probes.probe_socks(target, cert))
     if sys.platform == "darwin":
-        trusted = authority is not None and keychain_trusts(authority.sha1)
-        detail = "trusted for SSL" if trusted else "not trusted: run scripts/install-agent.sh"
-        checks.append(Check(trusted, "keychain", detail))
+        checks.append(probes.keychain(home, cert or ca.cert_path(target.config_dir)))
     checks.append(pin_check(paths.state_dir()))
     log = paths.log_dir() / paths.LOG_FILE
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
@@ -168,3 +178,32 @@ def pin_check(state: Path) -> Check:
     if pin is None:
         return Check(True, what, "off: credentials of any organization reach Anthropic")
     return Check(True, what, pin.describe())
+
+
+def agent_state(home: Path) -> tuple[Check, Installed | None]:
+    plist = paths.plist_path(home)
+    try:
+        installed = installed_plist(home)
+    except FileNotFoundError:
+        return Check(False, "agent", f"not installed: no {plist}", probes.INSTALL), None
+    except (OSError, ValueError) as e:
+        return Check(False, "agent", f"{plist} is unusable: {e}", probes.INSTALL), None
+    exe = installed.executable
+    if exe is None or not os.access(exe, os.X_OK):
+        missing = f"{plist} starts {exe}, which is not there"
+        return Check(False, "agent", missing, probes.INSTALL), None
+    return Check(True, "agent", f"{plist} (starts {exe})"), installed
+
+
+def certificate(target: probes.Target) -> tuple[Check, Path | None]:
+    confdir = target.config_dir
+    fix = probes.INSTALL if target.agent_installed else "claude-proxy ca"
+    if not ca.key_path(confdir).exists():
+        return Check(False, "CA", f"none in {confdir}", fix), None
+    try:
+        authority = ca.load_ca(confdir)
+    except ProxyError as e:
+        aside = f"move {shlex.quote(str(confdir))} aside, then {fix}"
+        return Check(False, "CA", str(e), aside), None
+    colons = authority.colons(authority.sha256)
+    return Check(True, "CA", f"{authority.cert_path} SHA-256 {colons}"), authority.cert_path

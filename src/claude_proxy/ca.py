@@ -6,8 +6,10 @@ unreadable CA is an error that names the files, not a reason to make a new one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,16 @@ logger = logging.getLogger(__name__)
 
 BASENAME = "mitmproxy"  # mitmproxy's tlsconfig addon looks for <confdir>/mitmproxy-ca.pem
 KEY_SIZE = 2048
+# What mitmproxy writes for a CA; the key (with its certificate) is moved into place last.
+CA_FILES = (
+    f"{BASENAME}-ca-cert.pem",
+    f"{BASENAME}-ca-cert.cer",
+    f"{BASENAME}-ca-cert.p12",
+    f"{BASENAME}-dhparam.pem",
+    f"{BASENAME}-ca.p12",
+    f"{BASENAME}-ca.pem",
+)
+STAGING = ".new-ca"  # a CA is made here, inside the config folder, then moved into place
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +63,13 @@ def bundle_path(confdir: Path) -> Path:
 def ensure_ca(confdir: Path) -> CertificateAuthority:
     """Load the CA in `confdir`, making the folder (0700) and a new CA only when neither exists."""
     key_file, cert_file = key_path(confdir), cert_path(confdir)
+    if (confdir / STAGING).exists():
+        _finish_or_clear(confdir)
     if not key_file.exists():
         if cert_file.exists():
             raise _damaged(confdir, f"{cert_file.name} exists but {key_file.name} does not")
+        if left := [name for name in CA_FILES if (confdir / name).exists()]:
+            raise _damaged(confdir, f"{', '.join(left)} exist but {key_file.name} does not")
         _create(confdir)
     return load_ca(confdir)
 
@@ -86,18 +102,78 @@ def load_ca(confdir: Path) -> CertificateAuthority:
 
 
 def _create(confdir: Path) -> None:
+    """Make the CA in a staging folder beside its files, then move them in, the key last.
+
+    Until the key is in place no proxy can serve with the new CA and no command hands out its
+    certificate; so an interrupted creation (a full disk, a kill) leaves only the staging folder
+    and perhaps some public files, which the next start recognises and clears.
+    """
     from mitmproxy import certs  # only here: commands that find a CA need no mitmproxy
 
+    staging = confdir / STAGING
     try:
         confdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        certs.CertStore.create_store(confdir, BASENAME, KEY_SIZE)
+        staging.mkdir(mode=0o700)
+        certs.CertStore.create_store(staging, BASENAME, KEY_SIZE)
+        for name in CA_FILES:
+            _sync(staging / name)
+        for name in CA_FILES:  # the key last: it is what makes the CA exist
+            os.replace(staging / name, confdir / name)
     except OSError as e:
+        _clear(confdir)
         raise ProxyError(
-            f"cannot create the CA in {confdir}: {e.strerror}; "
-            "check that the folder is writable (or set XDG_CONFIG_HOME)",
+            f"cannot create the CA in {confdir}: {e.strerror or e}; nothing was kept. "
+            "Check that the folder is writable and its disk not full (or set XDG_CONFIG_HOME)",
             ExitCode.CA,
         ) from e
+    with contextlib.suppress(OSError):
+        _sync(confdir)
+    shutil.rmtree(staging, ignore_errors=True)  # if it stays, the next start removes it
     logger.info("created a new CA in %s", confdir)
+
+
+def _finish_or_clear(confdir: Path) -> None:
+    """A staging folder is left: the last creation was interrupted, before or after its end."""
+    if key_path(confdir).exists():  # the key was moved in: the creation had finished
+        shutil.rmtree(confdir / STAGING, ignore_errors=True)
+        return
+    removed = _clear(confdir)
+    logger.warning(
+        "removed what an unfinished CA creation left in %s (%s); no certificate of it was ever "
+        "used; making a new CA",
+        confdir,
+        ", ".join(removed) or STAGING,
+    )
+
+
+def _clear(confdir: Path) -> list[str]:
+    """Remove an unfinished creation: the staging folder, and public files it had moved in.
+
+    Called only while the key is not in place: creation starts only when no CA file is there,
+    so any CA file beside the staging folder comes from it.
+    """
+    removed, stuck = [], False
+    if not key_path(confdir).exists():
+        for name in CA_FILES:
+            if not (confdir / name).exists():
+                continue
+            try:
+                (confdir / name).unlink()
+                removed.append(name)
+            except OSError:
+                stuck = True
+    if not stuck:  # else the staging folder stays, so that the next start tries again
+        shutil.rmtree(confdir / STAGING, ignore_errors=True)
+    return removed
+
+
+def _sync(path: Path) -> None:
+    """Written to the disk before it counts: a power cut must not leave an empty key file."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _restrict(path: Path) -> None:

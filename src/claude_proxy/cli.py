@@ -6,15 +6,16 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# agent and service import mitmproxy (~0.75 s): only the commands that need them load them.
+# service imports mitmproxy (~0.75 s): only `run` (and making a new CA) loads it.
 from claude_proxy import accounts, ca, defaults, logs, paths, policy
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status", "setup", "orgs", "pin", "log")
+COMMANDS = ("run", "ca", "env", "check", "plist", "status", "paths", "setup", "orgs", "pin", "log")
 SHELLS = ("sh", "zsh", "fish", "nu")
 TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
@@ -68,9 +69,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="allow a non-loopback --host: anyone who can reach the port can use the proxy",
     )
+    run.add_argument(
+        "--config-dir",
+        type=Path,
+        help="the folder of the CA (default: $XDG_CONFIG_HOME/claude-proxy, else "
+        "~/.config/claude-proxy); the agent's plist names it",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
     run.add_argument(
-        "-q", "--quiet", action="store_true", help="decision lines to the log file only, not stderr"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only errors on stderr, rate-limited (the log file has everything): for the agent",
     )
     run.set_defaults(func=cmd_run)
 
@@ -106,24 +116,38 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     plist = sub.add_parser("plist", help="render the launchd agent's plist from its template")
     plist.add_argument(
-        "--template", type=Path, required=True, help="launchd/local.claude-proxy.plist"
+        "--template", type=Path, help="another template (default: the one in the package)"
     )
     plist.add_argument(
         "--executable",
         type=Path,
-        default=Path(sys.argv[0]).absolute(),
-        help="the claude-proxy launchd starts (default: this one)",
+        help="the claude-proxy launchd starts (default: this environment's installed command)",
     )
-    plist.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
-    plist.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
+    plist.add_argument("--port", type=fixed_port, default=defaults.DEFAULT_PORT)
+    plist.add_argument("--socks-port", type=fixed_port, default=defaults.DEFAULT_SOCKS_PORT)
+    plist.add_argument(
+        "--config-dir", type=Path, help="the CA's folder the agent uses (default: this one's)"
+    )
     plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
     plist.set_defaults(func=cmd_plist)
 
-    status = sub.add_parser("status", help="is the agent installed, serving and trusted?")
+    status = sub.add_parser(
+        "status", help="would Claude Code work through the agent? (exit 0 only then)"
+    )
     status.add_argument("--host", default=defaults.DEFAULT_HOST)
-    status.add_argument("--port", type=port, default=defaults.DEFAULT_PORT)
-    status.add_argument("--socks-port", type=port, default=defaults.DEFAULT_SOCKS_PORT)
+    status.add_argument("--port", type=fixed_port, help="(default: the installed agent's)")
+    status.add_argument("--socks-port", type=fixed_port, help="(default: the installed agent's)")
     status.set_defaults(func=cmd_status)
+
+    paths_cmd = sub.add_parser(
+        "paths", help="print the agent's names, paths and ports as shell assignments"
+    )
+    paths_cmd.add_argument(
+        "--installed",
+        action="store_true",
+        help="the ports and config folder of the installed agent's plist, where it has one",
+    )
+    paths_cmd.set_defaults(func=cmd_paths)
 
     log = sub.add_parser("log", help="what the proxy decided, from its audit database")
     log.add_argument(
@@ -193,8 +217,9 @@ def port(text: str) -> int:
 
 
 def fixed_port(text: str) -> int:
+    """A port that others are told about (a plist, a settings file): 1-65535, never 0."""
     if port(text) == 0:
-        raise argparse.ArgumentTypeError("a settings file needs a port that stays: not 0")
+        raise argparse.ArgumentTypeError("a port others are told must stay: 1-65535, not 0")
     return int(text)
 
 
@@ -231,8 +256,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from claude_proxy import service
 
     allowlist(args.allow)  # refuse a bad rule before anything else happens
+    os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose, quiet=args.quiet)
-    confdir = paths.config_dir()
+    confdir = args.config_dir.absolute() if args.config_dir else paths.config_dir()
     ca.ensure_ca(confdir)
     settings = service.Settings(
         confdir=confdir,
@@ -318,14 +344,21 @@ def cmd_plist(args: argparse.Namespace) -> int:
     from claude_proxy import agent
 
     try:
-        template = args.template.read_bytes()
+        template = (args.template or paths.PLIST_TEMPLATE).read_bytes()
     except OSError as e:
         raise ProxyError(f"cannot read the plist template: {e}", ExitCode.USAGE) from e
+    executable = args.executable.absolute() if args.executable else agent.console_script()
+    if executable.name.endswith(".py") or not os.access(executable, os.X_OK):
+        raise ProxyError(
+            f"{executable} is not an installed claude-proxy command: launchd could not start it",
+            ExitCode.USAGE,
+        )
     rendered = agent.render_plist(
         template,
-        executable=args.executable,
+        executable=executable,
         home=Path.home(),
         log_dir=paths.log_dir(),
+        config_dir=(args.config_dir or paths.config_dir()).absolute(),
         port=args.port,
         socks_port=args.socks_port,
     )
@@ -350,7 +383,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
+        if not check.ok and check.fix:
+            print(f"     fix: {check.fix}")
     return ExitCode.OK if all(c.ok for c in checks) else ExitCode.FAILURE
+
+
+def cmd_paths(args: argparse.Namespace) -> int:
+    """What the install scripts need, computed here only: `eval "$(claude-proxy paths)"`."""
+    from claude_proxy import agent
+
+    home = Path.home()
+    confdir, port_number, socks_port = (
+        paths.config_dir(),
+        defaults.DEFAULT_PORT,
+        defaults.DEFAULT_SOCKS_PORT,
+    )
+    if args.installed:
+        try:
+            installed = agent.installed_plist(home)
+        except (OSError, ValueError):
+            pass  # no usable plist: this environment's values
+        else:
+            confdir = installed.config_dir or confdir
+            port_number = installed.port or port_number
+            socks_port = installed.socks_port or socks_port
+    values = {
+        "LABEL": paths.LABEL,
+        "PLIST": paths.plist_path(home),
+        "CONFIG_DIR": confdir,
+        "CA_CERT": ca.cert_path(confdir),
+        "CA_KEY": ca.key_path(confdir),
+        "LOG_DIR": paths.log_dir(),
+        "LOG_FILE": paths.log_dir() / paths.LOG_FILE,
+        "KEYCHAIN": paths.login_keychain(home),
+        "PORT": port_number,
+        "SOCKS_PORT": socks_port,
+    }
+    for name, value in values.items():
+        print(f"{name}={shlex.quote(str(value))}")
+    return ExitCode.OK
 
 
 def cmd_log(args: argparse.Namespace) -> int:

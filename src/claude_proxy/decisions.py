@@ -12,6 +12,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from claude_proxy import accounts, audit, paths
+from claude_proxy.defaults import PROBE_AGENT
 from claude_proxy.listeners import format_address
 from claude_proxy.policy import Decision
 from claude_proxy.probe import ORG_HEADER
@@ -77,6 +78,7 @@ def log_decision(
         down_size = len(response.raw_content or b"")  # our own answer: a refusal, a 504
     else:
         down_size = down.size if down is not None else 0
+    probe = request.method == "CONNECT" and request.headers.get("user-agent") == PROBE_AGENT
     log_line(
         request.method,
         host,
@@ -91,6 +93,7 @@ def log_decision(
         bytes_down=down_size,
         organization=organization,
         fingerprint=fingerprint,
+        probe=probe,
     )
 
 
@@ -109,20 +112,26 @@ def log_line(
     bytes_down: int | None = None,
     organization: str | None = None,
     fingerprint: str | None = None,
+    probe: bool = False,
 ) -> None:
     """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5), or "-".
 
     `host` None: the destination is not known. `client` gives the audit row its address and
     listener; `organization` and `fingerprint` (of a credential, never the credential) are for
-    the exfiltration guard.
+    the exfiltration guard. A tunnel `claude-proxy status` opens (`probe`) is no one's traffic:
+    when allowed, it is logged at DEBUG, marked, and not recorded. Its requests, if any were
+    sent, would each be logged as usual; a refused probe is a decision like any other.
     """
     now = time.time()
     elapsed_ms = (now - started) * 1000
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
     if failure:
         why += f' "{printable(failure)}"'
-    logger.info(
-        "%s %s %s %s %s %s %.0fms",
+    quiet = probe and decision.allowed
+    logger.log(
+        logging.DEBUG if quiet else logging.INFO,
+        "%s%s %s %s %s %s %s %.0fms",
+        "probe: " if quiet else "",
         "ALLOW" if decision.allowed else "BLOCK",
         printable(method),
         "-" if host is None else f"{printable(host)}:{port}",
@@ -131,7 +140,7 @@ def log_line(
         why,
         elapsed_ms,
     )
-    if (writer := _writer) is None:
+    if (writer := _writer) is None or quiet:
         return
     try:
         peer = client.peername if client is not None else None

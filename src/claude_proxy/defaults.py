@@ -9,3 +9,7 @@ from __future__ import annotations
 DEFAULT_HOST = "127.0.0.1"  # what clients are told (`env`); the proxy listens on ::1 too
 DEFAULT_PORT = 9051
 DEFAULT_SOCKS_PORT = 9052
+
+# How `claude-proxy status` marks its probes, so that the proxy keeps them out of the decision log:
+PROBE_AGENT = "claude-proxy-status"  # the User-Agent on its CONNECT
+SOCKS_PROBE_METHOD = 0x80  # a private SOCKS5 method (RFC 1928) it offers beside "no auth"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
-from claude_proxy import accounts, probe
+from claude_proxy import accounts, probe, wellformed
 from claude_proxy.accounts import Credential, Pin, StateError, short
 from claude_proxy.addon import Enforcer, body_follows, refusal, refused_body_too_large
 from claude_proxy.decisions import FINGERPRINTS, log_decision, printable
@@ -37,6 +37,13 @@ MAX_PROBES = 8  # probes in flight at once; more wait their turn
 PROBE_PORT = 443
 ERROR_LOG_SECONDS = 60.0
 COOKIE_REASON = "a Cookie to an Anthropic host cannot be tied to an organization"
+# While a probe runs, mitmproxy keeps reading the request's body into memory: only a body of known,
+# bounded size is held. A larger one (or one of unknown length) with a new credential is refused.
+MAX_HELD_BODY = 8 * 1024 * 1024
+TOO_LARGE_TO_HOLD = (
+    "the organization of credential {fp} is not known yet, and a request body over 8 MiB (or of "
+    "unknown length) is not held while it is verified; send a small request with it first"
+)
 HOW_TO_PIN = (
     "`claude-proxy orgs` lists the organizations seen; `claude-proxy pin ORG_UUID` pins another "
     "one and `claude-proxy pin --off` lifts the pin."
@@ -139,6 +146,8 @@ class OrgGuard:
         for credential, fp in zip(found, fingerprints, strict=True):
             org = self.ledger.organization_of(fp)
             if org is None:
+                if not holdable(flow):
+                    return TOO_LARGE_TO_HOLD.format(fp=short(fp))
                 org, why = await self.verify(credential, fp, host)
                 if org is None:
                     return (
@@ -338,3 +347,15 @@ def pin_signature(state: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def holdable(flow: http.HTTPFlow) -> bool:
+    """Whether the request's body is small enough, and of known size, to wait for a probe."""
+    follows = body_follows(flow)
+    if follows is None:  # no HTTP layer said so (in-process): judge by the head
+        follows = wellformed.announces_body(flow.request)
+    if not follows:
+        return True
+    headers = flow.request.headers
+    length = headers.get("content-length", "").strip()
+    return "transfer-encoding" not in headers and length.isdigit() and int(length) <= MAX_HELD_BODY

@@ -1,4 +1,7 @@
-"""Where claude-proxy keeps its files. Nothing here touches the disk."""
+"""Where claude-proxy keeps its files, and the agent's name. Nothing here touches the disk.
+
+The install scripts ask for these (`claude-proxy paths`) instead of computing them again.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import platformdirs
 from platformdirs.unix import Unix
 
 APP = "claude-proxy"
+LABEL = "local.claude-proxy"  # the launchd agent's label
 LOG_FILE = "claude-proxy.log"
+PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")  # shipped inside the package
 AUDIT_FILE = "audit.db"
 
 
@@ -16,6 +21,7 @@ def config_dir() -> Path:
     """`$XDG_CONFIG_HOME/claude-proxy`, else `~/.config/claude-proxy`, on macOS as on Linux.
 
     The CA lives here; the install scripts and Claude Code's NODE_EXTRA_CA_CERTS point at it.
+    The agent is told this folder by its plist (`run --config-dir`): it never computes it.
     """
     return Path(Unix(APP).user_config_dir)
 
@@ -32,6 +38,15 @@ def state_dir() -> Path:
     organizations seen and the organization pin live here too.
     """
     return Path(platformdirs.user_state_dir(APP))
+
+
+def plist_path(home: Path) -> Path:
+    """The installed agent: `~/Library/LaunchAgents/local.claude-proxy.plist`."""
+    return home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+
+
+def login_keychain(home: Path) -> Path:
+    return home / "Library" / "Keychains" / "login.keychain-db"
 
 
 def audit_db() -> Path:

@@ -17,6 +17,7 @@ from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.mode_servers import Socks5Instance
 
 from claude_proxy.decisions import log_line
+from claude_proxy.defaults import SOCKS_PROBE_METHOD
 
 METHOD = "SOCKS5"  # how these tunnels appear in the decision log
 REPLY_NOT_ALLOWED = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -24,6 +25,14 @@ REPLY_NOT_ALLOWED = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"
 
 class CheckedSocks5Proxy(modes.Socks5Proxy):
     refused = False
+    probe = False  # `claude-proxy status` offers its private method: not a decision to log
+
+    def state_greet(self) -> layer.CommandGenerator[None]:
+        if len(self.buf) >= 2:
+            self.probe = SOCKS_PROBE_METHOD in self.buf[2 : 2 + self.buf[1]]
+        yield from super().state_greet()
+
+    state = state_greet
 
     def state_connect(self) -> layer.CommandGenerator[None]:
         """mitmproxy's, less its 0x04 reply to a target this layer refused (it answered 0x02)."""
@@ -53,7 +62,17 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
         else:
             host, port = address
             decision = ctx.master.addons.get("enforcer").open_tunnel(client, host, port)
-            log_line(METHOD, host, port, "-", "-", decision, started=started, client=client)
+            log_line(
+                METHOD,
+                host,
+                port,
+                "-",
+                "-",
+                decision,
+                started=started,
+                client=client,
+                probe=self.probe,
+            )
             reason = decision.reason
         if decision is not None and decision.allowed:
             return (yield from super().finish_start())

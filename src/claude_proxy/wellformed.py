@@ -20,6 +20,8 @@ _ORIGIN_FORM = re.compile(rb"/(?!/)[\x21-\x7e]*|/")
 # Upgrade tokens the proxy carries: a WebSocket. Anything else would end in an unchecked relay.
 ALLOWED_UPGRADE = "websocket"
 H2C_HEADERS = ("http2-settings",)
+# Meant for the proxy, never for the origin (claude-proxy takes no proxy credentials).
+PROXY_HEADERS = ("proxy-authorization", "proxy-connection")
 BODY_FOLLOWS = "claude_proxy.body_follows"  # flow metadata: the head said a body follows it
 # Methods whose content has no meaning (RFC 9110 §9.3): a server may ignore it and read it as the
 # next request. The proxy refuses such a body rather than trust every upstream to skip it.
@@ -69,9 +71,10 @@ def announces_body(request: http.Request) -> bool:
     return any(length.strip() not in ("", "0") for length in lengths)
 
 
-def strip_upgrades(request: http.Request) -> None:
-    """Drop every upgrade offer but a WebSocket one: the upstream may then only answer plainly."""
-    for name in H2C_HEADERS:
+def strip_hop_headers(request: http.Request) -> None:
+    """Drop what is meant for the proxy, and every upgrade offer but a WebSocket one (the upstream
+    may then only answer plainly)."""
+    for name in (*H2C_HEADERS, *PROXY_HEADERS):
         request.headers.pop(name, None)
     upgrade = request.headers.get_all("upgrade")
     if upgrade and [u.strip().lower() for u in upgrade] != [ALLOWED_UPGRADE]:

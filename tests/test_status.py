@@ -1,0 +1,205 @@
+"""`claude-proxy status`: ok only when the path Claude Code takes works, end to end.
+
+Its proxy checks open a tunnel to an allowed host and complete a TLS handshake that must verify
+against our CA; anything else on the port (an imitator, another CA, a silent listener) fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from claude_proxy import agent, probes
+from tests.conftest import read_head, start_proxy
+from tests.macos import Mac
+from tests.test_agent import free_port, sha1
+from tests.test_service import run_cli
+from tests.upstream import Upstream
+
+
+def lines(result: subprocess.CompletedProcess[str], prefix: str) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_status_is_ok_on_the_real_path_and_reaches_nothing_upstream(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    result = run_cli(home, "status", "--port", str(proxy.port),
+                     "--socks-port", str(proxy.socks_port))  # fmt: skip
+    assert lines(result, f"ok   proxy on 127.0.0.1:{proxy.port}: TLS to api.anthropic.com")
+    assert lines(result, f"ok   SOCKS5 on 127.0.0.1:{proxy.socks_port}: TLS to api.anthropic")
+    assert lines(result, "ok   CA:")
+    assert result.returncode == 1  # no agent is installed here: status says so
+    assert lines(result, "FAIL agent: not installed") and lines(result, "     fix: scripts/")
+    assert upstream.seen.connections == 0  # the probes never leave the machine
+    log = home / ".local" / "state" / "claude-proxy" / "log" / "claude-proxy.log"
+    assert "api.anthropic.com" not in log.read_text()  # probes are not decision lines
+    assert proxy.stop() == 0
+
+
+@pytest.fixture
+def imitator(tls_ca: trustme.CA) -> Iterator[Callable[[bytes, bool], int]]:
+    """A program on a port that answers a CONNECT with `answer`, then (maybe) TLS of its own."""
+    servers: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def serve(answer: bytes, tls: bool) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_ca.issue_cert("api.anthropic.com").configure_cert(context)
+
+        def run() -> None:
+            conn, _ = server.accept()
+            with conn:
+                read_head(conn)
+                conn.sendall(answer)
+                if tls:  # the client refuses the certificate: that is the point
+                    with contextlib.suppress(ssl.SSLError, OSError):
+                        context.wrap_socket(conn, server_side=True).close()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return int(server.getsockname()[1])
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "tls", "detail"),
+    [
+        # the header the old probe looked for proves nothing: anyone can send it
+        (b"HTTP/1.1 403 Forbidden\r\nX-Claude-Proxy: refused\r\n\r\n", False, "refuses"),
+        (b"HTTP/1.1 200 Connection established\r\n\r\n", True, "not from the CA"),
+        (b"HTTP/1.1 200 OK\r\nX-Claude-Proxy: ok\r\n\r\n", False, "TLS handshake failed"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", False, "something else answers"),
+        (b"", False, "closes the connection"),
+    ],
+)
+def test_status_fails_for_a_program_that_imitates_claude_proxy(
+    home: Path, imitator: Callable[[bytes, bool], int], answer: bytes, tls: bool, detail: str
+) -> None:
+    assert run_cli(home, "ca").returncode == 0
+    port = imitator(answer, tls)
+    result = run_cli(home, "status", "--port", str(port), "--socks-port", str(free_port()))
+    [line] = lines(result, f"FAIL proxy on 127.0.0.1:{port}")
+    assert detail in line
+    assert result.returncode == 1
+
+
+def test_status_fails_for_a_proxy_with_another_ca(
+    home: Path, tmp_path: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert run_cli(other, "ca").returncode == 0  # the CA this shell (and its keychain) trusts
+    result = run_cli(other, "status", "--port", str(proxy.port),
+                     "--socks-port", str(proxy.socks_port))  # fmt: skip
+    for what in ("proxy on", "SOCKS5 on"):
+        [line] = lines(result, f"FAIL {what} 127.0.0.1:")
+        assert "not from the CA" in line and "runs with another CA" in line
+    assert result.returncode == 1
+    assert upstream.seen.connections == 0
+    assert proxy.stop() == 0
+
+
+def test_status_fails_for_a_silent_listener_and_does_not_hang(home: Path) -> None:
+    assert run_cli(home, "ca").returncode == 0
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; it never speaks
+        port = silent.getsockname()[1]
+        result = run_cli(home, "status", "--port", str(port), "--socks-port", str(port))
+    for what in ("proxy on", "SOCKS5 on"):
+        [line] = lines(result, f"FAIL {what} 127.0.0.1:{port}")
+        assert "does not answer within 3 s" in line
+    assert result.returncode == 1
+
+
+def test_status_when_nothing_listens(home: Path) -> None:
+    port = free_port()
+    result = run_cli(home, "status", "--port", str(port), "--socks-port", str(port))
+    [line] = lines(result, f"FAIL proxy on 127.0.0.1:{port}")
+    assert "nothing listens" in line
+    assert f"     fix: claude-proxy run --port {port}" in result.stdout
+    assert lines(result, "FAIL CA: none in")
+
+
+# The keychain (macOS): its trust decision, with the security stand-in
+
+
+@pytest.fixture
+def keychain(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Mac:
+    fake = Mac(tmp_path, home, built=Path("/nonexistent"))
+    monkeypatch.setenv("PATH", f"{fake.bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_STATE", str(fake.state))
+    monkeypatch.setenv("HOME", str(home))
+    assert run_cli(home, "ca").returncode == 0
+    return fake
+
+
+def test_keychain_check_is_the_trust_decision(keychain: Mac, home: Path) -> None:
+    cert = keychain.confdir / "mitmproxy-ca-cert.pem"
+    fingerprint = sha1(cert)
+    check = probes.keychain(home, cert)
+    assert not check.ok  # not there at all
+    assert check.fix == (
+        "security add-trusted-cert -r trustRoot -p ssl -p basic -k "
+        f"'{home}/Library/Keychains/login.keychain-db' '{cert}'"
+    )
+    keychain.put_in_keychain("0" * 40, "trusted")  # another mitmproxy CA is trusted, not ours
+    assert not probes.keychain(home, cert).ok
+    keychain.put_in_keychain(fingerprint, "never")  # there, but marked Never Trust
+    check = probes.keychain(home, cert)
+    assert not check.ok and "CSSMERR_TP_NOT_TRUSTED" in check.detail
+    keychain.put_in_keychain(fingerprint, "trusted")
+    assert probes.keychain(home, cert).ok
+
+
+def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
+    keychain: Mac, home: Path, upstream: Upstream, upstream_ca_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    cert = keychain.confdir / "mitmproxy-ca-cert.pem"
+    keychain.put_in_keychain(sha1(cert), "never")
+
+    def checks() -> dict[str, bool]:
+        found = agent.status(home=home, host="127.0.0.1", port=proxy.port,
+                              socks_port=proxy.socks_port)  # fmt: skip
+        return {c.what.split(" ")[0]: c.ok for c in found}
+
+    assert checks() == {"agent": False, "CA": True, "proxy": True, "SOCKS5": True,
+                        "keychain": False, "organization": True, "log": True}  # fmt: skip
+    keychain.put_in_keychain(sha1(cert), "trusted")
+    assert checks()["keychain"] is True
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "args", [["check", "api.anthropic.com"], ["env"], ["status", "--port", "1"], ["paths"], ["ca"]]
+)
+def test_commands_that_run_no_proxy_do_not_import_mitmproxy(home: Path, args: list[str]) -> None:
+    assert run_cli(home, "ca").returncode == 0  # making a CA needs mitmproxy; reading one does not
+    code = (
+        "import sys\nfrom claude_proxy.cli import main\nmain(sys.argv[1:])\n"
+        "print([m for m in sys.modules if m.split('.')[0] == 'mitmproxy'])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    result = subprocess.run([sys.executable, "-c", code, *args], env={**env, "HOME": str(home)},
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
