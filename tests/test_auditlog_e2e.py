@@ -423,8 +423,10 @@ def test_status_names_the_audit_database(audited: ProxyProcess) -> None:
     wait_until(lambda: writer_row(audited).get("written", 0) >= 1, "the writer's counters")
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     env["HOME"] = str(audited.home)
+    before = len(decisions(audited))
+    ports = ["--port", str(audited.port), "--socks-port", str(audited.socks_port)]
     result = subprocess.run(
-        [str(EXECUTABLE), "status", "--port", str(audited.port)],
+        [str(EXECUTABLE), "status", *ports],
         env=env,
         capture_output=True,
         text=True,
@@ -433,6 +435,11 @@ def test_status_names_the_audit_database(audited: ProxyProcess) -> None:
     [line] = [line for line in result.stdout.splitlines() if "audit log:" in line]
     assert line.startswith(f"ok   audit log: {audit_db(audited)}: ")
     assert f"; the running proxy (pid {audited.proc.pid}) dropped 0" in line
+    # Its probes (one tunnel through each port) are no one's traffic: not recorded.
+    assert any(line.startswith("ok   proxy on") for line in result.stdout.splitlines())
+    refused_connect(audited, b"after-status.example:443")  # rows are written in order
+    wait_for(audited, "host = 'after-status.example'")
+    assert [row["host"] for row in decisions(audited)[before:]] == ["after-status.example"]
 
 
 def test_suggested_rules_allow_what_was_refused(
