@@ -11,7 +11,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from claude_proxy import addon, wellformed
 from claude_proxy.addon import Enforcer
-from claude_proxy.policy import DEFAULT_RULES
+from claude_proxy.policy import DEFAULT_RULES, Policy
 
 
 @pytest.fixture
@@ -19,7 +19,8 @@ def enforcer() -> Iterator[Enforcer]:
     """An Enforcer configured as the service configures it."""
     e = Enforcer()
     with taddons.context(e) as tctx:
-        tctx.configure(e, sandbox_allow=list(DEFAULT_RULES), listen_host="127.0.0.1")
+        tctx.configure(e, listen_host="127.0.0.1")
+        e.use_policy(Policy.from_texts(DEFAULT_RULES))
         yield e
 
 
@@ -55,9 +56,7 @@ def tunnel_request(
 def test_connect_refused_with_reason() -> None:
     enforcer = Enforcer()
     with taddons.context(enforcer) as tctx:
-        tctx.configure(
-            enforcer, sandbox_allow=["claude.ai"], sandbox_allowlist_source="the test list"
-        )
+        enforcer.use_policy(Policy.from_texts(["claude.ai"], source="the test list"))
         f = connect_flow("example.com")
         enforcer.http_connect(f)
         assert f.response is not None
@@ -125,7 +124,7 @@ def test_two_host_headers_are_refused(enforcer: Enforcer) -> None:
 def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
     enforcer = Enforcer()
     with taddons.context(enforcer) as tctx:
-        tctx.configure(enforcer, sandbox_allow=["http://plain.example"])
+        enforcer.use_policy(Policy.from_texts(["http://plain.example"]))
         f = plain_flow()
         f.request.host, f.request.port = "evil.example", 80
         f.request.headers["host"] = "plain.example"
@@ -150,7 +149,8 @@ def test_policy_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.Monkey
     def broken(*_args: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(enforcer.allowlist, "decide", broken)
+    monkeypatch.setattr(enforcer.policy, "decide", broken)
+    monkeypatch.setattr(enforcer.policy, "decide_request", broken)
     connect = connect_flow("api.anthropic.com")
     enforcer.http_connect(connect)
     assert connect.response is not None and connect.response.status_code == 403
@@ -241,7 +241,6 @@ def test_clients_from_other_machines(peer: str, remote_ok: bool, refused: bool) 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"sandbox_allow": ["*.com"]}, "Cannot parse the allowlist"),
         ({"ignore_hosts": [".*"]}, "ignore_hosts is not supported"),
         ({"allow_hosts": ["x"]}, "allow_hosts is not supported"),
         ({"tcp_hosts": ["x"]}, "tcp_hosts is not supported"),

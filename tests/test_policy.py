@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from claude_proxy.policy import DEFAULT_RULES, Allowlist, normalize_host, parse_rule
+from claude_proxy.policy import DEFAULT_RULES, Policy, normalize_host, parse_rule
 
-DEFAULTS = Allowlist.from_texts(DEFAULT_RULES)
-WITH_EXTRAS = Allowlist.from_texts(
+DEFAULTS = Policy.from_texts(DEFAULT_RULES)
+WITH_EXTRAS = Policy.from_texts(
     [
         *DEFAULT_RULES,
         "localhost:8443",
@@ -116,7 +116,7 @@ def test_refusal_reasons_say_what_is_wrong() -> None:
 
 
 def test_empty_allowlist_refuses_everything() -> None:
-    assert not Allowlist(()).decide("api.anthropic.com", 443).allowed
+    assert not Policy(()).decide("api.anthropic.com", 443).allowed
 
 
 @pytest.mark.parametrize(
@@ -166,7 +166,7 @@ def test_invalid_rules(text: str, message: str) -> None:
 )
 def test_valid_rules(text: str, host: str, port: int, wildcard: bool) -> None:
     rule = parse_rule(text)
-    assert (rule.host, rule.port, rule.wildcard) == (host, port, wildcard)
+    assert (rule.host, rule.ports, rule.wildcard) == (host, frozenset({port}), wildcard)
 
 
 def test_normalize_host() -> None:
@@ -193,7 +193,7 @@ def test_normalize_host() -> None:
 def test_scheme_must_match_the_rule(
     rules: tuple[str, ...], host: str, port: int, scheme: str, allowed: bool
 ) -> None:
-    assert Allowlist.from_texts(rules).decide(host, port, scheme).allowed is allowed
+    assert Policy.from_texts(rules).decide(host, port, scheme).allowed is allowed
 
 
 def test_cleartext_refusal_names_the_rule() -> None:

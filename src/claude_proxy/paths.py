@@ -9,6 +9,7 @@ from platformdirs.unix import Unix
 
 APP = "claude-proxy"
 LOG_FILE = "claude-proxy.log"
+CONFIG_FILE = "config.toml"
 
 
 def config_dir() -> Path:
@@ -17,6 +18,11 @@ def config_dir() -> Path:
     The CA lives here; the install scripts and Claude Code's NODE_EXTRA_CA_CERTS point at it.
     """
     return Path(Unix(APP).user_config_dir)
+
+
+def config_file() -> Path:
+    """The user's policy, `config.toml` beside the CA."""
+    return config_dir() / CONFIG_FILE
 
 
 def log_dir() -> Path:
