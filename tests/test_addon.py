@@ -55,7 +55,7 @@ def tunnel_request(
 
 def test_connect_refused_with_reason() -> None:
     enforcer = Enforcer()
-    with taddons.context(enforcer) as tctx:
+    with taddons.context(enforcer):
         enforcer.use_policy(Policy.from_texts(["claude.ai"], source="the test list"))
         f = connect_flow("example.com")
         enforcer.http_connect(f)
@@ -123,7 +123,7 @@ def test_two_host_headers_are_refused(enforcer: Enforcer) -> None:
 
 def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
     enforcer = Enforcer()
-    with taddons.context(enforcer) as tctx:
+    with taddons.context(enforcer):
         enforcer.use_policy(Policy.from_texts(["http://plain.example"]))
         f = plain_flow()
         f.request.host, f.request.port = "evil.example", 80

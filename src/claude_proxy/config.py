@@ -39,6 +39,7 @@ TEMPLATE = """\
 # The built-in rules allow HTTPS on port 443 to anthropic.com, claude.ai, claude.com and every
 # subdomain of each. Set `defaults = false` to start from nothing instead.
 defaults = true
+# log_level = "info"                 # or "debug" (as -v)
 
 # One table per rule. A destination is `host` (exact, or *.domain for every subdomain but not
 # the domain itself), `ip` or `cidr`; `ports` defaults to [443]. HTTPS only, unless
@@ -65,8 +66,6 @@ defaults = true
 # hosts = ["127.0.0.1", "::1"]
 # port = 9051
 # socks_port = 9052
-#
-# log_level = "info"                 # or "debug" (as -v)
 """
 
 
@@ -400,15 +399,15 @@ class _Validator:
             return None, "", None
         try:
             if key == "host":
+                if "://" in value:
+                    raise ValueError(
+                        f"host {value!r} is a URL: write the host alone "
+                        '(and scheme = "http" for cleartext)'
+                    )
                 if policy.parse_ip(value) or "/" in value:
                     raise ValueError(
                         f"host {value!r} is an address: write ip = {value!r} "
                         "(or cidr = … for a network)"
-                    )
-                if value.lower().startswith(("http://", "https://")):
-                    raise ValueError(
-                        f"host {value!r} is a URL: write the host alone "
-                        '(and scheme = "http" for cleartext)'
                     )
                 if ":" in value:
                     raise ValueError(f"host {value!r} has a port: write ports = [PORT]")

@@ -94,8 +94,9 @@ class PathPattern:
             mine, theirs = mine.lower(), theirs.lower()
         if self.glob:
             return mine == theirs
-        head = theirs.split("*", 1)[0] if other.glob else theirs
-        return head == mine or head.startswith(_under(mine))
+        if other.glob:  # all it matches starts with what comes before its first *
+            return theirs.split("*", 1)[0].startswith(_under(mine))
+        return theirs == mine or theirs.startswith(_under(mine))
 
 
 def _under(prefix: str) -> str:
