@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import ca, paths
+from claude_proxy import ca, config, paths, runstate
 from claude_proxy.addon import REFUSAL_HEADER
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -151,6 +151,25 @@ def status(*, home: Path, host: str, port: int, socks_port: int) -> list[Check]:
         trusted = authority is not None and keychain_trusts(authority.sha1)
         detail = "trusted for SSL" if trusted else "not trusted: run scripts/install-agent.sh"
         checks.append(Check(trusted, "keychain", detail))
+    checks.append(config_check(port))
     log = paths.log_dir() / paths.LOG_FILE
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
     return checks
+
+
+def config_check(port: int) -> Check:
+    """The policy file: what the proxy on `port` says of it, else whether it is valid on disk."""
+    path = paths.config_file()
+    running = runstate.read(port)
+    if running is not None and running.error:
+        return Check(False, "config", f"{running.error}; the proxy keeps its previous policy")
+    try:
+        loaded = config.load(path)
+    except config.ConfigError as e:
+        return Check(False, "config", str(e))
+    if not loaded.exists:
+        return Check(True, "config", f"{path} (not written yet: the built-in defaults apply)")
+    if running is not None and running.digest != loaded.digest:
+        return Check(False, "config", f"{path} is valid but not yet in force")
+    in_force = "in force" if running is not None else "valid"
+    return Check(True, "config", f"{path} ({in_force}, {len(loaded.rules)} rules of its own)")

@@ -66,9 +66,10 @@ def cmd_check(path: Path) -> int:
     if not loaded.exists:
         print(f"{path} does not exist: the built-in defaults apply")
         return ExitCode.OK
-    built = config.build_policy(loaded)
-    warnings = f", {len(loaded.warnings)} warning(s)" if loaded.warnings else ""
-    print(f"{path}: valid, {len(built.rules)} rules{warnings}")
+    own = len(loaded.rules)
+    defaults = " and the built-in defaults" if loaded.defaults else ""
+    warnings = f" ({len(loaded.warnings)} warning(s))" if loaded.warnings else ""
+    print(f"{path}: valid, {own} rule{'' if own == 1 else 's'} of its own{defaults}{warnings}")
     return ExitCode.OK
 
 
