@@ -1,6 +1,8 @@
-"""Benchmark: direct connection vs plain mitmdump vs claude-proxy, side by side, in one run.
+"""Benchmark: direct connection vs plain mitmdump vs claude-proxy, side by side, in one run;
+then claude-proxy with a 200-rule config.toml against its default policy, and a reload under load.
 
     uv run python scripts/bench.py [--seconds 3] [--download-mb 1024] [--json out.json]
+    uv run python scripts/bench.py --policy-only     # only the policy comparison and the reload
 
 Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
 and both proxies route upstream connections to it with the same test script. The machine is
@@ -10,9 +12,11 @@ shared and noisy: the figures that matter are medians and ratios measured in the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -36,6 +40,9 @@ BIN = Path(sys.executable).parent
 ROUTE = ROOT / "tests" / "scripts" / "route_to_upstream.py"
 HOST = "api.anthropic.com"
 BLOCKED = b"127.0.0.1:9"  # refused by claude-proxy's policy; mitmdump tries it (ECONNREFUSED)
+REFUSED_NAME = b"a.b.refused.example.org:443"  # a name: the policy walks its parent domains
+POLICY_ROUNDS = 3  # each policy is measured this many times, alternately; medians reported
+RELOADS = 20
 
 
 @dataclass
@@ -132,16 +139,22 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
     return Target(name, port, trust, process, elapsed)
 
 
-def start_claude_proxy(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
-    home = work / "claude-home"
+def start_claude_proxy(
+    work: Path, upstream: Upstream, upstream_ca: Path, config: str | None = None
+) -> Target:
+    home = work / ("claude-home" if config is None else "claude-home-rules")
     home.mkdir(exist_ok=True)
+    if config is not None:
+        (home / ".config" / "claude-proxy").mkdir(parents=True, exist_ok=True)
+        (home / ".config" / "claude-proxy" / "config.toml").write_text(config)
     args = [
-        str(BIN / "claude-proxy"), "--port", "0",
+        str(BIN / "claude-proxy"), "--port", "0", "--socks-port", "0",
         "--set", f"scripts={ROUTE}",
         "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
     ]  # fmt: skip
     trust = home / ".config" / "claude-proxy" / "mitmproxy-ca-cert.pem"
-    return start("claude-proxy", args, home, trust, upstream)
+    name = "claude-proxy" if config is None else "claude-proxy, 200 rules"
+    return start(name, args, home, trust, upstream)
 
 
 def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
@@ -154,14 +167,14 @@ def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
     return start("mitmdump", args, work, confdir / "mitmproxy-ca-cert.pem", upstream)
 
 
-def refused_per_second(target: Target, seconds: float) -> float | None:
+def refused_per_second(target: Target, seconds: float, blocked: bytes = BLOCKED) -> float | None:
     if target.port is None:
         return None
     count, deadline = 0, time.perf_counter() + seconds
     began = time.perf_counter()
     while time.perf_counter() < deadline and count < 100_000:
         with socket.create_connection(("127.0.0.1", target.port), timeout=30) as sock:
-            sock.sendall(b"CONNECT " + BLOCKED + b" HTTP/1.1\r\nHost: " + BLOCKED + b"\r\n\r\n")
+            sock.sendall(b"CONNECT " + blocked + b" HTTP/1.1\r\nHost: " + blocked + b"\r\n\r\n")
             status = read_head(sock).split(b" ", 2)[1]
             assert status in (b"403", b"502"), status
         count += 1
@@ -245,12 +258,134 @@ def ratio(a: float | int | None, b: float | int | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def policy_config(extra: str = "") -> str:
+    """200 rules: exact, wildcard and path rules, and denies (one on the measured host's paths)."""
+    rules = ["defaults = false", extra]
+    rules.append(
+        f'[[allow]]\nhost = "{HOST}"\nmethods = ["GET", "POST"]\n'
+        'paths = ["/warm", "/ka", "/fresh", "/sse", "/bytes", "/v1/"]'
+    )
+    rules.append(f'[[deny]]\nhost = "{HOST}"\npaths = ["/admin", "/v1/files"]')
+    rules += [f'[[allow]]\nhost = "host{i}.example.com"\nports = [443, 8443]' for i in range(80)]
+    rules += [f'[[allow]]\nhost = "*.zone{i}.example.net"' for i in range(60)]
+    rules += [
+        f'[[allow]]\nhost = "api{i}.example.org"\nmethods = ["GET"]\n'
+        f'paths = ["/v{i}/", "/pkg/*/tarball", "/docs/**"]'
+        for i in range(50)
+    ]
+    rules += [f'[[deny]]\nhost = "deny{i}.zone{i}.example.net"' for i in range(8)]
+    return "\n\n".join(rules) + "\n"
+
+
+def fresh_per_second(target: Target, upstream: Upstream, seconds: float) -> float:
+    """Allowed fresh connections (CONNECT, TLS, one GET) per second, one client."""
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        sock = target.connect(upstream.port)
+        get(sock, "/fresh")
+        sock.close()
+        count += 1
+    return count / (time.perf_counter() - began)
+
+
+def compare_policies(
+    defaults: Target, rules: Target, upstream: Upstream, seconds: float
+) -> dict[str, dict[str, float]]:
+    """The same measurements on both, alternately (the machine's load drifts), medians."""
+    samples: dict[str, dict[str, list[float]]] = {defaults.name: {}, rules.name: {}}
+    for _ in range(POLICY_ROUNDS):
+        for target in (defaults, rules):
+            print(f"measuring {target.name}…", file=sys.stderr, flush=True)
+            found = samples[target.name]
+            refused = refused_per_second(target, seconds, REFUSED_NAME)
+            found.setdefault("refused_per_s", []).append(refused or 0)
+            found.setdefault("keepalive_rps", []).append(
+                keepalive_per_second(target, upstream, seconds)
+            )
+            found.setdefault("fresh_per_s", []).append(fresh_per_second(target, upstream, seconds))
+    return {
+        name: {key: round(statistics.median(values), 1) for key, values in found.items()}
+        for name, found in samples.items()
+    }
+
+
+def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
+    """Keep-alive and fresh-connection clients run while the config is replaced RELOADS times
+    (by rename, or in place plus SIGHUP); every request must get its 200."""
+    home = target.trust.parent.parent.parent
+    config = home / ".config" / "claude-proxy" / "config.toml"
+    state = home / ".local" / "state" / "claude-proxy" / f"proxy-{target.port}.json"
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def client(fresh: bool) -> None:
+        sock = None
+        while not stop.is_set():
+            try:
+                if sock is None or fresh:
+                    sock = target.connect(upstream.port)
+                get(sock, "/ka")
+                outcome = "ok"
+            except Exception:
+                outcome, sock = "failed", None
+            with lock:
+                counts[outcome] += 1
+            if fresh and sock is not None:
+                sock.close()
+
+    threads = [threading.Thread(target=client, args=(n % 2 == 1,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for n in range(RELOADS):
+        text = policy_config(f"# reload {n}")
+        if n % 2:
+            with config.open("r+") as file:
+                file.truncate(0)
+                file.write(text)
+            assert target.process is not None
+            target.process.send_signal(signal.SIGHUP)
+        else:
+            config.with_name("config.toml.new").write_text(text)
+            os.replace(config.with_name("config.toml.new"), config)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        deadline = time.monotonic() + 30
+        while json.loads(state.read_text())["digest"] != digest:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reload {n} was not applied")
+            time.sleep(0.01)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    return {"reloads": RELOADS, "requests_ok": counts["ok"], "requests_failed": counts["failed"]}
+
+
+def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
+    defaults = start_claude_proxy(work, upstream, upstream_ca)
+    rules = start_claude_proxy(work, upstream, upstream_ca, policy_config())
+    try:
+        results: dict = compare_policies(defaults, rules, upstream, seconds)
+        results["reload_under_load"] = reload_under_load(rules, upstream)
+    finally:
+        for target in (defaults, rules):
+            assert target.process is not None
+            target.process.terminate()
+            target.process.wait(30)
+    base, many = results[defaults.name], results[rules.name]
+    print(f"{'metric':<16}{'defaults':>12}{'200 rules':>12}{'ratio':>8}")
+    for key in base:
+        print(f"{key:<16}{base[key]:>12}{many[key]:>12}{ratio(many[key], base[key]):>8}")
+    print(f"reload under load: {results['reload_under_load']}")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
     parser.add_argument("--rounds", type=int, default=40, help="fresh connections to time")
     parser.add_argument("--download-mb", type=int, default=1024)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--policy-only", action="store_true", help="only the policy comparison")
     args = parser.parse_args()
 
     ca = trustme.CA()
@@ -263,6 +398,11 @@ def main() -> int:
         upstream = Upstream(context)
         upstream.serve_in_background()
 
+        policy = run_policy(work, upstream, upstream_ca, args.seconds)
+        if args.policy_only:
+            upstream.shutdown()
+            print(json.dumps(policy, indent=2))
+            return 0
         results: dict[str, dict[str, float | int | None]] = {}
         results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
         for starter in (start_mitmdump, start_claude_proxy):
@@ -282,7 +422,7 @@ def main() -> int:
         d, m, c = (results[n][key] for n in ("direct", "mitmdump", "claude-proxy"))
         print(f"{key:<24}{d if d is not None else '-':>12}{m if m is not None else '-':>12}"
               f"{c if c is not None else '-':>14}{ratio(c, d):>11}{ratio(c, m):>13}")  # fmt: skip
-    document = json.dumps(results, indent=2)
+    document = json.dumps({**results, "policy": policy}, indent=2)
     print(document)
     if args.json:
         args.json.write_text(document + "\n")
