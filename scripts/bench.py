@@ -361,13 +361,14 @@ def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
 
 
 def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
-    defaults = start_claude_proxy(work, upstream, upstream_ca)
-    rules = start_claude_proxy(work, upstream, upstream_ca, policy_config())
+    started: list[Target] = []
     try:
+        started.append(defaults := start_claude_proxy(work, upstream, upstream_ca))
+        started.append(rules := start_claude_proxy(work, upstream, upstream_ca, policy_config()))
         results: dict = compare_policies(defaults, rules, upstream, seconds)
         results["reload_under_load"] = reload_under_load(rules, upstream)
     finally:
-        for target in (defaults, rules):
+        for target in started:
             assert target.process is not None
             target.process.terminate()
             target.process.wait(30)

@@ -84,6 +84,7 @@ def running(home: Path, upstream: Upstream, upstream_ca_file: Path) -> Iterator[
     wait_applied(proxy, path.read_text())
     yield proxy
     assert proxy.stop() == 0
+    assert state(proxy) is None  # a stopped proxy leaves no state behind
 
 
 def test_a_file_saved_in_place_or_replaced_changes_the_policy(

@@ -2,7 +2,8 @@
 
 Every hook fails closed: mitmproxy lets traffic through when a hook raises, so each hook catches
 its own errors and refuses. The addon also owns the `next_layer` decision (mitmproxy's NextLayer
-addon is not loaded), so no connection can end up relayed as raw TCP or TLS uninspected.
+addon is not loaded), so no connection is relayed as raw TCP or TLS uninspected, except the
+client's own TLS to a pass-through destination of the user's policy (passthrough.py).
 """
 
 from __future__ import annotations
