@@ -34,7 +34,7 @@ SETTLE_TRIES = 20
 # A file written this recently may change again without its mtime changing (the clock that
 # stamps it is coarse): until then its bytes are compared too.
 RACY_NS = 2_000_000_000
-UNKNOWN = (-1, -1, -1)
+UNKNOWN = (-1, -1, -1)  # not looked at yet
 
 Signature = tuple[int, int, int] | None  # (mtime_ns, size, inode); None: there is no file
 
@@ -58,7 +58,7 @@ class ConfigWatcher:
         self.enforcer = enforcer
         self.current = loaded  # the config the policy in force was built from
         self.seen = loaded.digest  # the bytes last read, valid or not
-        self.signature: Signature = UNKNOWN  # the first poll reads the file once more
+        self.signature: Signature = UNKNOWN  # until `running` looks at the file
         self.error: str | None = None
         self.loaded_at = time.time()
         self.port = 0
@@ -74,6 +74,11 @@ class ConfigWatcher:
             if instance.mode.type_name != "socks5" and instance.listen_addrs:
                 self.port = instance.listen_addrs[0][1]
                 break
+        # From here on a change is seen; one made since the policy was read is applied now.
+        self.signature = signature(self.path)
+        with contextlib.suppress(OSError):
+            changed = hashlib.sha256(self.path.read_bytes()).hexdigest() != self.seen
+            self.forced = self.forced or changed
         self.publish()
         self.wake = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.watch())
