@@ -207,6 +207,12 @@ def test_an_edit_reaches_the_running_proxy(
             "denied by the rule at config.toml:5",
         ),
         (["pinned.example"], 0, "allow pinned.example:443 (rule config.toml:9): passed through"),
+        (
+            ["pinned.example", "POST", "/x"],
+            0,
+            "allow pinned.example:443 (rule config.toml:9): "
+            "passed through as it is, never decrypted (its requests are not seen)",
+        ),
         (["api.anthropic.com"], 0, "allow api.anthropic.com:443 (rule *.anthropic.com)"),
         (["github.com", "GET"], 2, ""),
     ],

@@ -106,15 +106,16 @@ def cmd_decide(path: Path, flags: Sequence[str], destination: str, request: Sequ
         raise ProxyError(f"{e}; write HOST or HOST:PORT", ExitCode.USAGE) from None
     port = policy.DEFAULT_PORT if port_or_none is None else port_or_none
     where = f"{host}:{port}"
-    if request:
+    decision = built.decide(host, port)
+    if request and (not decision.allowed or decision.inspect):
         method, target = request
         decision = built.decide_request(host, port, policy.HTTPS, method, target)
         where += f" {method} {target.split('?', 1)[0]}"
-    else:
-        decision = built.decide(host, port)
     rule = next((r for r in built.rules if r.text == decision.rule), None)
     if decision.allowed:
         note = "" if decision.inspect else ": passed through as it is, never decrypted"
+        if request and not decision.inspect:
+            note += " (its requests are not seen)"
         print(f"allow {where} (rule {decision.rule}){note}")
         if rule is not None:
             print(f"  {rule.action} {rule.describe()}  ({rule.origin})")
