@@ -12,6 +12,7 @@ shared and noisy: the figures that matter are medians and ratios measured in the
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ ROUTE = ROOT / "tests" / "scripts" / "route_to_upstream.py"
 HOST = "api.anthropic.com"
 BLOCKED = b"127.0.0.1:9"  # refused by claude-proxy's policy; mitmdump tries it (ECONNREFUSED)
 REFUSED_NAME = b"a.b.refused.example.org:443"  # a name: the policy walks its parent domains
-POLICY_ROUNDS = 3  # each policy is measured this many times, alternately; medians reported
+POLICY_ROUNDS = 5  # each policy is measured this many times, alternately; medians reported
 RELOADS = 20
 
 
@@ -291,22 +293,40 @@ def fresh_per_second(target: Target, upstream: Upstream, seconds: float) -> floa
 def compare_policies(
     defaults: Target, rules: Target, upstream: Upstream, seconds: float
 ) -> dict[str, dict[str, float]]:
-    """The same measurements on both, alternately (the machine's load drifts), medians."""
+    """The same measurements on both, in rounds (AB, BA, AB, …: the machine's load drifts).
+
+    Reports each one's median, and the median of the per-round ratios (rules / defaults).
+    """
+    metrics: dict[str, Callable[[Target], float]] = {
+        "refused_per_s": lambda t: refused_per_second(t, seconds, REFUSED_NAME) or 0.0,
+        "keepalive_rps": lambda t: keepalive_per_second(t, upstream, seconds),
+        "fresh_per_s": lambda t: fresh_per_second(t, upstream, seconds),
+    }
     samples: dict[str, dict[str, list[float]]] = {defaults.name: {}, rules.name: {}}
-    for _ in range(POLICY_ROUNDS):
-        for target in (defaults, rules):
-            print(f"measuring {target.name}…", file=sys.stderr, flush=True)
-            found = samples[target.name]
-            refused = refused_per_second(target, seconds, REFUSED_NAME)
-            found.setdefault("refused_per_s", []).append(refused or 0)
-            found.setdefault("keepalive_rps", []).append(
-                keepalive_per_second(target, upstream, seconds)
-            )
-            found.setdefault("fresh_per_s", []).append(fresh_per_second(target, upstream, seconds))
-    return {
+    for n in range(POLICY_ROUNDS):
+        print(f"policy round {n + 1} of {POLICY_ROUNDS}…", file=sys.stderr, flush=True)
+        for key, measure_one in metrics.items():
+            for target in (defaults, rules) if n % 2 == 0 else (rules, defaults):
+                samples[target.name].setdefault(key, []).append(measure_one(target))
+    result = {
         name: {key: round(statistics.median(values), 1) for key, values in found.items()}
         for name, found in samples.items()
     }
+    result["ratio"] = {
+        key: round(
+            statistics.median(
+                [
+                    r / d
+                    for r, d in zip(
+                        samples[rules.name][key], samples[defaults.name][key], strict=True
+                    )
+                ]
+            ),
+            2,
+        )
+        for key in metrics
+    }
+    return result
 
 
 def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
@@ -360,22 +380,51 @@ def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
     return {"reloads": RELOADS, "requests_ok": counts["ok"], "requests_failed": counts["failed"]}
 
 
+def decision_cost() -> dict[str, dict[str, float]]:
+    """Microseconds per decision, in process: the policy's own cost, without the network's."""
+    from claude_proxy import config, policy
+
+    rules = config.parse(Path("/bench/config.toml"), policy_config().encode())
+    policies = {
+        "claude-proxy": policy.Policy(policy.default_rules()),
+        "claude-proxy, 200 rules": config.build_policy(rules),
+    }
+    host = HOST
+    refused = REFUSED_NAME.decode().rsplit(":", 1)[0]
+    calls = {
+        "refused_us": lambda p: p.decide(refused, 443),
+        "connect_us": lambda p: p.decide(host, 443),
+        "request_us": lambda p: p.decide_request(host, 443, "https", "GET", "/v1/messages?x=1"),
+    }
+    result = {}
+    for name, chosen in policies.items():
+        result[name] = {}
+        for key, call in calls.items():
+            bound = functools.partial(call, chosen)
+            runs = [timeit.timeit(bound, number=20_000) for _ in range(5)]
+            result[name][key] = round(min(runs) / 20_000 * 1e6, 1)
+    return result
+
+
 def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
     started: list[Target] = []
     try:
         started.append(defaults := start_claude_proxy(work, upstream, upstream_ca))
         started.append(rules := start_claude_proxy(work, upstream, upstream_ca, policy_config()))
         results: dict = compare_policies(defaults, rules, upstream, seconds)
+        for name, costs in decision_cost().items():
+            results[name].update(costs)
         results["reload_under_load"] = reload_under_load(rules, upstream)
     finally:
         for target in started:
             assert target.process is not None
             target.process.terminate()
             target.process.wait(30)
-    base, many = results[defaults.name], results[rules.name]
+    base, many, ratios = results[defaults.name], results[rules.name], results["ratio"]
     print(f"{'metric':<16}{'defaults':>12}{'200 rules':>12}{'ratio':>8}")
-    for key in base:
-        print(f"{key:<16}{base[key]:>12}{many[key]:>12}{ratio(many[key], base[key]):>8}")
+    for key in base:  # rates (higher is better), then µs per decision in process
+        shown = f"{ratios[key]:.2f}x" if key in ratios else ratio(many[key], base[key])
+        print(f"{key:<16}{base[key]:>12}{many[key]:>12}{shown:>8}")
     print(f"reload under load: {results['reload_under_load']}")
     return results
 

@@ -7,6 +7,7 @@ every allow rule, whatever their order; what no allow rule names is refused.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -150,6 +151,7 @@ def _parse_port(text: str, *, what: str) -> int:
     return int(text)
 
 
+@functools.lru_cache(maxsize=4096)  # every decision asks; a tunnel asks about the same host often
 def parse_ip(host: str) -> IPAddress | None:
     """The IP address `host` spells, if it is an IP literal (brackets allowed around IPv6)."""
     try:
@@ -174,6 +176,7 @@ def _canonical_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(host: str) -> str:
     """The canonical spelling of a host a client asked for: a lowercase A-label name or an IP.
 

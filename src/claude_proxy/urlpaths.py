@@ -19,6 +19,8 @@ from urllib.parse import unquote_to_bytes
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
 # Escapes that some servers decode before routing and others after: never matched.
+# A path made of these alone (no escape, no `\`, `;` or `#`) needs no work but the segment checks.
+_PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _AMBIGUOUS_ESCAPES = {0x2F: "an encoded slash (%2F)", 0x5C: "an encoded backslash (%5C)"}
 
 
@@ -29,6 +31,8 @@ class AmbiguousPath(ValueError):
 def normalize(target: str) -> str:
     """The path of a request target, normalized; AmbiguousPath when servers could disagree."""
     path = target.split("?", 1)[0]
+    if _PLAIN.fullmatch(path) and "//" not in path and "/." not in path:
+        return path  # nothing to decode, no dot or empty segment: already normal
     if not path.startswith("/"):
         raise AmbiguousPath("it is not an origin-form path (/…)")
     out: list[str] = []
