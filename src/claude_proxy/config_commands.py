@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from claude_proxy import config, files, policy, runstate
 from claude_proxy.config import Config, ConfigError, Diagnostic
@@ -33,10 +34,10 @@ def load(path: Path) -> Config:
 
 
 def report(
-    errors: Sequence[Diagnostic], warnings: Sequence[Diagnostic], *, out: object = None
+    errors: Sequence[Diagnostic], warnings: Sequence[Diagnostic], *, out: TextIO | None = None
 ) -> None:
     for diagnostic in (*errors, *warnings):
-        print(diagnostic, file=out or sys.stdout)  # type: ignore[arg-type]
+        print(diagnostic, file=out or sys.stdout)
 
 
 def policy_for(path: Path, flags: Sequence[str]) -> policy.Policy:
