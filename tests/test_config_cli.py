@@ -243,3 +243,15 @@ def test_check_with_a_broken_config_says_so(home: Path) -> None:
     result = run_cli(home, "check", "github.com")
     assert result.returncode == 2
     assert f"{path}:3: ports must be a list" in result.stderr
+
+
+def test_run_refuses_an_invalid_file(home: Path) -> None:
+    path = config_file(home)
+    path.parent.mkdir(parents=True)
+    path.write_text("[[allow]]\nhost = '*.com'\n[[deny]]\nhost = 'x.example'\nport = 1\n")
+    result = run_cli(home, "--port", "0", "--socks-port", "0")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{path}:2: host '*.com' is too broad")
+    assert lines[1].startswith(f"{path}:5: [[deny]] has an unknown key 'port'")
+    assert lines[2] == f"claude-proxy: {path} is not valid; fix it (`claude-proxy config edit`)"
