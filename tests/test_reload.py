@@ -81,9 +81,11 @@ def running(home: Path, upstream: Upstream, upstream_ca_file: Path) -> Iterator[
     path.parent.mkdir(parents=True)
     path.write_text(allowing("api.anthropic.com"))
     proxy = start_proxy(home, upstream, upstream_ca_file)
-    wait_applied(proxy, path.read_text())
-    yield proxy
-    assert proxy.stop() == 0
+    try:
+        wait_applied(proxy, path.read_text())
+        yield proxy
+    finally:
+        assert proxy.stop() == 0
     assert state(proxy) is None  # a stopped proxy leaves no state behind
 
 
