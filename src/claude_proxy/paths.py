@@ -14,6 +14,7 @@ APP = "claude-proxy"
 LABEL = "local.claude-proxy"  # the launchd agent's label
 LOG_FILE = "claude-proxy.log"
 PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")  # shipped inside the package
+CONFIG_FILE = "config.toml"
 
 
 def config_dir() -> Path:
@@ -23,6 +24,11 @@ def config_dir() -> Path:
     The agent is told this folder by its plist (`run --config-dir`): it never computes it.
     """
     return Path(Unix(APP).user_config_dir)
+
+
+def config_file(folder: Path | None = None) -> Path:
+    """The user's policy, `config.toml` beside the CA (in `folder`, the agent's --config-dir)."""
+    return (folder or config_dir()) / CONFIG_FILE
 
 
 def log_dir() -> Path:
