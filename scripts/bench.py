@@ -1,6 +1,8 @@
-"""Benchmark: direct connection vs plain mitmdump vs claude-proxy, side by side, in one run.
+"""Benchmark: direct connection vs plain mitmdump vs claude-proxy, side by side, in one run;
+then claude-proxy with a 200-rule config.toml against its default policy, and a reload under load.
 
     uv run python scripts/bench.py [--seconds 3] [--download-mb 1024] [--json out.json]
+    uv run python scripts/bench.py --policy-only     # only the policy comparison and the reload
     uv run python scripts/bench.py --audit-only     # the audit database on vs off, and its size
 
 Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
@@ -11,9 +13,12 @@ shared and noisy: the figures that matter are medians and ratios measured in the
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import sqlite3
 import ssl
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
@@ -40,6 +46,9 @@ ROUTE = ROOT / "tests" / "scripts" / "route_to_upstream.py"
 HOST = "api.anthropic.com"
 BLOCKED = b"127.0.0.1:9"  # refused by claude-proxy's policy; mitmdump tries it (ECONNREFUSED)
 ORG = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"  # the organization the benchmark's keys belong to
+REFUSED_NAME = b"a.b.refused.example.org:443"  # a name: the policy walks its parent domains
+POLICY_ROUNDS = 5  # each policy is measured this many times, alternately; medians reported
+RELOADS = 20
 
 
 @dataclass
@@ -148,14 +157,18 @@ def start_claude_proxy(
     executable: Path = BIN / "claude-proxy",
     extra: tuple[str, ...] = ("--socks-port", "0"),
     pin: str | None = None,
+    config: str | None = None,
 ) -> Target:
-    home = work / f"{name}-home"
+    home = work / f"{name}-home".replace(" ", "-").replace(",", "")
     home.mkdir(exist_ok=True)
     if pin:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         env["HOME"] = str(home)
         pinned = [str(BIN / "claude-proxy"), "pin", pin]
         subprocess.run(pinned, env=env, check=True, capture_output=True)
+    if config is not None:
+        (home / ".config" / "claude-proxy").mkdir(parents=True, exist_ok=True)
+        (home / ".config" / "claude-proxy" / "config.toml").write_text(config)
     args = [
         str(executable), "--port", "0", *extra,
         "--set", f"scripts={ROUTE}",
@@ -175,14 +188,14 @@ def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
     return start("mitmdump", args, work, confdir / "mitmproxy-ca-cert.pem", upstream)
 
 
-def refused_per_second(target: Target, seconds: float) -> float | None:
+def refused_per_second(target: Target, seconds: float, blocked: bytes = BLOCKED) -> float | None:
     if target.port is None:
         return None
     count, deadline = 0, time.perf_counter() + seconds
     began = time.perf_counter()
     while time.perf_counter() < deadline and count < 100_000:
         with socket.create_connection(("127.0.0.1", target.port), timeout=30) as sock:
-            sock.sendall(b"CONNECT " + BLOCKED + b" HTTP/1.1\r\nHost: " + BLOCKED + b"\r\n\r\n")
+            sock.sendall(b"CONNECT " + blocked + b" HTTP/1.1\r\nHost: " + blocked + b"\r\n\r\n")
             status = read_head(sock).split(b" ", 2)[1]
             assert status in (b"403", b"502"), status
         count += 1
@@ -361,6 +374,192 @@ def print_table(results: dict[str, dict[str, float | int | None]]) -> None:
               f"{ratio(c, d):>11}{ratio(c, m):>13}{ratio(c, b):>11}")  # fmt: skip
 
 
+def policy_config(extra: str = "") -> str:
+    """200 rules: exact, wildcard and path rules, and denies (one on the measured host's paths)."""
+    rules = ["defaults = false", extra]
+    rules.append(
+        f'[[allow]]\nhost = "{HOST}"\nmethods = ["GET", "POST"]\n'
+        'paths = ["/warm", "/ka", "/fresh", "/sse", "/bytes", "/v1/"]'
+    )
+    rules.append(f'[[deny]]\nhost = "{HOST}"\npaths = ["/admin", "/v1/files"]')
+    rules += [f'[[allow]]\nhost = "host{i}.example.com"\nports = [443, 8443]' for i in range(80)]
+    rules += [f'[[allow]]\nhost = "*.zone{i}.example.net"' for i in range(60)]
+    rules += [
+        f'[[allow]]\nhost = "api{i}.example.org"\nmethods = ["GET"]\n'
+        f'paths = ["/v{i}/", "/pkg/*/tarball", "/docs/**"]'
+        for i in range(50)
+    ]
+    rules += [f'[[deny]]\nhost = "deny{i}.zone{i}.example.net"' for i in range(8)]
+    return "\n\n".join(rules) + "\n"
+
+
+def cpu_seconds(target: Target) -> float:
+    assert target.process is not None
+    fields = Path(f"/proc/{target.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fresh_per_second(target: Target, upstream: Upstream, seconds: float) -> float:
+    """Allowed fresh connections (CONNECT, TLS, one GET) per second, one client."""
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        sock = target.connect(upstream.port)
+        get(sock, "/fresh")
+        sock.close()
+        count += 1
+    return count / (time.perf_counter() - began)
+
+
+def compare_policies(
+    defaults: Target, rules: Target, upstream: Upstream, seconds: float
+) -> dict[str, dict[str, float]]:
+    """The same measurements on both, in rounds (AB, BA, AB, …: the machine's load drifts).
+
+    Reports each one's median, and the median of the per-round ratios (rules / defaults).
+    """
+    metrics: dict[str, Callable[[Target], float]] = {
+        "refused_per_s": lambda t: refused_per_second(t, seconds, REFUSED_NAME) or 0.0,
+        "keepalive_per_s": lambda t: keepalive_per_second(t, upstream, seconds),
+        "fresh_per_s": lambda t: fresh_per_second(t, upstream, seconds),
+    }
+    samples: dict[str, dict[str, list[float]]] = {defaults.name: {}, rules.name: {}}
+    for n in range(POLICY_ROUNDS):
+        print(f"policy round {n + 1} of {POLICY_ROUNDS}…", file=sys.stderr, flush=True)
+        for key, measure_one in metrics.items():
+            for target in (defaults, rules) if n % 2 == 0 else (rules, defaults):
+                before = cpu_seconds(target)
+                rate = measure_one(target)
+                # The proxy's own CPU time per operation: what other load on the machine
+                # does to the rates, it does far less to this.
+                per_op = (cpu_seconds(target) - before) / (rate * seconds) * 1e6
+                found = samples[target.name]
+                found.setdefault(key, []).append(rate)
+                found.setdefault(key.split("_per_")[0] + "_cpu_us", []).append(per_op)
+    result = {
+        name: {key: round(statistics.median(values), 1) for key, values in found.items()}
+        for name, found in samples.items()
+    }
+    result["ratio"] = {
+        key: round(
+            statistics.median(
+                [
+                    r / d
+                    for r, d in zip(
+                        samples[rules.name][key], samples[defaults.name][key], strict=True
+                    )
+                ]
+            ),
+            2,
+        )
+        for key in samples[rules.name]
+    }
+    return result
+
+
+def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
+    """Keep-alive and fresh-connection clients run while the config is replaced RELOADS times
+    (by rename, or in place plus SIGHUP); every request must get its 200."""
+    home = target.trust.parent.parent.parent
+    config = home / ".config" / "claude-proxy" / "config.toml"
+    state = home / ".local" / "state" / "claude-proxy" / f"proxy-{target.port}.json"
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def client(fresh: bool) -> None:
+        sock = None
+        while not stop.is_set():
+            try:
+                if sock is None or fresh:
+                    sock = target.connect(upstream.port)
+                get(sock, "/ka")
+                outcome = "ok"
+            except Exception:
+                outcome, sock = "failed", None
+            with lock:
+                counts[outcome] += 1
+            if fresh and sock is not None:
+                sock.close()
+
+    threads = [threading.Thread(target=client, args=(n % 2 == 1,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for n in range(RELOADS):
+        text = policy_config(f"# reload {n}")
+        if n % 2:
+            with config.open("r+") as file:
+                file.truncate(0)
+                file.write(text)
+            assert target.process is not None
+            target.process.send_signal(signal.SIGHUP)
+        else:
+            config.with_name("config.toml.new").write_text(text)
+            os.replace(config.with_name("config.toml.new"), config)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        deadline = time.monotonic() + 30
+        while json.loads(state.read_text())["digest"] != digest:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reload {n} was not applied")
+            time.sleep(0.01)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    return {"reloads": RELOADS, "requests_ok": counts["ok"], "requests_failed": counts["failed"]}
+
+
+def decision_cost() -> dict[str, dict[str, float]]:
+    """Microseconds per decision, in process: the policy's own cost, without the network's."""
+    from claude_proxy import config, policy
+
+    rules = config.parse(Path("/bench/config.toml"), policy_config().encode())
+    policies = {
+        "claude-proxy": policy.Policy(policy.default_rules()),
+        "claude-proxy, 200 rules": config.build_policy(rules),
+    }
+    host = HOST
+    refused = REFUSED_NAME.decode().rsplit(":", 1)[0]
+    calls = {
+        "refused_us": lambda p: p.decide(refused, 443),
+        "connect_us": lambda p: p.decide(host, 443),
+        "request_us": lambda p: p.decide_request(host, 443, "https", "GET", "/v1/messages?x=1"),
+    }
+    result = {}
+    for name, chosen in policies.items():
+        result[name] = {}
+        for key, call in calls.items():
+            bound = functools.partial(call, chosen)
+            runs = [timeit.timeit(bound, number=20_000) for _ in range(5)]
+            result[name][key] = round(min(runs) / 20_000 * 1e6, 1)
+    return result
+
+
+def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
+    started: list[Target] = []
+    try:
+        started.append(defaults := start_claude_proxy(work, upstream, upstream_ca))
+        started.append(
+            rules := start_claude_proxy(
+                work, upstream, upstream_ca, name="claude-proxy, 200 rules", config=policy_config()
+            )
+        )
+        results: dict = compare_policies(defaults, rules, upstream, seconds)
+        for name, costs in decision_cost().items():
+            results[name].update(costs)
+        results["reload_under_load"] = reload_under_load(rules, upstream)
+    finally:
+        for target in started:
+            assert target.process is not None
+            target.process.terminate()
+            target.process.wait(30)
+    base, many, ratios = results[defaults.name], results[rules.name], results["ratio"]
+    print(f"{'metric':<16}{'defaults':>12}{'200 rules':>12}{'ratio':>8}")
+    for key in base:  # rates (higher is better), then µs per decision in process
+        shown = f"{ratios[key]:.2f}x" if key in ratios else ratio(many[key], base[key])
+        print(f"{key:<16}{base[key]:>12}{many[key]:>12}{shown:>8}")
+    print(f"reload under load: {results['reload_under_load']}")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
@@ -376,6 +575,7 @@ def main() -> int:
     parser.add_argument(
         "--pin-only", action="store_true", help="only the organization pin's figures"
     )
+    parser.add_argument("--policy-only", action="store_true", help="only the policy comparison")
     parser.add_argument("--audit-rounds", type=int, default=4, help="turns of audit on vs off")
     parser.add_argument(
         "--audit-only", action="store_true", help="only the audit database on vs off"
@@ -392,6 +592,12 @@ def main() -> int:
         upstream = Upstream(context)
         upstream.serve_in_background()
 
+        skip_policy = args.pin_only or args.audit_only
+        policy = {} if skip_policy else run_policy(work, upstream, upstream_ca, args.seconds)
+        if args.policy_only:
+            upstream.shutdown()
+            print(json.dumps(policy, indent=2))
+            return 0
         results: dict[str, dict[str, float | int | None]] = {}
         if not args.pin_only and not args.audit_only:
             results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
@@ -431,7 +637,7 @@ def main() -> int:
     for section in ("pin", "audit"):
         for key, value in results.get(section, {}).items():
             print(f"{key:<32}{value:>12}")
-    document = json.dumps(results, indent=2)
+    document = json.dumps({**results, "policy": policy}, indent=2)
     print(document)
     if args.json:
         args.json.write_text(document + "\n")

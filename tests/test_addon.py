@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from mitmproxy import connection, exceptions
-from mitmproxy.proxy import server_hooks
+from mitmproxy import connection, ctx, exceptions
+from mitmproxy.proxy import context, events, layer, layers, server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from claude_proxy import addon, wellformed
+from claude_proxy import addon, config, passthrough, wellformed
 from claude_proxy.addon import Enforcer
 from claude_proxy.decisions import BodyCount
-from claude_proxy.policy import DEFAULT_RULES
+from claude_proxy.policy import DEFAULT_RULES, Policy
+from tests.tlsclient import Hello, client_hello
 
 
 @pytest.fixture
@@ -20,7 +23,8 @@ def enforcer() -> Iterator[Enforcer]:
     """An Enforcer configured as the service configures it."""
     e = Enforcer()
     with taddons.context(e) as tctx:
-        tctx.configure(e, sandbox_allow=list(DEFAULT_RULES), listen_host="127.0.0.1")
+        tctx.configure(e, listen_host="127.0.0.1")
+        e.use_policy(Policy.from_texts(DEFAULT_RULES))
         yield e
 
 
@@ -55,10 +59,8 @@ def tunnel_request(
 
 def test_connect_refused_with_reason() -> None:
     enforcer = Enforcer()
-    with taddons.context(enforcer) as tctx:
-        tctx.configure(
-            enforcer, sandbox_allow=["claude.ai"], sandbox_allowlist_source="the test list"
-        )
+    with taddons.context(enforcer):
+        enforcer.use_policy(Policy.from_texts(["claude.ai"], source="the test list"))
         f = connect_flow("example.com")
         enforcer.http_connect(f)
         assert f.response is not None
@@ -125,8 +127,8 @@ def test_two_host_headers_are_refused(enforcer: Enforcer) -> None:
 
 def test_plain_http_is_decided_on_the_url_not_the_host_header() -> None:
     enforcer = Enforcer()
-    with taddons.context(enforcer) as tctx:
-        tctx.configure(enforcer, sandbox_allow=["http://plain.example"])
+    with taddons.context(enforcer):
+        enforcer.use_policy(Policy.from_texts(["http://plain.example"]))
         f = plain_flow()
         f.request.host, f.request.port = "evil.example", 80
         f.request.headers["host"] = "plain.example"
@@ -151,7 +153,8 @@ def test_policy_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.Monkey
     def broken(*_args: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(enforcer.allowlist, "decide", broken)
+    monkeypatch.setattr(enforcer.policy, "decide", broken)
+    monkeypatch.setattr(enforcer.policy, "decide_request", broken)
     connect = connect_flow("api.anthropic.com")
     enforcer.http_connect(connect)
     assert connect.response is not None and connect.response.status_code == 403
@@ -242,7 +245,6 @@ def test_clients_from_other_machines(peer: str, remote_ok: bool, refused: bool) 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"sandbox_allow": ["*.com"]}, "Cannot parse the allowlist"),
         ({"ignore_hosts": [".*"]}, "ignore_hosts is not supported"),
         ({"allow_hosts": ["x"]}, "allow_hosts is not supported"),
         ({"tcp_hosts": ["x"]}, "tcp_hosts is not supported"),
@@ -371,3 +373,122 @@ def test_a_101_that_is_not_a_websocket_kills_the_flow(
     assert (f.error is not None) is refused
     enforcer.error(f) if refused else enforcer.response(f)
     assert enforcer.in_flight == 0
+
+
+# The user's policy inside the Enforcer: request rules, pass-through, a policy that changes.
+
+USER_POLICY = """
+defaults = false
+[[allow]]
+host = "api.anthropic.com"
+methods = ["GET"]
+paths = ["/v1/"]
+[[allow]]
+host = "claude.ai"
+inspect = false
+[[deny]]
+host = "api.anthropic.com"
+paths = ["/v1/files"]
+"""
+
+
+def use(enforcer: Enforcer, toml: str) -> None:
+    path = Path("/c/config.toml")
+    enforcer.use_policy(config.build_policy(config.parse(path, toml.encode())))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "origin"),
+    [
+        ("GET", "/v1/models?x=1", None, None),
+        ("POST", "/v1/models", 403, None),
+        ("GET", "/v2/models", 403, None),
+        ("GET", "/v1/files", 403, "/c/config.toml:10"),
+        ("GET", "/v1/FILES/x", 403, "/c/config.toml:10"),
+        ("GET", "/v1/%2e%2e/v1/files", 403, None),
+    ],
+)
+def test_requests_are_decided_by_method_and_path(
+    enforcer: Enforcer, method: str, path: str, status: int | None, origin: str | None
+) -> None:
+    use(enforcer, USER_POLICY)
+    f = tunnel_request(enforcer, host="api.anthropic.com")
+    f.request.method, f.request.path = method, path
+    enforcer.requestheaders(f)
+    assert (f.response.status_code if f.response else None) == status
+    if origin is not None:
+        assert f.response is not None
+        assert f"Decided by the rule at {origin}." in (f.response.text or "")
+
+
+def test_an_open_tunnel_follows_a_new_policy(enforcer: Enforcer) -> None:
+    first = tunnel_request(enforcer, host="api.anthropic.com")
+    enforcer.requestheaders(first)
+    assert first.response is None
+    use(enforcer, "defaults = false\n[[allow]]\nhost = 'claude.ai'\n")
+    again = tflow.tflow(client_conn=first.client_conn)
+    again.request.host, again.request.port, again.request.scheme = "api.anthropic.com", 443, "https"
+    again.request.headers.clear()
+    again.request.headers["host"] = "api.anthropic.com"
+    enforcer.requestheaders(again)
+    assert again.response is not None and again.response.status_code == 403
+    assert "api.anthropic.com is not on the allowlist" in (again.response.text or "")
+
+
+def hello_bytes(sni: str | None, extra: tuple[tuple[int, bytes], ...] = ()) -> bytes:
+    return client_hello(Hello(sni, [b"http/1.1"], extra=extra), os.urandom(32), b"")
+
+
+ECH = ((passthrough.ENCRYPTED_CLIENT_HELLO, b"\x00" * 40),)
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "hello", "chosen"),
+    [
+        ("claude.ai", hello_bytes("claude.ai"), passthrough.SplicedTunnel),
+        ("claude.ai", hello_bytes("CLAUDE.AI."), passthrough.SplicedTunnel),
+        ("claude.ai", hello_bytes("api.anthropic.com"), addon.CloseTunnel),  # another name
+        ("claude.ai", hello_bytes(None), addon.CloseTunnel),  # no SNI
+        ("claude.ai", hello_bytes("claude.ai", ECH), addon.CloseTunnel),  # the name hidden
+        ("claude.ai", hello_bytes("claude.ai")[:20], type(None)),  # wait for the whole hello
+        ("claude.ai", b"GET / HTTP/1.1\r\n\r\n", addon.CloseTunnel),
+        ("api.anthropic.com", hello_bytes("api.anthropic.com"), layers.ServerTLSLayer),
+        ("api.anthropic.com", hello_bytes(None), layers.ServerTLSLayer),  # inspected: SNI optional
+    ],
+)
+def test_pass_through_layer_decision(
+    enforcer: Enforcer, tunnel: str, hello: bytes, chosen: type
+) -> None:
+    use(enforcer, USER_POLICY)
+    client = tflow.tclient_conn()
+    enforcer.tunnels[client.id] = (tunnel, 443)
+    nextlayer = layer.NextLayer(context.Context(client, ctx.options))
+    nextlayer.events.append(events.DataReceived(client, hello))
+    enforcer.next_layer(nextlayer)
+    assert type(nextlayer.layer) is chosen
+    assert (client.id in enforcer.spliced) is (chosen is passthrough.SplicedTunnel)
+
+
+def test_a_tunnel_refused_between_connect_and_hello_closes(enforcer: Enforcer) -> None:
+    use(enforcer, USER_POLICY)
+    client = tflow.tclient_conn()
+    enforcer.tunnels[client.id] = ("claude.ai", 443)
+    use(enforcer, "[[deny]]\nhost = 'claude.ai'\n")
+    nextlayer = layer.NextLayer(context.Context(client, ctx.options))
+    nextlayer.events.append(events.DataReceived(client, hello_bytes("claude.ai")))
+    enforcer.next_layer(nextlayer)
+    assert type(nextlayer.layer) is addon.CloseTunnel
+
+
+def test_a_spliced_tunnel_connects_upstream_as_tls(enforcer: Enforcer) -> None:
+    """Its upstream connection carries TLS as bytes: the backstop decides it as HTTPS."""
+    use(enforcer, USER_POLICY)
+    client = tflow.tclient_conn()
+    enforcer.tunnels[client.id] = ("claude.ai", 443)
+    enforcer.spliced.add(client.id)
+    server = connection.Server(address=("claude.ai", 443), tls=False)
+    enforcer.server_connect(server_hooks.ServerConnectionHookData(server, client))
+    assert not server.error
+    enforcer.spliced.discard(client.id)
+    enforcer.server_connect(server_hooks.ServerConnectionHookData(server, client))
+    assert server.error  # the same connection, not spliced: cleartext to port 443

@@ -134,4 +134,6 @@ def test_a_full_disk_while_the_ca_is_made_is_one_line_then_the_next_start_makes_
     tmpfs(xdg, "1m")  # space again
     proxy = start_proxy(home, upstream, upstream_ca_file, env={"XDG_CONFIG_HOME": str(xdg)})
     assert proxy.stop() == 0
-    assert sorted(p.name for p in (xdg / "claude-proxy").iterdir()) == sorted(ca.CA_FILES)
+    assert sorted(p.name for p in (xdg / "claude-proxy").iterdir()) == sorted(
+        [*ca.CA_FILES, "config.toml"]  # the example policy, written at the first start
+    )

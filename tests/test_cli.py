@@ -94,7 +94,16 @@ def test_export_line_quotes(value: str, shell: str, line: str) -> None:
         (["localhost:8443", "--allow", "localhost:8443"], 0, "allow localhost:8443"),
     ],
 )
-def test_check(args: list[str], code: int, out: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check(
+    args: list[str],
+    code: int,
+    out: str,
+    capsys: pytest.CaptureFixture[str],
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOME", str(home))  # no config.toml: the built-in defaults
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     assert cli.main(["check", *args]) == code
     assert capsys.readouterr().out.startswith(out)
 

@@ -26,7 +26,7 @@ from mitmproxy.test import taddons, tflow
 from claude_proxy import accounts
 from claude_proxy.addon import Enforcer
 from claude_proxy.orgguard import OrgGuard
-from claude_proxy.policy import DEFAULT_RULES
+from claude_proxy.policy import DEFAULT_RULES, Policy
 from tests.conftest import (
     EXECUTABLE,
     ProxyProcess,
@@ -325,7 +325,8 @@ def pinned_guard(state: Path) -> Iterator[tuple[Enforcer, OrgGuard]]:
     enforcer = Enforcer()
     guard = OrgGuard(enforcer, state)
     with taddons.context(enforcer, guard) as tctx:
-        tctx.configure(enforcer, sandbox_allow=list(DEFAULT_RULES))
+        tctx.configure(enforcer, listen_host="127.0.0.1")
+        enforcer.use_policy(Policy.from_texts(DEFAULT_RULES))
         yield enforcer, guard
 
 

@@ -184,8 +184,8 @@ def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
         return {c.what.split(" ")[0]: c.ok for c in found}
 
     assert checks() == {"agent": False, "CA": True, "proxy": True, "SOCKS5": True,
-                        "keychain": False, "organization": True, "log": True,
-                        "audit": True}  # fmt: skip
+                        "keychain": False, "organization": True, "config": True,
+                        "log": True, "audit": True}  # fmt: skip
     keychain.put_in_keychain(sha1(cert), "trusted")
     assert checks()["keychain"] is True
     assert proxy.stop() == 0

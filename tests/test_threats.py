@@ -69,7 +69,8 @@ def test_refusal_says_why_and_where_the_allowlist_lives(
         "claude-proxy refused mozilla.org:443: mozilla.org is not on the allowlist"
     )
     assert "sandbox's policy, not a network fault: do not retry another way" in body
-    assert "The allowlist is the built-in defaults plus the --allow flags" in body
+    config = proxy.home / ".config" / "claude-proxy" / "config.toml"
+    assert f"The policy is {config} and the built-in defaults;" in body
     assert upstream.seen.connections == 0
 
 

@@ -39,6 +39,7 @@ class Hello:
     alpn: Sequence[bytes] | None  # None: no ALPN extension at all
     key_share: bytes | None = None  # an x25519 public key, or None for an empty key_share
     cookie: bytes | None = None  # echoed from the HelloRetryRequest
+    extra: Sequence[tuple[int, bytes]] = ()  # more extensions (type, body), e.g. ECH
 
 
 def client_hello(hello: Hello, random: bytes, session_id: bytes) -> bytes:
@@ -55,6 +56,8 @@ def client_hello(hello: Hello, random: bytes, session_id: bytes) -> bytes:
     extensions += extension(EXT_VERSIONS, vector(struct.pack("!H", 0x0304), 1))
     if hello.cookie is not None:
         extensions += extension(EXT_COOKIE, vector(hello.cookie, 2))
+    for kind, body in hello.extra:
+        extensions += extension(kind, body)
     shares = (
         b"" if hello.key_share is None else struct.pack("!H", X25519) + vector(hello.key_share, 2)
     )

@@ -2,26 +2,29 @@
 
 Every hook fails closed: mitmproxy lets traffic through when a hook raises, so each hook catches
 its own errors and refuses. The addon also owns the `next_layer` decision (mitmproxy's NextLayer
-addon is not loaded), so no connection can end up relayed as raw TCP or TLS uninspected.
+addon is not loaded), so no connection is relayed as raw TCP or TLS uninspected, except the
+client's own TLS to a pass-through destination of the user's policy (passthrough.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_hooks
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from claude_proxy import limits, policy, wellformed
+from claude_proxy import limits, passthrough, policy, wellformed
 from claude_proxy.decisions import SENT_DOWN, SENT_UP, count_body, log_decision, log_line, printable
-from claude_proxy.policy import Allowlist, Decision
+from claude_proxy.policy import Decision, Policy
 from claude_proxy.tlsguard import GuardedClientTLSLayer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
 }
 REFUSAL_PREFIX = "claude-proxy: "  # starts every refusal made on the way upstream
+PASS = "PASS"  # how pass-through tunnels appear in the decision log
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Target = tuple[str, int]
 
@@ -73,26 +77,19 @@ class CloseTunnel(layer.Layer):
 
 class Enforcer:
     def __init__(self) -> None:
-        self.allowlist = Allowlist(())
+        self.policy = Policy((), source="no policy yet")  # refuses everything until one is given
+        self.generation = 0  # how many policies there have been
         self.tunnels: dict[str, Target] = {}  # client connection id → its CONNECT target
+        self.spliced: set[str] = set()  # client connection ids of pass-through tunnels
         self.in_flight = 0  # allowed requests whose response has not ended
+
+    def use_policy(self, new: Policy) -> None:
+        """From now on every decision, in open tunnels too, is made by `new`."""
+        self.policy = new
+        self.generation += 1
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
-        add(
-            "sandbox_allow",
-            Sequence[str],
-            list(policy.DEFAULT_RULES),
-            "Destinations the proxy lets through; everything else is refused. Each rule is a host "
-            "(api.anthropic.com), *.domain for every subdomain at any depth but not the domain "
-            "itself, or an IP literal, with an optional :port (default 443).",
-        )
-        add(
-            "sandbox_allowlist_source",
-            str,
-            "the built-in defaults",
-            "Where the allowlist comes from, named in every refusal.",
-        )
         add(
             "sandbox_remote_clients",
             bool,
@@ -102,11 +99,6 @@ class Enforcer:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "sandbox_allow" in updated:
-            try:
-                self.allowlist = Allowlist.from_texts(ctx.options.sandbox_allow)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"Cannot parse the allowlist: {e}") from e
         for name in UNSUPPORTED_OPTIONS:
             if name in updated and getattr(ctx.options, name, None):
                 raise exceptions.OptionsError(
@@ -138,6 +130,7 @@ class Enforcer:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)
+        self.spliced.discard(client.id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
@@ -196,11 +189,45 @@ class Enforcer:
             return close_tunnel(context, target, "malformed TLS ClientHello")
         if hello is None:
             return None  # the ClientHello is not complete yet
+        decision = self.decide(*target)  # again: the policy may have changed since the CONNECT
+        if not decision.allowed:
+            return close_tunnel(context, target, decision.reason)
+        if not decision.inspect:
+            return self.splice(context, target, hello, decision)
         if hello.sni is not None and not names_target(hello.sni, target, port_allowed=False):
             return close_tunnel(context, target, f"SNI {hello.sni} does not name {target[0]}")
         server_tls = layers.ServerTLSLayer(context)
         server_tls.child_layer = GuardedClientTLSLayer(context)
         return server_tls
+
+    def splice(
+        self, context: Context, target: Target, hello: tls.ClientHello, decision: Decision
+    ) -> layer.Layer:
+        """A pass-through tunnel: the client's TLS goes to the upstream as it is."""
+        started = time.time()
+        if reason := passthrough.hello_refusal(hello, target[0]):
+            refused = Decision(False, reason)
+            log_line(PASS, *target, "-", "-", refused, started=started, client=context.client)
+            return CloseTunnel(context)
+        log_line(PASS, *target, "-", "-", decision, started=started, client=context.client)
+        self.spliced.add(context.client.id)
+        limits.tunnel_spliced(context)
+        generation = self.generation
+
+        def refusal() -> str | None:
+            nonlocal generation
+            if generation == self.generation:
+                return None
+            now = self.decide(*target)
+            if now.allowed and not now.inspect:
+                generation = self.generation
+                return None
+            reason = now.reason if not now.allowed else "its destination is inspected now"
+            refused = Decision(False, reason)
+            log_line(PASS, *target, "-", "-", refused, started=time.time(), client=context.client)
+            return reason
+
+        return passthrough.SplicedTunnel(context, refusal)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Backstop: no upstream connection the policy (and the tunnel) would not allow."""
@@ -211,7 +238,7 @@ class Enforcer:
                 data.server.error = "claude-proxy: no destination"
             elif target is not None and (policy.normalize_host(address[0]), address[1]) != target:
                 data.server.error = "claude-proxy: not the CONNECT destination"
-            elif not (decision := self.decide(*address, scheme_of(data.server))).allowed:
+            elif not (decision := self.decide(*address, self.upstream_scheme(data))).allowed:
                 data.server.error = f"claude-proxy: {decision.reason}"
         except Exception:
             logger.exception("refusing an upstream connection: the check failed")
@@ -233,7 +260,8 @@ class Enforcer:
             if problem := wellformed.malformed(flow.request, body_follows(flow)):
                 status, decision = 400, Decision(False, f"malformed request: {problem}")
             else:
-                decision = self.decide(host, port, scheme)
+                target_path = flow.request.data.path.decode("ascii", "replace")
+                decision = self.decide_request(host, port, scheme, flow.request.method, target_path)
             if decision.allowed and (
                 mismatch := misnamed(flow, (policy.normalize_host(host), port))
             ):
@@ -301,15 +329,30 @@ class Enforcer:
 
     def decide(self, host: str, port: int, scheme: str = policy.HTTPS) -> Decision:
         try:
-            return self.allowlist.decide(host, port, scheme)
+            return self.policy.decide(host, port, scheme)
         except Exception:
             logger.exception("refusing %s:%d: the policy failed", printable(host), port)
             return Decision(False, "internal error in the policy")
 
+    def decide_request(
+        self, host: str, port: int, scheme: str, method: str, target: str
+    ) -> Decision:
+        try:
+            return self.policy.decide_request(host, port, scheme, method, target)
+        except Exception:
+            logger.exception("refusing %s:%d: the policy failed", printable(host), port)
+            return Decision(False, "internal error in the policy")
+
+    def upstream_scheme(self, data: server_hooks.ServerConnectionHookData) -> str:
+        """How traffic travels on this upstream connection; a pass-through carries TLS as bytes."""
+        return policy.HTTPS if data.client.id in self.spliced else scheme_of(data.server)
+
     def refuse(
         self, flow: http.HTTPFlow, host: str, port: int, decision: Decision, status: int = 403
     ) -> None:
-        flow.response = refusal(flow.request.method, host, port, decision.reason, status)
+        flow.response = refusal(
+            flow.request.method, host, port, decision, status, source=self.policy.source
+        )
         log_decision(flow, decision, host=host, port=port, status=status)
 
 
@@ -320,13 +363,18 @@ def close_tunnel(context: layer.Context, target: Target, why: str) -> CloseTunne
     return CloseTunnel(context)
 
 
-def refusal(method: str, host: str, port: int, reason: str, status: int = 403) -> http.Response:
+def refusal(
+    method: str, host: str, port: int, decision: Decision, status: int = 403, *, source: str
+) -> http.Response:
     where = printable(f"{host}:{port}")
+    reason = decision.reason
+    decided = f"Decided by the rule at {printable(decision.origin)}.\n" if decision.origin else ""
     body = (
         f"claude-proxy refused {where}: {printable(reason)}.\n"
         "This is the sandbox's policy, not a network fault: do not retry another way.\n"
-        f"The allowlist is {ctx.options.sandbox_allowlist_source}; "
-        "`claude-proxy check HOST[:PORT]` shows which rule decides.\n"
+        f"{decided}"
+        f"The policy is {printable(source)}; "
+        "`claude-proxy check HOST[:PORT] [METHOD PATH]` shows which rule decides.\n"
     )
     details = ascii_header(reason)
     error = "http_request_denied" if status == 403 else "http_request_error"

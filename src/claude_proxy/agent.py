@@ -12,7 +12,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import accounts, auditlog, ca, defaults, paths, probes
+from claude_proxy import accounts, auditlog, ca, config, defaults, paths, probes, runstate
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.probes import Check
 
@@ -162,6 +162,7 @@ def status(
     if sys.platform == "darwin":
         checks.append(probes.keychain(home, cert or ca.cert_path(target.config_dir)))
     checks.append(pin_check(paths.state_dir()))
+    checks.append(config_check(target.port, target.config_dir))
     log = paths.log_dir() / paths.LOG_FILE
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
     audit_ok, audit_detail = auditlog.describe(paths.audit_db())
@@ -207,3 +208,21 @@ def certificate(target: probes.Target) -> tuple[Check, Path | None]:
         return Check(False, "CA", str(e), aside), None
     colons = authority.colons(authority.sha256)
     return Check(True, "CA", f"{authority.cert_path} SHA-256 {colons}"), authority.cert_path
+
+
+def config_check(port: int, config_dir: Path) -> Check:
+    """The policy file: what the proxy on `port` says of it, else whether it is valid on disk."""
+    path = paths.config_file(config_dir)
+    running = runstate.read(port)
+    if running is not None and running.error:
+        return Check(False, "config", f"{running.error}; the proxy keeps its previous policy")
+    try:
+        loaded = config.load(path)
+    except config.ConfigError as e:
+        return Check(False, "config", str(e))
+    if not loaded.exists:
+        return Check(True, "config", f"{path} (not written yet: the built-in defaults apply)")
+    if running is not None and running.digest != loaded.digest:
+        return Check(False, "config", f"{path} is valid but not yet in force")
+    in_force = "in force" if running is not None else "valid"
+    return Check(True, "config", f"{path} ({in_force}, {len(loaded.rules)} rules of its own)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shlex
 import sys
@@ -12,13 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # service imports mitmproxy (~0.75 s): only `run` (and making a new CA) loads it.
-from claude_proxy import accounts, ca, defaults, logs, paths, policy
+from claude_proxy import accounts, ca, config, config_commands, defaults, logs, paths
 from claude_proxy.errors import ExitCode, ProxyError
 
-COMMANDS = ("run", "ca", "env", "check", "plist", "status", "paths", "setup", "orgs", "pin", "log")
+COMMANDS = (
+    "run", "ca", "env", "check", "config", "plist", "status", "paths", "setup", "orgs", "pin",
+    "log",
+)  # fmt: skip
 SHELLS = ("sh", "zsh", "fish", "nu")
 TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
-ALLOWLIST_SOURCE = "the built-in defaults plus the --allow flags of the running claude-proxy"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,14 +49,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     run = sub.add_parser("run", help="run the proxy (the default)")
     run.add_argument(
-        "--host", help="listen address (default: 127.0.0.1 and ::1, each loopback address)"
+        "--host",
+        help="listen address (default: [listen] hosts in config.toml, else 127.0.0.1 and ::1)",
     )
-    run.add_argument("--port", type=port, default=defaults.DEFAULT_PORT, help="(%(default)s)")
+    run.add_argument(
+        "--port", type=port, help=f"(default: config.toml's, else {defaults.DEFAULT_PORT})"
+    )
     run.add_argument(
         "--socks-port",
         type=port,
-        default=defaults.DEFAULT_SOCKS_PORT,
-        help="SOCKS5 port, same addresses (%(default)s)",
+        help=f"SOCKS5 port, same addresses (default: config.toml's, else "
+        f"{defaults.DEFAULT_SOCKS_PORT})",
     )
     add_allow(run)
     run.add_argument(
@@ -109,10 +115,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     env.set_defaults(func=cmd_env)
 
-    check = sub.add_parser("check", help="say whether HOST[:PORT] would be allowed, and why")
+    check = sub.add_parser(
+        "check", help="say whether HOST[:PORT] (or a request to it) would be allowed, and why"
+    )
     check.add_argument("destination", metavar="HOST[:PORT]")
+    check.add_argument("request", nargs="*", metavar="METHOD PATH", help="e.g. GET /v1/models")
     add_allow(check)
     check.set_defaults(func=cmd_check)
+
+    config_cmd = sub.add_parser("config", help="the policy file: path, edit, check, show")
+    actions = config_cmd.add_subparsers(dest="action", required=True)
+    actions.add_parser("path", help="print its path (writing a commented example if missing)")
+    actions.add_parser("edit", help="edit a copy in $EDITOR; install it only if it is valid")
+    config_check = actions.add_parser("check", help="validate it: exit 0, or 2 with every error")
+    config_check.add_argument("file", nargs="?", type=Path, help="another file to validate")
+    show = actions.add_parser("show", help="the effective policy, each rule with its origin")
+    add_allow(show)
+    show.add_argument(
+        "--port",
+        type=port,
+        default=defaults.DEFAULT_PORT,
+        help="the running proxy whose --allow rules to include (%(default)s)",
+    )
+    config_cmd.set_defaults(func=cmd_config)
 
     plist = sub.add_parser("plist", help="render the launchd agent's plist from its template")
     plist.add_argument(
@@ -243,35 +268,38 @@ def default_shell() -> str:
     return name if name in SHELLS else "sh"
 
 
-def allowlist(extra: Sequence[str]) -> policy.Allowlist:
-    try:
-        return policy.Allowlist.from_texts([*policy.DEFAULT_RULES, *extra])
-    except ValueError as e:
-        raise ProxyError(
-            f"invalid --allow {e}; see --help for the rule syntax", ExitCode.USAGE
-        ) from None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from claude_proxy import service
 
-    allowlist(args.allow)  # refuse a bad rule before anything else happens
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
-    logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=args.verbose, quiet=args.quiet)
     confdir = args.config_dir.absolute() if args.config_dir else paths.config_dir()
+    path = paths.config_file(confdir)
+    loaded = config_commands.load(path)  # a bad file or rule stops us before anything
+    config_commands.policy_for(path, args.allow)
+    verbose = args.verbose or loaded.log_level == "debug"
+    logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=verbose, quiet=args.quiet)
     ca.ensure_ca(confdir)
+    if config.ensure_file(path):  # where the user will look for it; never rewritten
+        logging.getLogger(__name__).debug("wrote %s, an example that keeps the defaults", path)
+        loaded = config_commands.load(path)
+    listen = loaded.listen
     settings = service.Settings(
         confdir=confdir,
-        rules=[*policy.DEFAULT_RULES, *args.allow],
-        allowlist_source=ALLOWLIST_SOURCE,
-        hosts=(args.host,) if args.host else (),
-        port=args.port,
-        socks_port=args.socks_port,
+        policy=config.build_policy(loaded, args.allow),
+        config=loaded,
+        flags=args.allow,
+        hosts=(args.host,) if args.host else listen.hosts or (),
+        port=first(args.port, listen.port, defaults.DEFAULT_PORT),
+        socks_port=first(args.socks_port, listen.socks_port, defaults.DEFAULT_SOCKS_PORT),
         expose_to_network=args.expose_to_network,
         mitmproxy_options=args.mitmproxy_options,
     )
     asyncio.run(service.serve(settings))
     return ExitCode.OK
+
+
+def first(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -325,19 +353,20 @@ def export_line(shell: str, name: str, value: str) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    rules = allowlist(args.allow)
-    try:
-        host, port_or_none = policy.split_host_port(args.destination, what="destination")
-    except ValueError as e:
-        raise ProxyError(f"{e}; write HOST or HOST:PORT", ExitCode.USAGE) from None
-    port_number = policy.DEFAULT_PORT if port_or_none is None else port_or_none
-    decision = rules.decide(host, port_number)
-    where = f"{host}:{port_number}"
-    if decision.allowed:
-        print(f"allow {where} (rule {decision.rule})")
-        return ExitCode.OK
-    print(f"refuse {where}: {decision.reason}")
-    return ExitCode.FAILURE
+    return config_commands.cmd_decide(
+        paths.config_file(), args.allow, args.destination, args.request
+    )
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path = paths.config_file()
+    if args.action == "path":
+        return config_commands.cmd_path(path)
+    if args.action == "edit":
+        return config_commands.cmd_edit(path)
+    if args.action == "check":
+        return config_commands.cmd_check(args.file or path)
+    return config_commands.cmd_show(path, args.allow, args.port)
 
 
 def cmd_plist(args: argparse.Namespace) -> int:

@@ -230,6 +230,12 @@ def http_layer(context: Context, mode: HTTPMode) -> layer.Layer:
     return limits.http_layer(context, mode)
 
 
+def tunnel_spliced(context: Context) -> None:
+    """A pass-through tunnel has no request to wait for: its deadline to get there ends."""
+    if (limits := ctx.master.addons.get("limits")) is not None:
+        limits._cancel_setup(context.client.id)
+
+
 def close_layer(context: Context) -> layer.Layer:
     from claude_proxy.addon import CloseTunnel  # addon.py imports this module
 

@@ -47,7 +47,12 @@ def configure(
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    set_verbose(verbose)
+
+
+def set_verbose(verbose: bool) -> None:
+    """Our messages at DEBUG and mitmproxy's at INFO, or ours at INFO and its from WARNING."""
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("mitmproxy", "asyncio", "hpack", "passlib"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
 

@@ -168,7 +168,10 @@ class OrgGuard:
             log_decision(flow, Decision(False, reason), host=host, port=port, status=None)
             return
         flow.request.stream = False  # mitmproxy refuses a response set while the request streams
-        response = refusal(flow.request.method, host, port, reason)
+        decision = Decision(False, reason)
+        response = refusal(
+            flow.request.method, host, port, decision, source=self.enforcer.policy.source
+        )
         if flow.request.method != "HEAD":
             response.text = (
                 f"claude-proxy refused {printable(f'{host}:{port}')}: {printable(reason)}.\n"
@@ -176,7 +179,7 @@ class OrgGuard:
                 f"Only credentials of the pinned organization reach Anthropic. {HOW_TO_PIN}\n"
             )
         flow.response = response
-        log_decision(flow, Decision(False, reason), host=host, port=port, status=403)
+        log_decision(flow, decision, host=host, port=port, status=403)
 
     # Learning
 

@@ -15,6 +15,7 @@ LABEL = "local.claude-proxy"  # the launchd agent's label
 LOG_FILE = "claude-proxy.log"
 PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")  # shipped inside the package
 AUDIT_FILE = "audit.db"
+CONFIG_FILE = "config.toml"
 
 
 def config_dir() -> Path:
@@ -24,6 +25,11 @@ def config_dir() -> Path:
     The agent is told this folder by its plist (`run --config-dir`): it never computes it.
     """
     return Path(Unix(APP).user_config_dir)
+
+
+def config_file(folder: Path | None = None) -> Path:
+    """The user's policy, `config.toml` beside the CA (in `folder`, the agent's --config-dir)."""
+    return (folder or config_dir()) / CONFIG_FILE
 
 
 def log_dir() -> Path:

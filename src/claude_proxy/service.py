@@ -19,12 +19,15 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
 from claude_proxy import addresses, closing, framing, listeners, paths, socks
 from claude_proxy.addon import Enforcer
+from claude_proxy.config import Config
 from claude_proxy.decisions import AuditLog
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.limits import Limits
 from claude_proxy.orgguard import OrgGuard
+from claude_proxy.policy import Policy
+from claude_proxy.reload import ConfigWatcher
 from claude_proxy.timeouts import Timeouts
 from claude_proxy.tlsguard import GuardedTlsConfig
 
@@ -35,8 +38,7 @@ DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
 RESERVED_OPTIONS = {
     "confdir": "the CA lives in the config folder (set XDG_CONFIG_HOME to move it) and is "
     "checked there before the proxy starts",
-    "sandbox_allow": "use --allow RULE",
-    "sandbox_allowlist_source": "it is set by claude-proxy",
+    "sandbox_allow": "use --allow RULE, or config.toml",
     "sandbox_remote_clients": "use --expose-to-network",
     "listen_host": "use --host",
     "listen_port": "use --port",
@@ -54,8 +56,9 @@ RISKY_OPTIONS = {
 @dataclass(frozen=True)
 class Settings:
     confdir: Path
-    rules: Sequence[str]
-    allowlist_source: str
+    policy: Policy
+    config: Config  # the file the policy comes from, watched for changes
+    flags: Sequence[str] = ()  # the --allow rules, added to every version of the file's policy
     hosts: Sequence[str] = ()  # empty: every loopback address this machine has
     port: int = DEFAULT_PORT
     socks_port: int | None = DEFAULT_SOCKS_PORT  # None: no SOCKS5 listener
@@ -146,7 +149,7 @@ def check_option_names(assignments: Sequence[str]) -> None:
             logger.warning("--set %s: %s", name, why)
 
 
-def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
+def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWatcher]:
     """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
     check_option_names(settings.mitmproxy_options)
     framing.install()
@@ -160,6 +163,8 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
         raise ProxyError(f"cannot listen: {e.strerror}", ExitCode.ADDRESS) from e
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
     enforcer = Enforcer()
+    enforcer.use_policy(settings.policy)
+    watcher = ConfigWatcher(settings.config.path, settings.flags, enforcer, settings.config)
     m = master.Master(options.Options(), with_termlog=False)
     try:
         # Proxyserver registers connection_strategy with the default "eager", which the Enforcer
@@ -182,23 +187,25 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer]:
             script.ScriptLoader(),
             AuditLog(),  # before StartupCheck: recording starts before "listening on" is said
             StartupCheck(settings),
+            watcher,
         )
         m.options.update(
             confdir=str(settings.confdir),
             mode=modes,
-            sandbox_allow=list(settings.rules),
-            sandbox_allowlist_source=settings.allowlist_source,
             sandbox_remote_clients=settings.expose_to_network,
         )
         m.options.set(*settings.mitmproxy_options, defer=True)
     except exceptions.OptionsError as e:
         raise ProxyError(str(e), ExitCode.USAGE) from e
-    return m, enforcer
+    return m, enforcer, watcher
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain requests in flight (bounded) and return."""
-    m, enforcer = build_master(settings)
+    """Run until SIGTERM or SIGINT, then drain requests in flight (bounded) and return.
+
+    SIGHUP reads config.toml again at once.
+    """
+    m, enforcer, watcher = build_master(settings)
     loop = asyncio.get_running_loop()
     addresses.install_checked_resolver(loop)
     draining: list[asyncio.Task[None]] = []
@@ -212,10 +219,11 @@ async def serve(settings: Settings) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
     try:
         await m.run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     logger.info("claude-proxy stopped")
 

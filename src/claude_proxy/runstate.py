@@ -1,0 +1,62 @@
+"""What a running proxy says about its policy, for `status` and `config show`: a small JSON file.
+
+One file per HTTP port (`proxy-PORT.json` in the state folder), written atomically by the proxy
+whenever it loads its config or fails to, and removed when it stops. Pure Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from claude_proxy import files, paths
+
+
+@dataclass(frozen=True)
+class RunState:
+    pid: int
+    port: int
+    config: str  # the config file's path
+    digest: str  # SHA-256 of the config the policy was built from; "" for no file
+    loaded_at: float  # when that policy was loaded (epoch seconds)
+    rules: int  # how many rules the policy has, defaults and flags included
+    error: str | None = None  # why the last reload failed (FILE:LINE: …), None if it did not
+    flags: list[str] = field(default_factory=list)  # the --allow rules the proxy was given
+
+    def alive(self) -> bool:
+        """Whether the process that wrote this still runs (a crash leaves the file behind)."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def path_for(port: int, state_dir: Path | None = None) -> Path:
+    return (state_dir or paths.state_dir()) / f"proxy-{port}.json"
+
+
+def write(state: RunState, state_dir: Path | None = None) -> None:
+    path = path_for(state.port, state_dir)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files.write_atomically(path, json.dumps(asdict(state), indent=2).encode() + b"\n", 0o600)
+
+
+def read(port: int, state_dir: Path | None = None) -> RunState | None:
+    """The state the proxy on `port` published, if any and if that process still runs."""
+    try:
+        document = json.loads(path_for(port, state_dir).read_text())
+        state = RunState(**document)
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if state.alive() else None
+
+
+def remove(port: int, state_dir: Path | None = None) -> None:
+    with contextlib.suppress(OSError):
+        path_for(port, state_dir).unlink()

@@ -1,0 +1,203 @@
+"""A running proxy follows its config.toml: saved in place, replaced by rename, or on SIGHUP.
+
+The barrier is what the proxy publishes (its state file names the SHA-256 of the config in
+force, or the error of the last reload); proofs are what reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ProxyProcess, curl, open_tunnel, read_head, start_proxy
+from tests.test_service import run_cli
+from tests.upstream import Upstream
+
+STATE_WAIT = 15  # seconds: generous on a loaded machine; a reload takes well under one
+
+
+def config_file(home: Path) -> Path:
+    return home / ".config" / "claude-proxy" / "config.toml"
+
+
+def allowing(*hosts: str, comment: str = "") -> str:
+    rules = "".join(f'[[allow]]\nhost = "{h}"\n' for h in hosts)
+    return f"# {comment}\ndefaults = false\n{rules}"
+
+
+def write_in_place(path: Path, text: str) -> None:
+    with path.open("r+b") as file:
+        file.truncate(0)
+        file.write(text.encode())
+
+
+def write_by_rename(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".new")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def state(proxy: ProxyProcess) -> dict[str, object] | None:
+    path = proxy.home / ".local" / "state" / "claude-proxy" / f"proxy-{proxy.port}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_state(proxy: ProxyProcess, ready: Callable[[dict[str, object]], bool]) -> dict:
+    """Barrier: the proxy has published a state that satisfies `ready`."""
+    deadline = time.monotonic() + STATE_WAIT
+    while time.monotonic() < deadline:
+        if (found := state(proxy)) is not None and ready(found):
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"the proxy never published the state expected; last: {state(proxy)}")
+
+
+def wait_applied(proxy: ProxyProcess, text: str) -> None:
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    wait_state(proxy, lambda s: s["digest"] == digest and s["error"] is None)
+
+
+def status_of(proxy: ProxyProcess, host: str, path: str = "/") -> tuple[str, str]:
+    """(CONNECT status, response status) for GET https://host/path through the proxy."""
+    result = curl(proxy, "-o", "/dev/null", "-w", "%{http_connect} %{http_code}",
+                  f"https://{host}{path}")  # fmt: skip
+    connect, code = result.stdout.split()
+    return connect, code
+
+
+@pytest.fixture
+def running(home: Path, upstream: Upstream, upstream_ca_file: Path) -> Iterator[ProxyProcess]:
+    path = config_file(home)
+    path.parent.mkdir(parents=True)
+    path.write_text(allowing("api.anthropic.com"))
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    try:
+        wait_applied(proxy, path.read_text())
+        yield proxy
+    finally:
+        assert proxy.stop() == 0
+    assert state(proxy) is None  # a stopped proxy leaves no state behind
+
+
+def test_a_file_saved_in_place_or_replaced_changes_the_policy(
+    running: ProxyProcess, upstream: Upstream
+) -> None:
+    path = config_file(running.home)
+    assert status_of(running, "claude.ai") == ("403", "000")
+    assert upstream.seen.connections == 0
+
+    text = allowing("api.anthropic.com", "claude.ai")
+    write_in_place(path, text)
+    wait_applied(running, text)
+    assert status_of(running, "claude.ai") == ("200", "200")
+    assert [r[2] for r in upstream.seen.requests] == ["claude.ai"]
+
+    text = allowing("claude.ai", comment="api.anthropic.com is gone")
+    write_by_rename(path, text)
+    wait_applied(running, text)
+    assert status_of(running, "api.anthropic.com") == ("403", "000")
+    assert status_of(running, "claude.ai") == ("200", "200")
+    assert [r[2] for r in upstream.seen.requests] == ["claude.ai", "claude.ai"]
+    assert sum("policy reloaded from" in line for line in running.stderr) == 2
+
+
+def test_sighup_reloads_a_change_the_watcher_cannot_see(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Same size, same inode, same (old) mtime: only SIGHUP can tell the proxy."""
+    path = config_file(home)
+    path.parent.mkdir(parents=True)
+    before = allowing("claude.ai", comment="padding!")
+    after = allowing("api.anthropic.com")
+    assert len(before) == len(after)
+    path.write_text(before)
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(an_hour_ago, an_hour_ago))
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    try:
+        wait_applied(proxy, before)
+        inode = path.stat().st_ino
+        write_in_place(path, after)
+        os.utime(path, ns=(an_hour_ago, an_hour_ago))
+        assert (path.stat().st_ino, path.stat().st_size) == (inode, len(before))
+        proxy.proc.send_signal(signal.SIGHUP)
+        wait_applied(proxy, after)
+        assert status_of(proxy, "api.anthropic.com") == ("200", "200")
+        assert status_of(proxy, "claude.ai") == ("403", "000")
+        assert [r[2] for r in upstream.seen.requests] == ["api.anthropic.com"]
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_an_open_tunnel_is_refused_once_its_host_is_removed(
+    running: ProxyProcess, upstream: Upstream
+) -> None:
+    tunnel = open_tunnel(running, "api.anthropic.com")
+    request = b"GET /first HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n"
+    tunnel.sendall(request)
+    assert read_head(tunnel).startswith(b"HTTP/1.1 200")
+    tunnel.recv(65536)  # the body
+    text = allowing("claude.ai")
+    write_by_rename(config_file(running.home), text)
+    wait_applied(running, text)
+    tunnel.sendall(request.replace(b"first", b"second"))
+    head = read_head(tunnel)
+    assert head.startswith(b"HTTP/1.1 403"), head
+    assert b"api.anthropic.com is not on the allowlist" in head + tunnel.recv(65536)
+    tunnel.close()
+    assert [r[1] for r in upstream.seen.requests] == ["/first"]
+
+
+def test_a_broken_edit_changes_nothing(running: ProxyProcess, upstream: Upstream) -> None:
+    path = config_file(running.home)
+    good = path.read_text()
+    write_by_rename(path, good + '[[allow]]\nhost = "claude.ai"\nport = 443\n')
+    wait_state(running, lambda s: s["error"] is not None)
+    published = state(running)
+    assert published is not None
+    assert published["digest"] == hashlib.sha256(good.encode()).hexdigest()
+    assert status_of(running, "api.anthropic.com") == ("200", "200")
+    assert status_of(running, "claude.ai") == ("403", "000")
+    assert [r[2] for r in upstream.seen.requests] == ["api.anthropic.com"]
+    lines = [line for line in running.stderr if "keeping the policy" in line]
+    assert len(lines) == 1, lines
+    assert f"{path}:7: [[allow]] has an unknown key 'port'; did you mean 'ports'?" in lines[0]
+
+    status = run_cli(running.home, "status", "--port", str(running.port))
+    config_line = next(line for line in status.stdout.splitlines() if "config:" in line)
+    assert config_line.startswith("FAIL")
+    assert f"{path}:7: [[allow]] has an unknown key 'port'" in config_line
+
+    write_in_place(path, good + '[[allow]]\nhost = "claude.ai"\n')
+    wait_applied(running, path.read_text())
+    assert status_of(running, "claude.ai") == ("200", "200")
+    status = run_cli(running.home, "status", "--port", str(running.port))
+    assert "ok   config:" in status.stdout
+
+
+def test_a_hundred_rapid_edits_end_on_the_last_valid_one(
+    running: ProxyProcess, upstream: Upstream
+) -> None:
+    path = config_file(running.home)
+    for n in range(99):
+        if n % 3 == 2:
+            text = allowing("claude.ai", comment=f"edit {n}") + "[[allow]]\nhost = 'broken\n"
+        else:
+            text = allowing("claude.ai", comment=f"edit {n}")
+        (write_in_place if n % 2 else write_by_rename)(path, text)
+    last = allowing("statsig.anthropic.com", comment="edit 99, the last")
+    write_in_place(path, last)
+    wait_applied(running, last)
+    assert status_of(running, "statsig.anthropic.com") == ("200", "200")
+    assert status_of(running, "claude.ai") == ("403", "000")
+    assert [r[2] for r in upstream.seen.requests] == ["statsig.anthropic.com"]
