@@ -619,7 +619,7 @@ def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
     for suggestion in found:
         ip = policy.parse_ip(suggestion.host) is not None
         text = auditlog.rule_text(suggestion.host, 443, ip)
-        assert policy.Allowlist.from_texts([text]).decide(suggestion.host, 443).allowed, text
+        assert policy.Policy.from_texts([text]).decide(suggestion.host, 443).allowed, text
 
 
 @pytest.mark.parametrize("option", ["sandbox_audit_days", "sandbox_audit_max_mb"])

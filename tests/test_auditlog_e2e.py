@@ -457,13 +457,17 @@ def test_suggested_rules_allow_what_was_refused(
     rules = tomllib.loads(result.stdout)["allow"]
     assert {"host": "api.anthropic.com", "ports": [8443]} in rules
     assert {"ip": "127.0.0.1", "ports": [443]} in rules
-    flags = [
-        arg
-        for rule in rules
-        for port in rule["ports"]
-        for arg in ("--allow", f"{rule.get('host') or rule['ip']}:{port}")
-    ]
-    allowed = start_proxy(tmp_path_factory.mktemp("home"), upstream, upstream_ca_file, *flags)
+    # Put into the new proxy's config.toml as printed, they allow what was refused.
+    home = tmp_path_factory.mktemp("home")
+    config = home / ".config" / "claude-proxy" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(result.stdout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")} | {"HOME": str(home)}
+    check = subprocess.run(
+        [str(EXECUTABLE), "config", "check"], env=env, capture_output=True, text=True, timeout=10
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    allowed = start_proxy(home, upstream, upstream_ca_file)
     try:
         for url in ("https://api.anthropic.com:8443/suggested", "https://127.0.0.1/suggested"):
             reached = curl(allowed, url)
