@@ -29,7 +29,6 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
-from tests.test_orgguard import wait_for_line
 from tests.upstream import PeakRss, SilentUpstream, Upstream
 
 MIB = 1024 * 1024
@@ -478,6 +477,14 @@ def test_a_burst_of_connections_is_served_without_connect_retries(
 HELD_SLACK = 40 * MIB  # RSS beyond what the limits allow to be held: buffers, allocator, TLS
 
 
+def wait_for_line(proxy: ProxyProcess, text: str) -> None:
+    """Barrier: the proxy has logged `text`."""
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while not any(text in line for line in proxy.stderr):
+        assert time.monotonic() < deadline, f"no {text!r} in:\n" + "\n".join(proxy.stderr)
+        time.sleep(0.02)
+
+
 def held_reason(limit: str) -> str:
     return f"request body arrived faster than it could be passed on: more than {limit} held"
 
@@ -518,7 +525,7 @@ def test_body_held_while_the_upstream_handshake_hangs_is_cut_off(
             except OSError:
                 pass  # closed by the proxy: what this test expects
             assert read_answer(tls) == b""  # closed without an answer (nothing was forwarded)
-        wait_for_line(proxy, held_reason("16 MiB"), after=0)
+        wait_for_line(proxy, held_reason("16 MiB"))
         assert sent < 100 * MIB
         assert memory.growth < 16 * MIB + HELD_SLACK, f"grew {memory.growth // MIB} MiB"
         assert not [line for line in log_file(proxy).splitlines() if "Traceback" in line]
