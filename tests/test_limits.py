@@ -19,6 +19,7 @@ import h2.connection
 import h2.events
 import pytest
 
+from claude_proxy.held import PER_CLIENT
 from tests import conftest
 from tests.conftest import (
     ProxyFactory,
@@ -29,7 +30,7 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
-from tests.upstream import Upstream
+from tests.upstream import PeakRss, SilentUpstream, Upstream
 
 MIB = 1024 * 1024
 OFFERED = 40 * MIB  # what a hostile client offers; the proxy must stop taking it long before
@@ -470,3 +471,133 @@ def test_a_burst_of_connections_is_served_without_connect_retries(
             sock.close()
     assert sum(retransmits) == 0, f"{sum(1 for r in retransmits if r)} connections had to retry"
     assert upstream.seen.connections == 0
+
+
+# Request bodies held while a stream waits (for its upstream connection, or a hook)
+
+HELD_SLACK = 40 * MIB  # RSS beyond what the limits allow to be held: buffers, allocator, TLS
+
+
+def wait_for_line(proxy: ProxyProcess, text: str) -> None:
+    """Barrier: the proxy has logged `text`."""
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while not any(text in line for line in proxy.stderr):
+        assert time.monotonic() < deadline, f"no {text!r} in:\n" + "\n".join(proxy.stderr)
+        time.sleep(0.02)
+
+
+def held_reason(limit: str) -> str:
+    return f"request body arrived faster than it could be passed on: more than {limit} held"
+
+
+def test_held_counts_come_back_to_zero() -> None:
+    from claude_proxy.held import Held
+
+    held = Held(per_client=10, total=15)
+    assert held.add("a", 6) is None and held.add("a", 4) is None
+    assert held.add("a", 1) == "more than 0 MiB held"  # per client: nothing counted
+    assert held.add("b", 6) == "more than 0 MiB held for all clients"
+    held.release("a", 4)
+    assert held.add("b", 6) is None
+    held.disconnected("a")
+    held.release("a", 6)  # a stream of a client gone: already released with it
+    held.release("b", 6)
+    assert (held.bytes, held.clients) == (0, {})
+
+
+def test_body_held_while_the_upstream_handshake_hangs_is_cut_off(
+    home: Path, upstream_ca_file: Path
+) -> None:
+    silent = SilentUpstream()
+    proxy = start_proxy(home, silent, upstream_ca_file)  # type: ignore[arg-type]
+    try:
+        tls = open_tunnel(proxy, "api.anthropic.com")
+        head = b"POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n\r\n"
+        tls.sendall(head % (400 * MIB))
+        tls.settimeout(ANSWER_SECONDS)
+        sent = 0
+        with PeakRss(proxy.proc.pid) as memory:
+            try:
+                while sent < 200 * MIB:  # the proxy holding it all would take 200 MiB
+                    tls.sendall(b"x" * MIB)
+                    sent += MIB
+            except TimeoutError:
+                pytest.fail("the proxy neither took the body nor closed the connection")
+            except OSError:
+                pass  # closed by the proxy: what this test expects
+            assert read_answer(tls) == b""  # closed without an answer (nothing was forwarded)
+        wait_for_line(proxy, held_reason(f"{PER_CLIENT // MIB} MiB"))
+        assert sent < PER_CLIENT + 60 * MIB  # then the proxy closed: the rest went nowhere
+        assert memory.growth < PER_CLIENT + HELD_SLACK, f"grew {memory.growth // MIB} MiB"
+        assert not [line for line in log_file(proxy).splitlines() if "Traceback" in line]
+    finally:
+        proxy.stop()
+        silent.close()
+
+
+def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Path) -> None:
+    """Each stream holds 16 MiB; past the per-connection limit, the streams from then on reset."""
+    silent = SilentUpstream()
+    proxy = start_proxy(home, silent, upstream_ca_file)  # type: ignore[arg-type]
+    try:
+        tls = h2_tunnel(proxy)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        tls.sendall(conn.data_to_send())
+        events = h2_events(tls, conn)
+        size, piece, count = 16 * MIB, b"z" * 16384, 4
+        expected = {1 + 2 * i for i in range(PER_CLIENT // size, count)}  # client stream ids
+        assert expected
+        reset: set[int] = set()
+        with PeakRss(proxy.proc.pid) as memory:
+            for i in range(count):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(
+                    sid,
+                    [
+                        (":method", "POST"),
+                        (":scheme", "https"),
+                        (":authority", "api.anthropic.com"),
+                        (":path", f"/v1/files/{i}"),
+                        ("content-length", str(size)),
+                    ],
+                )
+                sent = 0
+                while sent < size and sid not in reset:
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    if window <= 0:  # wait for the proxy's WINDOW_UPDATE (or the reset)
+                        event = next(events)
+                        if isinstance(event, h2.events.StreamReset):
+                            reset.add(event.stream_id)
+                        continue
+                    n = min(window, len(piece), size - sent)
+                    conn.send_data(sid, piece[:n], end_stream=sent + n == size)
+                    sent += n
+                    tls.sendall(conn.data_to_send())
+            while reset != expected:
+                event = next(events)  # fails the test if the proxy neither resets nor closes
+                if isinstance(event, h2.events.StreamReset):
+                    reset.add(event.stream_id)
+        tls.close()
+        assert memory.growth < PER_CLIENT + HELD_SLACK, f"grew {memory.growth // MIB} MiB"
+        assert proxy.proc.poll() is None
+    finally:
+        proxy.stop()
+        silent.close()
+
+
+def test_uploads_through_a_prompt_upstream_still_pass(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """A 30 MiB upload: the body waits only for the connection, then moves as it arrives."""
+    size = 30 * MIB
+    for length in (size, 2 * 1024):
+        tls = open_tunnel(proxy, "api.anthropic.com")
+        head = b"POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n\r\n"
+        tls.sendall(head % length + b"u" * length)
+        tls.settimeout(30)
+        answer = read_head_in_time(tls)
+        tls.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    upstream.wait_idle()
+    assert [len(b) for b in upstream.seen.bodies] == [size, 2 * 1024]

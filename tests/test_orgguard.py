@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import stat
 import subprocess
 import time
@@ -19,13 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from claude_proxy import accounts
+from claude_proxy import accounts, held
 from claude_proxy.addon import Enforcer
-from claude_proxy.orgguard import OrgGuard
+from claude_proxy.orgguard import BUSY, MAX_WAITING, OrgGuard
 from claude_proxy.policy import DEFAULT_RULES, Policy
 from tests.conftest import (
     EXECUTABLE,
@@ -35,7 +39,8 @@ from tests.conftest import (
     read_until_closed,
     start_proxy,
 )
-from tests.upstream import PROBE_PATHS, Account, Upstream
+from tests.test_limits import h2_events, h2_tunnel
+from tests.upstream import PROBE_PATHS, Account, PeakRss, SilentUpstream, Upstream
 
 ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"
 ORG_B = "0b0b0b0b-bbbb-4bbb-8bbb-00000000000b"
@@ -399,3 +404,113 @@ def test_a_new_credential_with_a_large_upload_is_refused_before_any_probe(
     with client(proxy) as c:  # a small request with it is verified, then the credential is known
         ok = c.get("https://api.anthropic.com/v1/models", headers={"x-api-key": KEY_A2})
     assert ok.status_code == 200
+
+
+# What requests waiting for probes can hold: memory, probe slots
+
+
+def h2_answers(proxy: ProxyProcess, keys: list[str]) -> dict[str, tuple[int, str]]:
+    """One GET per key, all sent at once on one HTTP/2 connection; each key's status and body."""
+    tls = h2_tunnel(proxy)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    streams = {}
+    for i, key in enumerate(keys):
+        sid = conn.get_next_available_stream_id()
+        streams[sid] = key
+        head = [(":method", "GET"), (":scheme", "https"), (":authority", "api.anthropic.com")]
+        conn.send_headers(sid, [*head, (":path", f"/h2/{i}"), ("x-api-key", key)], end_stream=True)
+    tls.sendall(conn.data_to_send())
+    status: dict[int, int] = {}
+    body: dict[int, bytes] = {sid: b"" for sid in streams}
+    ended: set[int] = set()
+    events = h2_events(tls, conn)
+    while ended != set(streams):
+        event = next(events)  # fails the test when the proxy stops answering
+        if isinstance(event, h2.events.ResponseReceived):
+            status[event.stream_id] = int(dict(event.headers)[b":status"])
+        elif isinstance(event, h2.events.DataReceived):
+            body[event.stream_id] += event.data
+            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+            ended.add(event.stream_id)
+    tls.close()
+    return {key: (status.get(sid, 0), body[sid].decode()) for sid, key in streams.items()}
+
+
+def attackers(upstream: Upstream, count: int) -> list[str]:
+    """New keys of another organization whose probes Anthropic answers only after seconds."""
+    keys = [f"sk-ant-api03-attacker-{i:03d}-never-logged" for i in range(count)]
+    for key in keys:
+        upstream.accounts[key] = Account(ORG_B, probe_gate="slow")
+    return keys
+
+
+def test_waiting_for_a_probe_slot_counts_against_the_probe_timeout(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Slow probes of 24 attacker keys hold every slot: the user's new key is refused, not queued
+    behind them for three probe timeouts (it would then pass: it is of the pinned organization)."""
+    proxy = pinned_proxy(
+        home, upstream, upstream_ca_file, ORG_A, "--set", "sandbox_probe_timeout=2"
+    )
+    upstream.accounts[KEY_A2] = Account(ORG_A)
+    answers = h2_answers(proxy, [*attackers(upstream, 24), KEY_A2])
+    status, text = answers[KEY_A2]
+    assert status == 403, text
+    assert "could not be verified (no answer within 2 s)" in text
+    assert all(status == 403 for status, _ in answers.values())
+    upstream.gate("slow").set()
+    upstream.wait_idle()
+    assert not [p for _, p, _ in upstream.seen.requests if p.startswith("/h2/")]
+
+
+def test_too_many_requests_waiting_for_probes_are_refused_at_once(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = pinned_proxy(
+        home, upstream, upstream_ca_file, ORG_A, "--set", "sandbox_probe_timeout=2"
+    )
+    answers = h2_answers(proxy, attackers(upstream, MAX_WAITING + 6))
+    busy = [text for status, text in answers.values() if status == 403 and BUSY in text]
+    assert len(busy) >= 6
+    assert all(status == 403 for status, _ in answers.values())
+    upstream.gate("slow").set()
+    upstream.wait_idle()
+    assert not [p for _, p, _ in upstream.seen.requests if p.startswith("/h2/")]
+
+
+def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file: Path) -> None:
+    """30 clients each send 8 MiB with a new key whose probe hangs: 160 MiB in all are held."""
+    silent = SilentUpstream()
+    assert cli(home, "pin", ORG_A).returncode == 0
+    proxy = start_proxy(
+        home,
+        silent,  # type: ignore[arg-type]
+        upstream_ca_file,
+        "--set",
+        "sandbox_probe_timeout=60",
+    )
+    size = 8 * 1024 * 1024
+    head = "POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: {}\r\n"
+    request = (head.format(KEY_A2) + f"Content-Length: {size}\r\n\r\n").encode() + b"y" * size
+    sockets = []
+    try:
+        with PeakRss(proxy.proc.pid) as memory:
+            for _ in range(30):
+                tls = open_tunnel(proxy, "api.anthropic.com")
+                tls.settimeout(10)
+                with contextlib.suppress(ConnectionError, ssl.SSLError):  # ended by the proxy
+                    tls.sendall(request)
+                sockets.append(tls)
+            wait_for_line(
+                proxy, f"more than {held.TOTAL // held.MIB} MiB held for all clients", after=0
+            )
+        growth = memory.growth // 2**20
+        assert growth < held.TOTAL // held.MIB + 40, f"grew {growth} MiB"
+        assert proxy.proc.poll() is None
+    finally:
+        for tls in sockets:
+            tls.close()
+        proxy.stop()
+        silent.close()

@@ -426,3 +426,67 @@ def read_frame(stream: object) -> tuple[int, bytes] | None:
     mask = stream.read(4) if masked else b"\0\0\0\0"  # type: ignore[attr-defined]
     data = stream.read(length)  # type: ignore[attr-defined]
     return opcode, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+class SilentUpstream:
+    """Accepts TCP connections and never reads or answers: a TLS handshake that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+class PeakRss:
+    """Samples a process's resident memory in the background: measurement, never a barrier."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.peak = rss(pid)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                self.peak = max(self.peak, rss(self.pid))
+            except (OSError, AssertionError):
+                return
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+    def __enter__(self) -> PeakRss:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss(self.pid))
+
+
+def rss(pid: int) -> int:
+    """Resident memory in bytes, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")

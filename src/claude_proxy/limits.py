@@ -25,6 +25,7 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from claude_proxy import held
 from claude_proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class Limits:
     def client_disconnected(self, client: connection.Client) -> None:
         self.clients -= 1
         self.over_cap.discard(client.id)
+        held.HELD.disconnected(client.id)  # its streams, if paused still, will never go on
         self._cancel_setup(client.id)
         try:
             # mitmproxy can leave the socket open when it closes a client that is still sending

@@ -34,6 +34,8 @@ SAVE_SECONDS = 60.0  # counts and last-seen times reach the disk at most this of
 FAILURE_SECONDS = 10.0  # an unverifiable credential is refused this long without a new probe
 MAX_FAILURES = 1024
 MAX_PROBES = 8  # probes in flight at once; more wait their turn
+MAX_WAITING = 64  # requests waiting for a probe (or its slot) at once; more are refused
+BUSY = "too many credentials being verified at once; retry"
 PROBE_PORT = 443
 ERROR_LOG_SECONDS = 60.0
 COOKIE_REASON = "a Cookie to an Anthropic host cannot be tied to an organization"
@@ -74,6 +76,7 @@ class OrgGuard:
         self.probes: dict[tuple[str, str], asyncio.Future[ProbeResult]] = {}
         self.failures: dict[tuple[str, str], tuple[str, float]] = {}  # → (why, until)
         self.probe_slots = asyncio.Semaphore(MAX_PROBES)
+        self.waiting = 0  # requests in `verify`
         self.tasks: set[asyncio.Task[None]] = set()
         self.watcher: asyncio.Task[None] | None = None
         self.tls: tuple[tuple[str | None, str | None], ssl.SSLContext] | None = None
@@ -149,6 +152,8 @@ class OrgGuard:
                 if not holdable(flow):
                     return TOO_LARGE_TO_HOLD.format(fp=short(fp))
                 org, why = await self.verify(credential, fp, host)
+                if org is None and why == BUSY:
+                    return BUSY
                 if org is None:
                     return (
                         f"the organization of credential {short(fp)} could not be verified "
@@ -217,6 +222,15 @@ class OrgGuard:
         failed = self.failures.get((fp, host))
         if failed is not None and failed[1] > time.monotonic():
             return None, failed[0]
+        if self.waiting >= MAX_WAITING:  # each waiting request may hold a body in memory
+            return None, BUSY
+        self.waiting += 1
+        try:
+            return await self.await_probe(credential, fp, host)
+        finally:
+            self.waiting -= 1
+
+    async def await_probe(self, credential: Credential, fp: str, host: str) -> ProbeResult:
         future = self.probes.get((fp, host))
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -232,35 +246,46 @@ class OrgGuard:
         self, future: asyncio.Future[ProbeResult], credential: Credential, fp: str, host: str
     ) -> None:
         result: ProbeResult = (None, "internal error")
+        timeout = ctx.options.sandbox_probe_timeout
         try:
-            async with self.probe_slots:
-                began = time.monotonic()
-                try:
-                    org = await probe.organization_of(
-                        host,
-                        PROBE_PORT,
-                        credential,
-                        context=self.tls_context(),
-                        timeout=ctx.options.sandbox_probe_timeout,
-                    )
-                    result = (org, "")
-                except probe.ProbeError as e:
-                    result = (None, str(e))
+            began = time.monotonic()
+            probed = False  # a slot was free in time: the answer (or its absence) is Anthropic's
+            try:
+                # The wait for a slot counts too: a request waits at most the probe timeout in all.
+                async with asyncio.timeout(timeout):
+                    async with self.probe_slots:
+                        probed = True
+                        try:
+                            org = await probe.organization_of(
+                                host,
+                                PROBE_PORT,
+                                credential,
+                                context=self.tls_context(),
+                                timeout=timeout,
+                            )
+                            result = (org, "")
+                        except probe.ProbeError as e:
+                            result = (None, str(e))
+            except TimeoutError:
+                result = (None, f"no answer within {timeout} s")
+            except Exception:
+                self.internal_error("probing a credential")
+            try:
                 elapsed_ms = (time.monotonic() - began) * 1000
-            org, why = result
-            logger.info(
-                "probe %s for credential %s: %s %.0fms",
-                host,
-                short(fp),
-                f"organization {org}" if org else f'none, "{why}"',
-                elapsed_ms,
-            )
-            if org is not None:
-                self.learn(fp, org)
-            else:
-                self.remember_failure((fp, host), why)
-        except Exception:
-            self.internal_error("probing a credential")
+                org, why = result
+                logger.info(
+                    "probe %s for credential %s: %s %.0fms",
+                    host,
+                    short(fp),
+                    f"organization {org}" if org else f'none, "{why}"',
+                    elapsed_ms,
+                )
+                if org is not None:
+                    self.learn(fp, org)
+                elif probed:
+                    self.remember_failure((fp, host), why)
+            except Exception:
+                self.internal_error("probing a credential")
         finally:
             self.probes.pop((fp, host), None)
             if not future.done():

@@ -17,16 +17,18 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, flow, http
 from mitmproxy.proxy import commands, context, events, layer, layers
 from mitmproxy.proxy.layers.http import (
     DropStream,
     ErrorCode,
     GetHttpConnection,
+    HttpErrorHook,
     HTTPMode,
     HttpResponseHook,
     HttpStream,
     RegisterHttpConnection,
+    RequestData,
     RequestHeaders,
     RequestProtocolError,
     ResponseData,
@@ -36,7 +38,9 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
-from claude_proxy.decisions import FAILURE, printable
+from claude_proxy import held
+from claude_proxy.decisions import FAILURE, log_decision, printable
+from claude_proxy.policy import Decision
 from claude_proxy.wellformed import BODY_FOLLOWS
 
 logger = logging.getLogger(__name__)
@@ -132,8 +136,12 @@ class TimedHttpStream(HttpStream):
         self.since = 0.0
         self.timer: Timer | None = None  # the one that counts; older ones are ignored
         self.timed_out: tuple[Step, str] | None = None
+        self.held = 0  # request-body bytes queued while paused, counted in held.HELD
+        self.ended = False  # ended for holding too much: every later event is dropped
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.ended:
+            return
         if isinstance(event, RequestHeaders):
             self.body_follows = not event.end_stream
         wakeup = event.command if isinstance(event, events.Wakeup) else None
@@ -141,8 +149,54 @@ class TimedHttpStream(HttpStream):
             if wakeup is self.timer:
                 yield from self._guarded(self._expire())
             return
+        if self._paused is not None and isinstance(event, RequestData):
+            # mitmproxy queues it in memory until the stream goes on: count it, within limits.
+            if too_much := held.HELD.add(self.context.client.id, len(event.data)):
+                yield from self._end_held(too_much)
+                return
+            self.held += len(event.data)
         yield from super().handle_event(event)
+        if self.held:
+            self._recount_held(event)
         yield from self._guarded(self._rearm())
+
+    def _recount_held(self, event: events.Event) -> None:
+        if not self._paused_event_queue:
+            count = 0
+        elif isinstance(event, events.CommandCompleted):  # went on, then paused again
+            count = sum(len(e.data) for e in self._paused_event_queue if isinstance(e, RequestData))
+        else:
+            return
+        held.HELD.release(self.context.client.id, self.held - count)
+        self.held = count
+
+    def _end_held(self, too_much: str) -> layer.CommandGenerator[None]:
+        """End the stream, forwarding nothing: HTTP/1 closes the client, HTTP/2 resets it."""
+        self.ended, self.timer = True, None
+        held.HELD.release(self.context.client.id, self.held)
+        self.held = 0
+        self._paused_event_queue.clear()
+        reason = f"request body arrived faster than it could be passed on: {too_much}"
+        request = self.flow.request
+        if self.flow.metadata.get("claude_proxy.decision") is None:  # else the error hook logs it
+            log_decision(
+                self.flow,
+                Decision(False, reason),
+                host=request.host,
+                port=request.port,
+                status=None,
+            )
+        # The Enforcer reads a refusal made on the way upstream from the error's prefix.
+        self.flow.error = flow.Error(f"claude-proxy: {reason}")
+        self.flow.live = False
+        self.client_state = self.server_state = self.state_errored
+        hook = HttpErrorHook(self.flow)
+        hook.blocking = False  # the stream stays paused where it was: nothing waits for the hook
+        yield hook
+        yield SendHttp(
+            ResponseProtocolError(self.stream_id, "killed", ErrorCode.KILL), self.context.client
+        )
+        yield DropStream(self.stream_id)
 
     def _guarded(self, steps: Iterator[commands.Command]) -> layer.CommandGenerator[None]:
         """A bug here must not break the stream (mitmproxy would log a traceback per event)."""
