@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import trustme
@@ -29,6 +30,8 @@ SOCKS_LISTENING = re.compile(r"SOCKS5 on 127\.0\.0\.1:(\d+)")
 
 class ProxyProcess:
     """The real `claude-proxy` console script, on an ephemeral port with a temporary HOME."""
+
+    started: ClassVar[list[ProxyProcess]] = []  # every one, so none outlives its test
 
     def __init__(self, home: Path, args: Sequence[str], env: dict[str, str]) -> None:
         self.home = home
@@ -49,6 +52,7 @@ class ProxyProcess:
             text=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
+        ProxyProcess.started.append(self)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -87,6 +91,20 @@ class ProxyProcess:
         """Everything the proxy wrote: stderr and its rotating log file."""
         logs = list((self.home / ".local" / "state" / "claude-proxy").rglob("*.log*"))
         return "\n".join(self.stderr + [p.read_text() for p in logs])
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_outlives_its_test() -> Iterator[None]:
+    """Stop every proxy a test started and left running (fixtures of wider scope start theirs
+    before this snapshot, so they are left alone)."""
+    before = len(ProxyProcess.started)
+    yield
+    leftover = ProxyProcess.started[before:]
+    del ProxyProcess.started[before:]
+    for process in leftover:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(30)
 
 
 @pytest.fixture(scope="session")
