@@ -65,7 +65,7 @@ def test_connect_refused_with_reason() -> None:
         enforcer.http_connect(f)
         assert f.response is not None
         assert f.response.status_code == 403
-        assert f.response.headers[addon.REFUSAL_HEADER] == "refused"
+        assert f.response.headers["X-Claude-Proxy"] == "refused"
         assert "http_request_denied" in f.response.headers["Proxy-Status"]
         body = f.response.text or ""
         assert "example.com:443" in body and "the test list" in body

@@ -9,22 +9,13 @@ import struct
 
 import pytest
 
+from claude_proxy.probes import read_exactly
 from tests.conftest import ProxyProcess, curl, read_head, read_until_closed
 from tests.test_addresses import this_machines_address
 from tests.test_threats import REFUSED_CONNECTS
 from tests.upstream import Upstream
 
 SUCCEEDED, NOT_ALLOWED, COMMAND_NOT_SUPPORTED, NO_ACCEPTABLE_METHOD = 0x00, 0x02, 0x07, 0xFF
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def socks_request(host: str, port: int, command: int = 1) -> bytes:
@@ -44,9 +35,9 @@ def socks_connect(
     """Greet without authentication, ask for host:port; the socket and the reply code."""
     sock = socket.create_connection(("127.0.0.1", proxy.socks_port), timeout=10)
     sock.sendall(b"\x05\x01\x00")
-    assert recv_exactly(sock, 2) == b"\x05\x00"
+    assert read_exactly(sock, 2) == b"\x05\x00"
     sock.sendall(socks_request(host, port, command))
-    reply = recv_exactly(sock, 10)
+    reply = read_exactly(sock, 10)
     assert len(reply) == 10 and reply[0] == 5, reply
     return sock, reply[1]
 
@@ -160,7 +151,7 @@ def test_bind_and_udp_associate_are_not_supported(
 def test_username_password_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
     sock = socket.create_connection(("127.0.0.1", proxy.socks_port), timeout=10)
     sock.sendall(b"\x05\x01\x02")  # only username/password
-    assert recv_exactly(sock, 2) == bytes([5, NO_ACCEPTABLE_METHOD])
+    assert read_exactly(sock, 2) == bytes([5, NO_ACCEPTABLE_METHOD])
     read_until_closed(sock)  # mitmproxy pads the answer; what matters is that it closes
     sock.close()
     assert upstream.seen.connections == 0
@@ -177,9 +168,9 @@ def test_ipv6_loopback_is_served(proxy: ProxyProcess, upstream: Upstream, listen
         assert read_head(sock).startswith(b"HTTP/1.1 200")
     else:
         sock.sendall(b"\x05\x01\x00")
-        assert recv_exactly(sock, 2) == b"\x05\x00"
+        assert read_exactly(sock, 2) == b"\x05\x00"
         sock.sendall(socks_request("api.anthropic.com", 443))
-        assert recv_exactly(sock, 10)[1] == SUCCEEDED
+        assert read_exactly(sock, 10)[1] == SUCCEEDED
     context = proxy.client_context()
     tls = context.wrap_socket(sock, server_hostname="api.anthropic.com")
     tls.sendall(b"GET /v6 HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")

@@ -23,13 +23,20 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from claude_proxy import limits, passthrough, policy, wellformed
-from claude_proxy.decisions import SENT_DOWN, SENT_UP, count_body, log_decision, log_line, printable
+from claude_proxy.decisions import (
+    SENT_DOWN,
+    SENT_UP,
+    count_body,
+    log_decision,
+    log_line,
+    printable,
+    proxy_answer,
+)
 from claude_proxy.policy import Decision, Policy
 from claude_proxy.tlsguard import GuardedClientTLSLayer
 
 logger = logging.getLogger(__name__)
 
-REFUSAL_HEADER = "X-Claude-Proxy"
 UNSUPPORTED_OPTIONS = ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts")
 SAFE_TLS_VERSIONS = ("TLS1_2", "TLS1_3")
 # mitmproxy options whose other values would weaken a check: name → (is the value safe?, why)
@@ -376,15 +383,8 @@ def refusal(
         f"The policy is {printable(source)}; "
         "`claude-proxy check HOST[:PORT] [METHOD PATH]` shows which rule decides.\n"
     )
-    details = ascii_header(reason)
     error = "http_request_denied" if status == 403 else "http_request_error"
-    headers = {
-        REFUSAL_HEADER: "refused",
-        "Proxy-Status": f'claude-proxy; error={error}; details="{details}"',
-        "Content-Type": "text/plain; charset=utf-8",
-        "Cache-Control": "no-store",
-    }
-    return http.Response.make(status, b"" if method == "HEAD" else body.encode(), headers)
+    return proxy_answer(status, method, body, kind="refused", error=error, details=reason)
 
 
 def requested_host(request: http.Request) -> str:
@@ -479,7 +479,3 @@ def is_loopback(host: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     return ip.is_loopback
-
-
-def ascii_header(text: str) -> str:
-    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)

@@ -29,7 +29,7 @@ from mitmproxy.proxy.layers.http import ErrorCode, HTTPMode, ReceiveHttp, Reques
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
-from claude_proxy.decisions import log_line, printable
+from claude_proxy.decisions import log_line, printable, proxy_answer
 from claude_proxy.policy import Decision
 from claude_proxy.timeouts import TimedHttpLayer
 
@@ -48,21 +48,15 @@ class Bounds:
 
 
 def answer(status: int, reason: str) -> http.Response:
-    from claude_proxy.addon import REFUSAL_HEADER, ascii_header  # addon.py imports limits
-
     body = (
         f"claude-proxy refused this request: {printable(reason)}.\n"
         "This is a limit of the sandbox's proxy, not a network fault.\n"
     )
     error = PROXY_STATUS_ERRORS.get(status, "http_request_error")
-    headers = {
-        REFUSAL_HEADER: "refused",
-        "Proxy-Status": f'claude-proxy; error={error}; details="{ascii_header(reason)}"',
-        "Content-Type": "text/plain; charset=utf-8",
-        "Cache-Control": "no-store",
-        "Connection": "close",
-    }
-    return http.Response.make(status, body.encode(), headers)
+    return proxy_answer(
+        status, "", body, kind="refused", error=error, details=reason,
+        headers={"Connection": "close"},
+    )  # fmt: skip
 
 
 def answer_bytes(status: int, reason: str) -> bytes:

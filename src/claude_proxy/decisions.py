@@ -12,7 +12,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from claude_proxy import accounts, audit, paths
-from claude_proxy.defaults import PROBE_AGENT
+from claude_proxy.defaults import PROBE_AGENT, REFUSAL_HEADER
 from claude_proxy.listeners import format_address
 from claude_proxy.policy import Decision
 from claude_proxy.probe import ORG_HEADER
@@ -53,6 +53,32 @@ def count_body(flow: http.HTTPFlow, key: str) -> BodyCount:
     """Stream a body through a counter kept in the flow's metadata under `key`."""
     counter = flow.metadata[key] = BodyCount()
     return counter
+
+
+def proxy_answer(
+    status: int,
+    method: str,
+    body: str,
+    *,
+    kind: str,
+    error: str,
+    details: str,
+    headers: dict[str, str] | None = None,
+) -> http.Response:
+    """An answer the proxy makes itself: `X-Claude-Proxy: kind` and an RFC 9209 Proxy-Status."""
+    fields = {
+        REFUSAL_HEADER: kind,
+        "Proxy-Status": f'claude-proxy; error={error}; details="{status_details(details)}"',
+        "Content-Type": "text/plain; charset=utf-8",
+        "Cache-Control": "no-store",
+        **(headers or {}),
+    }
+    return http.Response.make(status, b"" if method == "HEAD" else body.encode(), fields)
+
+
+def status_details(text: str) -> str:
+    """`text` as the inside of an RFC 8941 string: printable ASCII, no quote or backslash."""
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
 
 
 def log_decision(

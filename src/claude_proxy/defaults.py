@@ -13,3 +13,4 @@ DEFAULT_SOCKS_PORT = 9052
 # How `claude-proxy status` marks its probes, so that the proxy keeps them out of the decision log:
 PROBE_AGENT = "claude-proxy-status"  # the User-Agent on its CONNECT
 SOCKS_PROBE_METHOD = 0x80  # a private SOCKS5 method (RFC 1928) it offers beside "no auth"
+REFUSAL_HEADER = "X-Claude-Proxy"  # on every answer the proxy makes itself; status looks for it

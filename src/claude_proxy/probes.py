@@ -22,7 +22,6 @@ from claude_proxy import defaults, paths
 PROBE_HOST = "api.anthropic.com"  # allowed by the built-in rules, which no flag removes
 PROBE_PORT = 443
 TIMEOUT = 3.0
-REFUSAL_HEADER = "x-claude-proxy"  # what the proxy's own refusals carry
 INSTALL = "scripts/install-agent.sh (in the claude-proxy checkout)"
 
 
@@ -74,7 +73,9 @@ def probe_http(target: Target, cert: Path | None) -> Check:
         if not head:
             return Check(False, what, "it closes the connection without answering", other(target))
         if lines[0].split(" ")[1:2] != ["200"]:
-            if any(line.lower().startswith(REFUSAL_HEADER + ":") for line in lines):
+            if any(
+                line.lower().startswith(defaults.REFUSAL_HEADER.lower() + ":") for line in lines
+            ):
                 why = f"claude-proxy refuses {PROBE_HOST}: {lines[0][:80]!r}"
                 return Check(False, what, why, start_fix(target))
             return Check(False, what, f"something else answers: {lines[0][:80]!r}", other(target))

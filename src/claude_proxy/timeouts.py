@@ -39,13 +39,12 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from claude_proxy import held
-from claude_proxy.decisions import FAILURE, log_decision, printable
+from claude_proxy.decisions import FAILURE, log_decision, printable, proxy_answer
 from claude_proxy.policy import Decision
 from claude_proxy.wellformed import BODY_FOLLOWS
 
 logger = logging.getLogger(__name__)
 
-HEADER = "X-Claude-Proxy"  # as on refusals (addon.py imports this module, so not from there)
 EXPIRED = 0.01  # seconds: a timer this close to its deadline counts as expired
 ERROR_LOG_SECONDS = 60.0  # a failing timer logs one line at most this often
 
@@ -346,15 +345,4 @@ def timeout_response(method: str, step: Step, reason: str) -> http.Response:
         f"The limit is the proxy option {step.option} "
         f"(claude-proxy run --set {step.option}=SECONDS).\n"
     )
-    headers = {
-        HEADER: "timeout",
-        "Proxy-Status": f'claude-proxy; error={step.error}; details="{structured_string(reason)}"',
-        "Content-Type": "text/plain; charset=utf-8",
-        "Cache-Control": "no-store",
-    }
-    return http.Response.make(504, b"" if method == "HEAD" else body.encode(), headers)
-
-
-def structured_string(text: str) -> str:
-    """`text` as the inside of an RFC 8941 string: printable ASCII, no quote or backslash."""
-    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    return proxy_answer(504, method, body, kind="timeout", error=step.error, details=reason)
