@@ -481,8 +481,12 @@ def test_too_many_requests_waiting_for_probes_are_refused_at_once(
     assert not [p for _, p, _ in upstream.seen.requests if p.startswith("/h2/")]
 
 
+CLIENTS = 60
+
+
 def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file: Path) -> None:
-    """30 clients each send 8 MiB with a new key whose probe hangs: 160 MiB in all are held."""
+    """60 clients each send 8 MiB with a new key whose probe hangs: 480 MiB are offered, 160 MiB
+    in all are held, and every client past that is closed."""
     silent = SilentUpstream()
     assert cli(home, "pin", ORG_A).returncode == 0
     proxy = start_proxy(
@@ -493,12 +497,13 @@ def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file
         "sandbox_probe_timeout=60",
     )
     size = 8 * 1024 * 1024
+    assert CLIENTS * size >= 3 * held.TOTAL  # holding them all would show beyond doubt
     head = "POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: {}\r\n"
     request = (head.format(KEY_A2) + f"Content-Length: {size}\r\n\r\n").encode() + b"y" * size
     sockets = []
     try:
         with PeakRss(proxy.proc.pid) as memory:
-            for _ in range(30):
+            for _ in range(CLIENTS):
                 tls = open_tunnel(proxy, "api.anthropic.com")
                 tls.settimeout(10)
                 with contextlib.suppress(ConnectionError, ssl.SSLError):  # ended by the proxy
@@ -507,8 +512,11 @@ def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file
             wait_for_line(
                 proxy, f"more than {held.TOTAL // held.MIB} MiB held for all clients", after=0
             )
-        growth = memory.growth // 2**20
-        assert growth < held.TOTAL // held.MIB + 40, f"grew {growth} MiB"
+        growth = memory.growth // held.MIB
+        # The held bodies sit in ~64 KiB pieces on the allocator's heap, between the transient
+        # copies of TLS and HTTP/1 parsing: RSS grew 1.1 to 1.3 times what is held (measured).
+        # Holding every body would take at least the 480 MiB offered.
+        assert growth < 2 * held.TOTAL // held.MIB, f"grew {growth} MiB"
         assert proxy.proc.poll() is None
     finally:
         for tls in sockets:
