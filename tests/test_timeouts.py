@@ -21,7 +21,7 @@ from mitmproxy.test import taddons
 
 from claude_proxy.timeouts import STEPS, Step, Timeouts
 from tests.conftest import SCRIPTS, ProxyProcess, open_tunnel, read_head
-from tests.upstream import Upstream
+from tests.upstream import Upstream, rss
 
 LIMITS = ["sandbox_connect_timeout=1", "sandbox_tls_timeout=1", "sandbox_response_timeout=1"]
 CLIENT_SECONDS = 10
@@ -200,6 +200,28 @@ def test_response_limit_beyond_the_idle_timeout(
         upstream.gate("late").set()
         what = "waiting for the response head from api.anthropic.com:443 timed out after 3 s"
         assert_timed_out(proxy, response, "/hang", "http_response_timeout", what)
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_a_long_keep_alive_connection_costs_no_memory_per_request(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Each request's wait on the upstream is timed; what times it must not outlive the request.
+
+    With the default limits a timer that lived on for its 300 s kept its request and response
+    in memory: about 7 KB per request on one connection, 35 MB for the requests below.
+    """
+    proxy = start_timed_proxy(home, upstream.port, upstream_ca_file, settings=[])
+    try:
+        with open_tunnel(proxy, "api.anthropic.com") as tls:
+            for i in range(500):  # warm: certificates, connections, caches
+                assert exchange(tls, f"/warm/{i}")[0].startswith(b"HTTP/1.1 200")
+            before = rss(proxy.proc.pid)
+            for i in range(5000):
+                assert exchange(tls, f"/ka/{i}")[0].startswith(b"HTTP/1.1 200")
+            growth = rss(proxy.proc.pid) - before
+        assert growth < 5 * 2**20, f"grew {growth // 1024} KiB over 5000 requests"
     finally:
         assert proxy.stop() == 0
 

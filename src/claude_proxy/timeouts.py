@@ -4,10 +4,15 @@ mitmproxy bounds none of them (only `tcp_timeout` of silence, then a close witho
 each step has its own limit, and a step that runs out ends in a 504 that names it. A response
 whose head has arrived is never cut: an SSE stream may pause for minutes.
 
-The limits live in the HTTP layer (mitmproxy's own wakeups, no task of our own): a stream arms a
-timer while it waits for a connection or for a response head. A connection that runs out is closed,
-and the stream answers once mitmproxy reports the failure; a response head that runs out is
+The limits live in the HTTP layer (mitmproxy's own wakeups, no task of our own): a stream asks
+for a check while it waits for a connection or for a response head. A connection that runs out is
+closed, and the stream answers once mitmproxy reports the failure; a response head that runs out is
 abandoned upstream (HTTP/1 closes, HTTP/2 resets only that stream) and answered at once.
+
+A mitmproxy wakeup cannot be cancelled: it sleeps out its delay, and holds what it names. So the
+layer keeps one alarm for all its streams and asks for a new one only when a check is due before
+every alarm pending; a stream names none. A keep-alive connection with thousands of requests has an
+alarm or two pending, never one per request (each would hold its request for minutes).
 """
 
 from __future__ import annotations
@@ -104,10 +109,43 @@ class TimedHttpLayer(layers.HttpLayer):
     def __init__(self, context: context.Context, mode: HTTPMode) -> None:
         super().__init__(context, mode)
         self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
+        self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (time.time())
+        self.earliest: float | None = None  # no later than the earliest check; may be stale
+        self.alarms: dict[Alarm, float] = {}  # alarms pending → when each is due
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        self.streams[stream_id] = TimedHttpStream(self.context.fork(), stream_id)
+        self.streams[stream_id] = TimedHttpStream(self.context.fork(), stream_id, self)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+    def check_at(self, stream: TimedHttpStream, at: float) -> None:
+        self.checks[stream] = at
+        if self.earliest is None or at < self.earliest:
+            self.earliest = at
+
+    def forget(self, stream: TimedHttpStream) -> None:
+        self.checks.pop(stream, None)
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # An alarm of a layer inside a tunnel passes through this one: mitmproxy routes it.
+        if isinstance(event, events.Wakeup) and event.command in self.alarms:
+            del self.alarms[event.command]  # type: ignore[arg-type]
+            yield from self._check_due()
+        else:
+            yield from super()._handle_event(event)
+        if self.earliest is not None and not any(
+            due <= self.earliest + EXPIRED for due in self.alarms.values()
+        ):
+            alarm = Alarm(max(0.0, self.earliest - time.time()))
+            self.alarms[alarm] = self.earliest
+            yield alarm
+
+    def _check_due(self) -> layer.CommandGenerator[None]:
+        now = time.time()
+        for stream in [s for s, at in self.checks.items() if at <= now + EXPIRED]:
+            del self.checks[stream]
+            if self.streams.get(stream.stream_id) is stream:
+                yield from self.event_to_child(stream, CheckDue())
+        self.earliest = min(self.checks.values(), default=None)
 
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
         yield from super().register_connection(command)
@@ -118,22 +156,25 @@ class TimedHttpLayer(layers.HttpLayer):
             self.connections.pop(command.connection, None)
 
 
-class Timer(commands.RequestWakeup):
-    def __init__(self, delay: float, stream: TimedHttpStream) -> None:
-        super().__init__(delay)
-        self.stream = stream
+class Alarm(commands.RequestWakeup):
+    """The HTTP layer's wakeup: it names no stream (it holds nothing while it sleeps)."""
+
+
+class CheckDue(events.Event):
+    """From the HTTP layer to a stream whose check is due."""
 
 
 class TimedHttpStream(HttpStream):
     last_error_log = 0.0
 
-    def __init__(self, context: context.Context, stream_id: int) -> None:
+    def __init__(self, context: context.Context, stream_id: int, clock: TimedHttpLayer) -> None:
         super().__init__(context, stream_id)
+        self.clock = clock  # the HTTP layer: it checks this stream when asked to
         self.broken = False  # the timer code failed: this stream goes on without limits
         self.body_follows = False
         self.waiting: str | None = None  # "connection" or "response"
         self.since = 0.0
-        self.timer: Timer | None = None  # the one that counts; older ones are ignored
+        self.checking = False  # a check is asked of the layer
         self.timed_out: tuple[Step, str] | None = None
         self.held = 0  # request-body bytes queued while paused, counted in held.HELD
         self.ended = False  # ended for holding too much: every later event is dropped
@@ -143,9 +184,9 @@ class TimedHttpStream(HttpStream):
             return
         if isinstance(event, RequestHeaders):
             self.body_follows = not event.end_stream
-        wakeup = event.command if isinstance(event, events.Wakeup) else None
-        if isinstance(wakeup, Timer) and wakeup.stream is self:
-            if wakeup is self.timer:
+        if isinstance(event, CheckDue):
+            if self.checking:
+                self.checking = False
                 yield from self._guarded(self._expire())
             return
         if self._paused is not None and isinstance(event, RequestData):
@@ -157,7 +198,11 @@ class TimedHttpStream(HttpStream):
         yield from super().handle_event(event)
         if self.held:
             self._recount_held(event)
-        yield from self._guarded(self._rearm())
+        if not self.broken:
+            try:
+                self._rearm()
+            except Exception as e:
+                self._broke(e)
 
     def _recount_held(self, event: events.Event) -> None:
         if not self._paused_event_queue:
@@ -171,7 +216,8 @@ class TimedHttpStream(HttpStream):
 
     def _end_held(self, too_much: str) -> layer.CommandGenerator[None]:
         """End the stream, forwarding nothing: HTTP/1 closes the client, HTTP/2 resets it."""
-        self.ended, self.timer = True, None
+        self.ended = True
+        self._stop_checking()
         held.HELD.release(self.context.client.id, self.held)
         self.held = 0
         self._paused_event_queue.clear()
@@ -204,11 +250,15 @@ class TimedHttpStream(HttpStream):
         try:
             yield from steps
         except Exception as e:
-            self.broken, self.timer = True, None
-            now = time.monotonic()
-            if now - TimedHttpStream.last_error_log > ERROR_LOG_SECONDS:
-                TimedHttpStream.last_error_log = now
-                logger.error("upstream timeouts failed, a request goes without them: %r", e)
+            self._broke(e)
+
+    def _broke(self, e: Exception) -> None:
+        self.broken = True
+        self._stop_checking()
+        now = time.monotonic()
+        if now - TimedHttpStream.last_error_log > ERROR_LOG_SECONDS:
+            TimedHttpStream.last_error_log = now
+            logger.error("upstream timeouts failed, a request goes without them: %r", e)
 
     def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
         if request:
@@ -238,29 +288,33 @@ class TimedHttpStream(HttpStream):
             return "response"
         return None
 
-    def _rearm(self) -> layer.CommandGenerator[None]:
+    def _rearm(self) -> None:
         waiting = self._waiting_for()
         if waiting == self.waiting:
             return
-        self.waiting, self.since, self.timer = waiting, time.time(), None
+        self.waiting, self.since = waiting, time.time()
+        self._stop_checking()
         if waiting is not None:
-            yield from self._wake_in(
-                limit(self.context, CONNECT if waiting == "connection" else RESPONSE)
-            )
+            self._check_in(limit(self.context, CONNECT if waiting == "connection" else RESPONSE))
 
-    def _wake_in(self, seconds: float) -> layer.CommandGenerator[None]:
+    def _check_in(self, seconds: float) -> None:
         # A wakeup counts as activity for mitmproxy's idle timeout (tcp_timeout): waking at least
         # twice within it keeps a connection waiting on the upstream from a close without status.
         idle = getattr(self.context.options, "tcp_timeout", 600)
-        self.timer = Timer(min(seconds, max(idle / 2, 0.5)), self)
-        yield self.timer
+        self.checking = True
+        self.clock.check_at(self, time.time() + min(seconds, max(idle / 2, 0.5)))
+
+    def _stop_checking(self) -> None:
+        if self.checking:
+            self.checking = False
+            self.clock.forget(self)
 
     def _expire(self) -> layer.CommandGenerator[None]:
         now = time.time()
         server = None
         if self.waiting == "connection":
             if (server := self._pending_connection()) is None:  # not seen yet: look again later
-                yield from self._wake_in(limit(self.context, CONNECT))
+                self._check_in(limit(self.context, CONNECT))
                 return
             if server.timestamp_tcp_setup is not None:
                 step, since = TLS, server.timestamp_tcp_setup
@@ -272,7 +326,7 @@ class TimedHttpStream(HttpStream):
             step, since = RESPONSE, self.since
         seconds = limit(self.context, step)
         if (remaining := since + seconds - now) > EXPIRED:
-            yield from self._wake_in(remaining)
+            self._check_in(remaining)
             return
         if server is None:
             reason = timed_out(step, self.flow.request.host, self.flow.request.port, seconds)
