@@ -17,7 +17,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
-from claude_proxy import addresses, closing, framing, listeners, paths, socks
+from claude_proxy import addresses, closing, framing, hookcache, listeners, paths, socks
 from claude_proxy.addon import Enforcer
 from claude_proxy.config import Config
 from claude_proxy.decisions import AuditLog
@@ -166,6 +166,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     enforcer.use_policy(settings.policy)
     watcher = ConfigWatcher(settings.config.path, settings.flags, enforcer, settings.config)
     m = master.Master(options.Options(), with_termlog=False)
+    hookcache.install(m)
     try:
         # Proxyserver registers connection_strategy with the default "eager", which the Enforcer
         # refuses; set "lazy" before the Enforcer arrives.
