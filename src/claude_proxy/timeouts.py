@@ -112,6 +112,7 @@ class TimedHttpLayer(layers.HttpLayer):
         self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (time.time())
         self.earliest: float | None = None  # no later than the earliest check; may be stale
         self.alarms: dict[Alarm, float] = {}  # alarms pending → when each is due
+        self.next_alarm: float | None = None  # when the first alarm pending is due
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         self.streams[stream_id] = TimedHttpStream(self.context.fork(), stream_id, self)
@@ -129,14 +130,15 @@ class TimedHttpLayer(layers.HttpLayer):
         # An alarm of a layer inside a tunnel passes through this one: mitmproxy routes it.
         if isinstance(event, events.Wakeup) and event.command in self.alarms:
             del self.alarms[event.command]  # type: ignore[arg-type]
+            self.next_alarm = min(self.alarms.values(), default=None)
             yield from self._check_due()
         else:
             yield from super()._handle_event(event)
-        if self.earliest is not None and not any(
-            due <= self.earliest + EXPIRED for due in self.alarms.values()
+        if self.earliest is not None and (
+            self.next_alarm is None or self.next_alarm > self.earliest + EXPIRED
         ):
             alarm = Alarm(max(0.0, self.earliest - time.time()))
-            self.alarms[alarm] = self.earliest
+            self.alarms[alarm] = self.next_alarm = self.earliest
             yield alarm
 
     def _check_due(self) -> layer.CommandGenerator[None]:
