@@ -111,9 +111,15 @@ def test_connect_that_never_completes(home: Path, upstream_ca_file: Path) -> Non
             assert proxy.stop() == 0
 
 
-def test_upstream_that_never_speaks_tls(home: Path, upstream_ca_file: Path) -> None:
+@pytest.mark.parametrize(
+    "settings", [LIMITS, ["sandbox_tls_timeout=1"]], ids=["all limits 1 s", "connect limit 30 s"]
+)
+def test_upstream_that_never_speaks_tls(
+    home: Path, upstream_ca_file: Path, settings: list[str]
+) -> None:
+    """A TLS limit shorter than the connect limit counts too (the client waits 10 s at most)."""
     silent = SilentServer()
-    proxy = start_timed_proxy(home, silent.port, upstream_ca_file)
+    proxy = start_timed_proxy(home, silent.port, upstream_ca_file, settings)
     try:
         with client(proxy) as c:
             response = c.get("https://api.anthropic.com/v1/models")

@@ -296,8 +296,10 @@ class TimedHttpStream(HttpStream):
             return
         self.waiting, self.since = waiting, time.time()
         self._stop_checking()
-        if waiting is not None:
-            self._check_in(limit(self.context, CONNECT if waiting == "connection" else RESPONSE))
+        if waiting == "connection":  # which of the two steps it waits in: seen at the check
+            self._check_in(min(limit(self.context, CONNECT), limit(self.context, TLS)))
+        elif waiting is not None:
+            self._check_in(limit(self.context, RESPONSE))
 
     def _check_in(self, seconds: float) -> None:
         # A wakeup counts as activity for mitmproxy's idle timeout (tcp_timeout): waking at least
@@ -328,7 +330,10 @@ class TimedHttpStream(HttpStream):
             step, since = RESPONSE, self.since
         seconds = limit(self.context, step)
         if (remaining := since + seconds - now) > EXPIRED:
-            self._check_in(remaining)
+            # While it connects, its TLS step may begin at any moment and end before this one.
+            self._check_in(
+                min(remaining, limit(self.context, TLS)) if step is CONNECT else remaining
+            )
             return
         if server is None:
             reason = timed_out(step, self.flow.request.host, self.flow.request.port, seconds)
