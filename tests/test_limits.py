@@ -19,7 +19,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from claude_proxy.held import PER_CLIENT
+from claude_proxy.held import PAUSE, PER_CLIENT
 from tests import conftest
 from tests.conftest import (
     ProxyFactory,
@@ -30,7 +30,7 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
-from tests.upstream import PeakRss, SilentUpstream, Upstream
+from tests.upstream import PeakRss, SilentUpstream, SlowConnect, Upstream
 
 MIB = 1024 * 1024
 OFFERED = 40 * MIB  # what a hostile client offers; the proxy must stop taking it long before
@@ -505,40 +505,89 @@ def test_held_counts_come_back_to_zero() -> None:
     assert (held.bytes, held.clients) == (0, {})
 
 
-def test_body_held_while_the_upstream_handshake_hangs_is_cut_off(
-    home: Path, upstream_ca_file: Path
+def test_a_client_holding_the_pause_size_is_not_read_until_half_of_it_moved_on() -> None:
+    from claude_proxy.held import Held
+
+    calls: list[tuple[str, bool]] = []
+    held = Held(per_client=100, total=1000, pause=10)
+    held.flow_control = lambda client, paused: calls.append((client, paused))
+    assert held.add("a", 6) is None and calls == []
+    assert held.add("a", 4) is None and calls == [("a", True)]
+    assert held.add("a", 1) is None and calls == [("a", True)] * 2  # asked again: see held.py
+    held.release("a", 5)  # 6 held: more than half
+    assert calls == [("a", True)] * 2
+    held.release("a", 1)  # 5: half
+    assert calls == [("a", True), ("a", True), ("a", False)]
+    assert held.add("b", 10) is None and held.paused == {"b"}
+    held.disconnected("b")
+    assert held.paused == set() and calls[-1] == ("b", True)  # a closed socket needs no resume
+
+
+def test_an_upload_larger_than_the_held_limit_passes_a_slow_connect(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:
-    silent = SilentUpstream()
-    proxy = start_proxy(home, silent, upstream_ca_file)  # type: ignore[arg-type]
+    """The upstream's TLS handshake takes 2 s; the client sends 64 MiB at loopback speed. Past
+    a few MiB the proxy stops reading it until the connection is up; then all of it passes."""
+    slow = SlowConnect(upstream.port, delay=2)
+    proxy = start_proxy(home, slow, upstream_ca_file)  # type: ignore[arg-type]
+    size = 64 * MIB
+    assert size > PER_CLIENT  # once refused: everything the proxy read was held
     try:
         tls = open_tunnel(proxy, "api.anthropic.com")
         head = b"POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n\r\n"
-        tls.sendall(head % (400 * MIB))
+        tls.settimeout(ANSWER_SECONDS)
+        with PeakRss(proxy.proc.pid) as memory:
+            tls.sendall(head % size + b"u" * size)
+            answer = read_head_in_time(tls)
+        tls.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert memory.growth < PAUSE + HELD_SLACK, f"grew {memory.growth // MIB} MiB"
+    finally:
+        proxy.stop()
+        slow.close()
+    upstream.wait_idle()
+    assert [len(body) for body in upstream.seen.bodies] == [size]
+
+
+def test_a_client_waiting_on_a_hung_handshake_is_not_read_on(
+    home: Path, upstream_ca_file: Path
+) -> None:
+    """It sends far more than the held limit: the proxy reads a few MiB of it, then nothing
+    until the TLS limit passes; then the request ends."""
+    silent = SilentUpstream()
+    proxy = start_proxy(home, silent, upstream_ca_file, "--set", "sandbox_tls_timeout=2")  # type: ignore[arg-type]
+    size = 2 * PER_CLIENT
+    try:
+        tls = open_tunnel(proxy, "api.anthropic.com")
+        head = b"POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: %d\r\n\r\n"
+        tls.sendall(head % size)
         tls.settimeout(ANSWER_SECONDS)
         sent = 0
         with PeakRss(proxy.proc.pid) as memory:
             try:
-                while sent < 200 * MIB:  # the proxy holding it all would take 200 MiB
+                while sent < size:
                     tls.sendall(b"x" * MIB)
                     sent += MIB
             except TimeoutError:
-                pytest.fail("the proxy neither took the body nor closed the connection")
+                pytest.fail("the proxy neither read on nor closed the connection")
             except OSError:
-                pass  # closed by the proxy: what this test expects
-            assert read_answer(tls) == b""  # closed without an answer (nothing was forwarded)
-        wait_for_line(proxy, held_reason(f"{PER_CLIENT // MIB} MiB"))
-        assert sent < PER_CLIENT + 60 * MIB  # then the proxy closed: the rest went nowhere
-        assert memory.growth < PER_CLIENT + HELD_SLACK, f"grew {memory.growth // MIB} MiB"
+                pass  # closed once the TLS limit passed
+            wait_for_line(proxy, "timed out after 2 s")
+        assert memory.growth < PAUSE + HELD_SLACK // 2, f"grew {memory.growth // MIB} MiB"
+        assert not any("held" in line for line in proxy.stderr)  # no limit was needed
         assert not [line for line in log_file(proxy).splitlines() if "Traceback" in line]
     finally:
         proxy.stop()
         silent.close()
 
 
-def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Path) -> None:
-    """Each stream holds 16 MiB; past the per-connection limit, the streams from then on reset."""
+def test_http2_uploads_waiting_on_a_hung_handshake_are_not_read_on(
+    home: Path, upstream_ca_file: Path
+) -> None:
+    """Four streams of 16 MiB each (64 MiB, over the held limit): the connection is read only
+    a few MiB ahead of what can move; each stream gets its 504 when the TLS limit passes."""
     silent = SilentUpstream()
-    proxy = start_proxy(home, silent, upstream_ca_file)  # type: ignore[arg-type]
+    proxy = start_proxy(home, silent, upstream_ca_file, "--set", "sandbox_tls_timeout=1")  # type: ignore[arg-type]
     try:
         tls = h2_tunnel(proxy)
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -546,12 +595,21 @@ def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Pa
         tls.sendall(conn.data_to_send())
         events = h2_events(tls, conn)
         size, piece, count = 16 * MIB, b"z" * 16384, 4
-        expected = {1 + 2 * i for i in range(PER_CLIENT // size, count)}  # client stream ids
-        assert expected
+        assert size * count > PER_CLIENT
+        statuses: dict[int, int] = {}
         reset: set[int] = set()
+
+        def note(event: h2.events.Event) -> None:
+            if isinstance(event, h2.events.ResponseReceived):
+                statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.StreamReset):
+                reset.add(event.stream_id)
+
+        streams = []
         with PeakRss(proxy.proc.pid) as memory:
             for i in range(count):
                 sid = conn.get_next_available_stream_id()
+                streams.append(sid)
                 conn.send_headers(
                     sid,
                     [
@@ -563,23 +621,20 @@ def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Pa
                     ],
                 )
                 sent = 0
-                while sent < size and sid not in reset:
+                while sent < size and sid not in statuses and sid not in reset:
                     window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                    if window <= 0:  # wait for the proxy's WINDOW_UPDATE (or the reset)
-                        event = next(events)
-                        if isinstance(event, h2.events.StreamReset):
-                            reset.add(event.stream_id)
+                    if window <= 0:  # wait for the proxy's WINDOW_UPDATE (or its answer)
+                        note(next(events))
                         continue
                     n = min(window, len(piece), size - sent)
                     conn.send_data(sid, piece[:n], end_stream=sent + n == size)
                     sent += n
                     tls.sendall(conn.data_to_send())
-            while reset != expected:
-                event = next(events)  # fails the test if the proxy neither resets nor closes
-                if isinstance(event, h2.events.StreamReset):
-                    reset.add(event.stream_id)
+            while not all(sid in statuses or sid in reset for sid in streams):
+                note(next(events))  # fails the test if the proxy neither answers nor closes
         tls.close()
-        assert memory.growth < PER_CLIENT + HELD_SLACK, f"grew {memory.growth // MIB} MiB"
+        assert statuses == dict.fromkeys(streams, 504), (statuses, reset)
+        assert memory.growth < PAUSE + HELD_SLACK // 2, f"grew {memory.growth // MIB} MiB"
         assert proxy.proc.poll() is None
     finally:
         proxy.stop()

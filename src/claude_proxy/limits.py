@@ -125,6 +125,10 @@ class Limits:
         if proxyserver := ctx.master.addons.get("proxyserver"):
             raise_backlog(proxyserver)
             proxyserver.servers.changed.connect(self._servers_changed)
+        held.HELD.flow_control = self.set_reading
+
+    def done(self) -> None:
+        held.HELD.flow_control = None
 
     async def _servers_changed(self) -> None:
         raise_backlog(ctx.master.addons.get("proxyserver"))
@@ -168,6 +172,21 @@ class Limits:
         except Exception as e:
             if self.errors.allow() is not None:
                 logger.error("could not close a client's socket: %r", e)
+
+    def set_reading(self, client_id: str, paused: bool) -> None:
+        """Stop reading a client's socket, or read it again (held-body flow control)."""
+        try:
+            handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+            io = handler.transports.get(handler.client) if handler is not None else None
+            if io is None or io.writer is None:
+                return  # gone already
+            if paused:
+                io.writer.transport.pause_reading()
+            else:
+                io.writer.transport.resume_reading()
+        except Exception as e:  # the held-body limits still apply
+            if self.errors.allow() is not None:
+                logger.error("could not pause or resume reading a client: %r", e)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:  # the tunnel opens: its TLS and first request are due
