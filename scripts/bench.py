@@ -4,6 +4,8 @@ then claude-proxy with a 200-rule config.toml against its default policy, and a 
     uv run python scripts/bench.py [--seconds 3] [--download-mb 1024] [--json out.json]
     uv run python scripts/bench.py --policy-only     # only the policy comparison and the reload
     uv run python scripts/bench.py --audit-only     # the audit database on vs off, and its size
+    uv run python scripts/bench.py --before OLD/claude-proxy [--versions-only]
+        # also an earlier build: both running, measured in alternating rounds, and on its own
 
 Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
 and both proxies route upstream connections to it with the same test script. The machine is
@@ -49,6 +51,7 @@ ORG = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"  # the organization the benchmark's
 REFUSED_NAME = b"a.b.refused.example.org:443"  # a name: the policy walks its parent domains
 POLICY_ROUNDS = 5  # each policy is measured this many times, alternately; medians reported
 RELOADS = 20
+VERSION_ROUNDS = 6  # this build and --before are compared this many times, alternately
 
 
 @dataclass
@@ -410,50 +413,91 @@ def fresh_per_second(target: Target, upstream: Upstream, seconds: float) -> floa
     return count / (time.perf_counter() - began)
 
 
-def compare_policies(
-    defaults: Target, rules: Target, upstream: Upstream, seconds: float
+# A measurement: its figure, and how many operations it took (for the proxy's CPU per operation).
+Metric = Callable[[Target], tuple[float, int]]
+
+
+def rate_metric(measure: Callable[[Target], float], seconds: float) -> Metric:
+    def run(target: Target) -> tuple[float, int]:
+        rate = measure(target)
+        return rate, max(1, round(rate * seconds))
+
+    return run
+
+
+def compare(
+    a: Target, b: Target, metrics: dict[str, Metric], rounds: int, label: str
 ) -> dict[str, dict[str, float]]:
     """The same measurements on both, in rounds (AB, BA, AB, …: the machine's load drifts).
 
-    Reports each one's median, and the median of the per-round ratios (rules / defaults).
+    Reports each one's median, and the median of the per-round ratios (b / a). Beside each
+    figure, the proxy's own CPU time per operation: what other load on the machine does to the
+    rates, it does far less to this.
     """
-    metrics: dict[str, Callable[[Target], float]] = {
-        "refused_per_s": lambda t: refused_per_second(t, seconds, REFUSED_NAME) or 0.0,
-        "keepalive_per_s": lambda t: keepalive_per_second(t, upstream, seconds),
-        "fresh_per_s": lambda t: fresh_per_second(t, upstream, seconds),
-    }
-    samples: dict[str, dict[str, list[float]]] = {defaults.name: {}, rules.name: {}}
-    for n in range(POLICY_ROUNDS):
-        print(f"policy round {n + 1} of {POLICY_ROUNDS}…", file=sys.stderr, flush=True)
+    samples: dict[str, dict[str, list[float]]] = {a.name: {}, b.name: {}}
+    for n in range(rounds):
+        print(f"{label} round {n + 1} of {rounds}…", file=sys.stderr, flush=True)
         for key, measure_one in metrics.items():
-            for target in (defaults, rules) if n % 2 == 0 else (rules, defaults):
+            for target in (a, b) if n % 2 == 0 else (b, a):
                 before = cpu_seconds(target)
-                rate = measure_one(target)
-                # The proxy's own CPU time per operation: what other load on the machine
-                # does to the rates, it does far less to this.
-                per_op = (cpu_seconds(target) - before) / (rate * seconds) * 1e6
+                value, operations = measure_one(target)
+                per_op = (cpu_seconds(target) - before) / operations * 1e6
                 found = samples[target.name]
-                found.setdefault(key, []).append(rate)
-                found.setdefault(key.split("_per_")[0] + "_cpu_us", []).append(per_op)
+                found.setdefault(key, []).append(value)
+                found.setdefault(cpu_key(key), []).append(per_op)
     result = {
-        name: {key: round(statistics.median(values), 1) for key, values in found.items()}
+        name: {key: round(statistics.median(values), 2) for key, values in found.items()}
         for name, found in samples.items()
     }
     result["ratio"] = {
         key: round(
             statistics.median(
-                [
-                    r / d
-                    for r, d in zip(
-                        samples[rules.name][key], samples[defaults.name][key], strict=True
-                    )
-                ]
+                [x / y for x, y in zip(samples[b.name][key], samples[a.name][key], strict=True)]
             ),
-            2,
+            3,
         )
-        for key in samples[rules.name]
+        for key in samples[b.name]
     }
     return result
+
+
+def cpu_key(key: str) -> str:
+    """refused_per_s → refused_cpu_us; first_sse_event_ms → first_sse_event_cpu_us."""
+    return key.split("_per_")[0].removesuffix("_ms") + "_cpu_us"
+
+
+def compare_policies(
+    defaults: Target, rules: Target, upstream: Upstream, seconds: float
+) -> dict[str, dict[str, float]]:
+    metrics = {
+        "refused_per_s": rate_metric(
+            lambda t: refused_per_second(t, seconds, REFUSED_NAME) or 0.0, seconds
+        ),
+        "keepalive_per_s": rate_metric(
+            lambda t: keepalive_per_second(t, upstream, seconds), seconds
+        ),
+        "fresh_per_s": rate_metric(lambda t: fresh_per_second(t, upstream, seconds), seconds),
+    }
+    return compare(defaults, rules, metrics, POLICY_ROUNDS, "policy")
+
+
+def compare_versions(
+    before: Target, now: Target, upstream: Upstream, seconds: float
+) -> dict[str, dict[str, float]]:
+    """This build against an earlier one: the figures a change must not make worse."""
+    sse_rounds = 15
+
+    def first_sse(target: Target) -> tuple[float, int]:
+        return first_event_ms(target, upstream, sse_rounds), sse_rounds
+
+    metrics = {
+        "keepalive_per_s": rate_metric(
+            lambda t: keepalive_per_second(t, upstream, seconds), seconds
+        ),
+        "first_sse_event_ms": first_sse,
+        "refused_per_s": rate_metric(lambda t: refused_per_second(t, seconds) or 0.0, seconds),
+    }
+    return compare(before, now, metrics, VERSION_ROUNDS, "before vs now")
 
 
 def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
@@ -560,6 +604,29 @@ def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float
     return results
 
 
+def run_versions(
+    work: Path, upstream: Upstream, upstream_ca: Path, executable: Path, seconds: float
+) -> dict[str, dict[str, float]]:
+    started: list[Target] = []
+    try:
+        started.append(
+            before := start_claude_proxy(
+                work, upstream, upstream_ca, name="before", executable=executable, extra=()
+            )
+        )
+        started.append(now := start_claude_proxy(work, upstream, upstream_ca))
+        results = compare_versions(before, now, upstream, seconds)
+    finally:
+        for target in started:
+            assert target.process is not None
+            target.process.terminate()
+            target.process.wait(30)
+    print(f"{'metric':<24}{'before':>12}{'now':>12}{'now/before':>12}")
+    for key, value in results["before"].items():
+        print(f"{key:<24}{value:>12}{results['claude-proxy'][key]:>12}{results['ratio'][key]:>11}x")
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
@@ -576,6 +643,9 @@ def main() -> int:
         "--pin-only", action="store_true", help="only the organization pin's figures"
     )
     parser.add_argument("--policy-only", action="store_true", help="only the policy comparison")
+    parser.add_argument(
+        "--versions-only", action="store_true", help="only this build against --before, in rounds"
+    )
     parser.add_argument("--audit-rounds", type=int, default=4, help="turns of audit on vs off")
     parser.add_argument(
         "--audit-only", action="store_true", help="only the audit database on vs off"
@@ -592,6 +662,13 @@ def main() -> int:
         upstream = Upstream(context)
         upstream.serve_in_background()
 
+        versions: dict[str, dict[str, float]] = {}
+        if args.before:
+            versions = run_versions(work, upstream, upstream_ca, args.before, args.seconds)
+            if args.versions_only:
+                upstream.shutdown()
+                print(json.dumps(versions, indent=2))
+                return 0
         skip_policy = args.pin_only or args.audit_only
         policy = {} if skip_policy else run_policy(work, upstream, upstream_ca, args.seconds)
         if args.policy_only:
@@ -637,6 +714,8 @@ def main() -> int:
     for section in ("pin", "audit"):
         for key, value in results.get(section, {}).items():
             print(f"{key:<32}{value:>12}")
+    if versions:
+        results["versions"] = versions  # type: ignore[assignment]
     document = json.dumps({**results, "policy": policy}, indent=2)
     print(document)
     if args.json:
