@@ -432,11 +432,9 @@ class SilentUpstream:
     """Accepts TCP connections and never reads or answers: a TLS handshake that hangs."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(512)
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
+        self.held: list[socket.socket] = []  # every socket it has: closed by close()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -446,6 +444,10 @@ class SilentUpstream:
             except OSError:
                 return
             self.held.append(conn)
+            self.accepted(conn)
+
+    def accepted(self, conn: socket.socket) -> None:
+        """Silence."""
 
     def close(self) -> None:
         self.sock.close()
@@ -453,25 +455,16 @@ class SilentUpstream:
             conn.close()
 
 
-class SlowConnect:
+class SlowConnect(SilentUpstream):
     """A TCP relay to a port, which reaches it only `delay` seconds after each accept: a slow
     network between the proxy and the upstream (the TLS handshake waits that long)."""
 
     def __init__(self, port: int, delay: float) -> None:
         self.target, self.delay = port, delay
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.open.append(conn)
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+    def accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
         time.sleep(self.delay)  # the slow network itself, not a synchronisation
@@ -480,7 +473,7 @@ class SlowConnect:
         except OSError:
             client.close()
             return
-        self.open.append(upstream)
+        self.held.append(upstream)
         threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
         self._pipe(client, upstream)
 
@@ -492,11 +485,6 @@ class SlowConnect:
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.open:
-            conn.close()
 
 
 class PeakRss:
