@@ -3,6 +3,7 @@ addons as they change: in a master here, and in the real proxy as a script is ed
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import os
@@ -171,3 +172,21 @@ def test_an_edited_script_takes_effect(
             assert set(tags) <= {"one", "two"}
     finally:
         assert proxy.stop() == 0
+
+
+def test_no_attribute_of_ours_is_named_as_a_hook() -> None:
+    """mitmproxy takes any attribute named as a hook for its handler: `self.error = "..."` on an
+    addon made every failed flow log "Addon handler error (...) not callable" with a traceback."""
+    package = Path(hookcache.__file__).parent
+    found = []
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+                and node.attr in hooks.all_hooks
+            ):
+                found.append(f"{source.name}:{node.lineno}: self.{node.attr}")
+    assert found == []

@@ -4,10 +4,11 @@ While a request waits for its upstream connection or for a hook (the organizatio
 mitmproxy keeps reading the client's body and queues it in memory without limit. The HTTP streams
 (timeouts.TimedHttpStream) count what they queue here.
 
-Once a client has PAUSE bytes held, its connection is not read until they have moved on (down to
-half of that): the rest of an upload waits in the client and the kernel, as TCP intends, and an
-upload of any size gets through a slow upstream connect. The limits are what is left when that
-cannot act: a stream that would go over one is ended.
+Once an HTTP/1 client has PAUSE bytes held, its connection is not read until they have moved on
+(down to half of that): the rest of an upload waits in the client and the kernel, as TCP intends,
+and an upload of any size gets through a slow upstream connect. The limits are what is left where
+that cannot act (HTTP/2, whose streams share the connection): a stream that would go over one is
+ended.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ class Held:
         self.paused: set[str] = set()  # client connections not read for now
         self.flow_control: FlowControl | None = None  # set by the addon that reaches the sockets
 
-    def add(self, client: str, size: int) -> str | None:
-        """Count `size` more bytes held for `client`; or, counting nothing, why that is too much."""
+    def add(self, client: str, size: int, pausable: bool = True) -> str | None:
+        """Count `size` more bytes held for `client`; or, counting nothing, why that is too much.
+
+        Past the pause size, a `pausable` client (an HTTP/1 connection) is not read for now.
+        """
         mine = self.clients.get(client, 0) + size
         if mine > self.per_client:
             return f"more than {self.per_client // MIB} MiB held"
@@ -45,7 +49,7 @@ class Held:
             return f"more than {self.total // MIB} MiB held for all clients"
         self.clients[client] = mine
         self.bytes += size
-        if mine >= self.pause and self.flow_control is not None:
+        if pausable and mine >= self.pause and self.flow_control is not None:
             # Again on every piece while paused: asyncio's stream reader resumes reading on its
             # own when its buffer drains, which may undo a pause made while it was full.
             self.paused.add(client)

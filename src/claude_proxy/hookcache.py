@@ -41,6 +41,10 @@ class CachedAddonManager(AddonManager):
         finally:
             self.handlers.clear()
 
+    def clear(self) -> None:
+        super().clear()
+        self.handlers.clear()
+
     def trigger(self, event: hooks.Hook) -> None:
         if event.name in UNCACHED:
             self.handlers.clear()

@@ -59,7 +59,9 @@ class ConfigWatcher:
         self.current = loaded  # the config the policy in force was built from
         self.seen = loaded.digest  # the bytes last read, valid or not
         self.signature: Signature = UNKNOWN  # until `running` looks at the file
-        self.error: str | None = None
+        self.last_failure: str | None = (
+            None  # why the last reload failed (not `error`: a hook name)
+        )
         self.loaded_at = time.time()
         self.port = 0
         self.forced = False
@@ -156,7 +158,7 @@ class ConfigWatcher:
             return
         previous, self.current = self.current, loaded
         self.enforcer.use_policy(new)
-        self.error, self.loaded_at = None, time.time()
+        self.last_failure, self.loaded_at = None, time.time()
         warnings = f", {len(loaded.warnings)} warning(s)" if loaded.warnings else ""
         logger.info("policy reloaded from %s: %d rules%s", self.path, len(new.rules), warnings)
         if loaded.listen != previous.listen:
@@ -170,7 +172,7 @@ class ConfigWatcher:
         return loaded, config.build_policy(loaded, self.flags)
 
     def fail(self, why: str) -> None:
-        self.error = why
+        self.last_failure = why
         logger.error("%s; keeping the policy in force", why)
         self.publish()
 
@@ -186,7 +188,7 @@ class ConfigWatcher:
                     digest=self.current.digest,
                     loaded_at=self.loaded_at,
                     rules=len(self.enforcer.policy.rules),
-                    error=self.error,
+                    error=self.last_failure,
                     flags=list(self.flags),
                 )
             )

@@ -144,7 +144,7 @@ class TimedHttpLayer(layers.HttpLayer):
     def _check_due(self) -> layer.CommandGenerator[None]:
         now = time.time()
         for stream in [s for s, at in self.checks.items() if at <= now + EXPIRED]:
-            del self.checks[stream]
+            self.checks.pop(stream, None)
             if self.streams.get(stream.stream_id) is stream:
                 yield from self.event_to_child(stream, CheckDue())
         self.earliest = min(self.checks.values(), default=None)
@@ -193,7 +193,11 @@ class TimedHttpStream(HttpStream):
             return
         if self._paused is not None and isinstance(event, RequestData):
             # mitmproxy queues it in memory until the stream goes on: count it, within limits.
-            if too_much := held.HELD.add(self.context.client.id, len(event.data)):
+            # Flow control pauses a whole connection: on HTTP/2 this stream may wait for another
+            # stream's upstream connection to close (mitmproxy opens five per destination), and
+            # that one's body would never come. There the held limits alone apply.
+            pausable = self.context.client.alpn != b"h2"
+            if too_much := held.HELD.add(self.context.client.id, len(event.data), pausable):
                 yield from self._end_held(too_much)
                 return
             self.held += len(event.data)
