@@ -204,10 +204,19 @@ def mac(tmp_path: Path, home: Path, built_tool: Path) -> Iterator[Mac]:
     fake.kill_agents()
 
 
+HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now and not handed out before in this session: two calls in a row could
+    otherwise return the same port (the kernel may reuse one as soon as its socket closes)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in HANDED_OUT:
+            HANDED_OUT.add(port)
+            return port
 
 
 def ports() -> list[str]:
