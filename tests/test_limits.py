@@ -204,6 +204,18 @@ def h2_events(tls: ssl.SSLSocket, conn: h2.connection.H2Connection) -> Iterator[
         tls.sendall(conn.data_to_send())
 
 
+H2Session = tuple[ssl.SSLSocket, h2.connection.H2Connection, Iterator[h2.events.Event]]
+
+
+def h2_session(proxy: ProxyProcess) -> H2Session:
+    """An HTTP/2 client connection through a tunnel, its preface sent, and its events."""
+    tls = h2_tunnel(proxy)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    return tls, conn, h2_events(tls, conn)
+
+
 @pytest.mark.parametrize(("count", "status"), [(300, 431), (20, 200)])
 def test_http2_header_count(
     proxy: ProxyProcess, upstream: Upstream, count: int, status: int
@@ -581,16 +593,23 @@ def test_a_client_waiting_on_a_hung_handshake_is_not_read_on(
         silent.close()
 
 
+def upload_head(i: int, size: int) -> list[tuple[str, str]]:
+    """The HTTP/2 head of upload number `i`, of `size` bytes."""
+    return [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "api.anthropic.com"),
+        (":path", f"/v1/files/{i}"),
+        ("content-length", str(size)),
+    ]
+
+
 def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Path) -> None:
     """Each stream holds 16 MiB; past the per-connection limit, the streams from then on reset."""
     silent = SilentUpstream()
     proxy = start_proxy(home, silent, upstream_ca_file)  # type: ignore[arg-type]
     try:
-        tls = h2_tunnel(proxy)
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        tls.sendall(conn.data_to_send())
-        events = h2_events(tls, conn)
+        tls, conn, events = h2_session(proxy)
         size, piece, count = 16 * MIB, b"z" * 16384, 4
         expected = {1 + 2 * i for i in range(PER_CLIENT // size, count)}  # client stream ids
         assert expected
@@ -598,16 +617,7 @@ def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Pa
         with PeakRss(proxy.proc.pid) as memory:
             for i in range(count):
                 sid = conn.get_next_available_stream_id()
-                conn.send_headers(
-                    sid,
-                    [
-                        (":method", "POST"),
-                        (":scheme", "https"),
-                        (":authority", "api.anthropic.com"),
-                        (":path", f"/v1/files/{i}"),
-                        ("content-length", str(size)),
-                    ],
-                )
+                conn.send_headers(sid, upload_head(i, size))
                 sent = 0
                 while sent < size and sid not in reset:
                     window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
@@ -641,11 +651,7 @@ def test_six_http2_uploads_to_an_http1_upstream_all_pass(
     proxy = start_proxy(home, upstream, upstream_ca_file)
     size, piece = 8 * MIB, b"u" * 16384
     try:
-        tls = h2_tunnel(proxy)
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        tls.sendall(conn.data_to_send())
-        events = h2_events(tls, conn)
+        tls, conn, events = h2_session(proxy)
         statuses: dict[int, int] = {}
 
         def send(sid: int, count: int, end: bool) -> None:
@@ -666,16 +672,7 @@ def test_six_http2_uploads_to_an_http1_upstream_all_pass(
         for i in range(6):
             sid = conn.get_next_available_stream_id()
             streams.append(sid)
-            conn.send_headers(
-                sid,
-                [
-                    (":method", "POST"),
-                    (":scheme", "https"),
-                    (":authority", "api.anthropic.com"),
-                    (":path", f"/v1/files/{i}"),
-                    ("content-length", str(size)),
-                ],
-            )
+            conn.send_headers(sid, upload_head(i, size))
             send(sid, len(piece), end=False)
             if i == 4:  # barrier: five upstream connections are open, each with its request
                 deadline = time.monotonic() + ANSWER_SECONDS
