@@ -29,6 +29,7 @@ from mitmproxy.proxy.layers.http import ErrorCode, HTTPMode, ReceiveHttp, Reques
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
+from claude_proxy.deadline import Deadline
 from claude_proxy.decisions import log_line, printable, proxy_answer
 from claude_proxy.policy import Decision
 from claude_proxy.timeouts import TimedHttpLayer
@@ -75,39 +76,6 @@ def log_block(
     started = time.time() - (time.monotonic() - since if since is not None else 0)
     client = context.client if context is not None else client
     log_line("-", host, port, "-", status, Decision(False, reason), started=started, client=client)
-
-
-class Deadline:
-    """A deadline that moves, served by few wakeups: a new one only when it comes earlier."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-        self.pending: dict[commands.RequestWakeup, float] = {}  # wakeup → when it is due
-
-    def set(self, seconds: float) -> layer.CommandGenerator[None]:
-        self.at = time.monotonic() + seconds
-        yield from self._arm()
-
-    def clear(self) -> None:
-        self.at = None
-
-    def passed(self, wakeup: events.Wakeup) -> layer.CommandGenerator[bool]:
-        """Account for one of our wakeups; whether the deadline has passed."""
-        self.pending.pop(wakeup.command, None)  # type: ignore[call-overload]
-        if self.at is None:
-            return False
-        if time.monotonic() >= self.at - 0.001:
-            self.at = None
-            return True
-        yield from self._arm()
-        return False
-
-    def _arm(self) -> layer.CommandGenerator[None]:
-        if self.at is None or any(due <= self.at for due in self.pending.values()):
-            return
-        wakeup = commands.RequestWakeup(max(0.0, self.at - time.monotonic()))
-        self.pending[wakeup] = self.at
-        yield wakeup
 
 
 class BoundedReceiveBuffer(ReceiveBuffer):

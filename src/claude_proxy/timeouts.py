@@ -10,9 +10,10 @@ closed, and the stream answers once mitmproxy reports the failure; a response he
 abandoned upstream (HTTP/1 closes, HTTP/2 resets only that stream) and answered at once.
 
 A mitmproxy wakeup cannot be cancelled: it sleeps out its delay, and holds what it names. So the
-layer keeps one alarm for all its streams and asks for a new one only when a check is due before
-every alarm pending; a stream names none. A keep-alive connection with thousands of requests has an
-alarm or two pending, never one per request (each would hold its request for minutes).
+layer keeps one alarm (a deadline.Deadline) for all its streams, which asks for a new wakeup
+only when a check is due before every one pending; a wakeup names no stream. A keep-alive
+connection with thousands of requests has a wakeup or two pending, never one per request (each
+would hold its request for minutes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from claude_proxy import held
+from claude_proxy.deadline import Deadline
 from claude_proxy.decisions import FAILURE, log_decision, printable, proxy_answer
 from claude_proxy.policy import Decision
 from claude_proxy.wellformed import BODY_FOLLOWS
@@ -109,10 +111,9 @@ class TimedHttpLayer(layers.HttpLayer):
     def __init__(self, context: context.Context, mode: HTTPMode) -> None:
         super().__init__(context, mode)
         self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
-        self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (time.time())
+        self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (monotonic)
         self.earliest: float | None = None  # no later than the earliest check; may be stale
-        self.alarms: dict[Alarm, float] = {}  # alarms pending → when each is due
-        self.next_alarm: float | None = None  # when the first alarm pending is due
+        self.alarm = Deadline()  # set to `earliest`: it keeps few wakeups pending
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         self.streams[stream_id] = TimedHttpStream(self.context.fork(), stream_id, self)
@@ -128,21 +129,16 @@ class TimedHttpLayer(layers.HttpLayer):
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         # An alarm of a layer inside a tunnel passes through this one: mitmproxy routes it.
-        if isinstance(event, events.Wakeup) and event.command in self.alarms:
-            del self.alarms[event.command]  # type: ignore[arg-type]
-            self.next_alarm = min(self.alarms.values(), default=None)
-            yield from self._check_due()
+        if isinstance(event, events.Wakeup) and event.command in self.alarm.pending:
+            if (yield from self.alarm.passed(event)):
+                yield from self._check_due()
         else:
             yield from super()._handle_event(event)
-        if self.earliest is not None and (
-            self.next_alarm is None or self.next_alarm > self.earliest + EXPIRED
-        ):
-            alarm = Alarm(max(0.0, self.earliest - time.time()))
-            self.alarms[alarm] = self.next_alarm = self.earliest
-            yield alarm
+        if self.earliest is not None and (self.alarm.at is None or self.earliest < self.alarm.at):
+            yield from self.alarm.set(self.earliest - time.monotonic())
 
     def _check_due(self) -> layer.CommandGenerator[None]:
-        now = time.time()
+        now = time.monotonic()
         for stream in [s for s, at in self.checks.items() if at <= now + EXPIRED]:
             self.checks.pop(stream, None)
             if self.streams.get(stream.stream_id) is stream:
@@ -156,10 +152,6 @@ class TimedHttpLayer(layers.HttpLayer):
             # pass, so a retry on this client connection gets a new upstream connection instead.
             self.expired.discard(command.connection)
             self.connections.pop(command.connection, None)
-
-
-class Alarm(commands.RequestWakeup):
-    """The HTTP layer's wakeup: it names no stream (it holds nothing while it sleeps)."""
 
 
 class CheckDue(events.Event):
@@ -176,7 +168,6 @@ class TimedHttpStream(HttpStream):
         self.body_follows = False
         self.waiting: str | None = None  # "connection" or "response"
         self.since = 0.0
-        self.checking = False  # a check is asked of the layer
         self.timed_out: tuple[Step, str] | None = None
         self.held = 0  # request-body bytes queued while paused, counted in held.HELD
         self.ended = False  # ended for holding too much: every later event is dropped
@@ -186,10 +177,8 @@ class TimedHttpStream(HttpStream):
             return
         if isinstance(event, RequestHeaders):
             self.body_follows = not event.end_stream
-        if isinstance(event, CheckDue):
-            if self.checking:
-                self.checking = False
-                yield from self._guarded(self._expire())
+        if isinstance(event, CheckDue):  # the layer has forgotten this check already
+            yield from self._guarded(self._expire())
             return
         if self._paused is not None and isinstance(event, RequestData):
             # mitmproxy queues it in memory until the stream goes on: count it, within limits.
@@ -309,13 +298,10 @@ class TimedHttpStream(HttpStream):
         # A wakeup counts as activity for mitmproxy's idle timeout (tcp_timeout): waking at least
         # twice within it keeps a connection waiting on the upstream from a close without status.
         idle = getattr(self.context.options, "tcp_timeout", 600)
-        self.checking = True
-        self.clock.check_at(self, time.time() + min(seconds, max(idle / 2, 0.5)))
+        self.clock.check_at(self, time.monotonic() + min(seconds, max(idle / 2, 0.5)))
 
     def _stop_checking(self) -> None:
-        if self.checking:
-            self.checking = False
-            self.clock.forget(self)
+        self.clock.forget(self)
 
     def _expire(self) -> layer.CommandGenerator[None]:
         now = time.time()
