@@ -28,6 +28,43 @@ SANDBOX_KEYS: dict[str, Any] = {
     },
 }
 OURS = {"enabled": True, "network": {"httpProxyPort": 9051, "socksProxyPort": 9052}}
+
+
+def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str, Any]:
+    """What setup claude-code writes for a HOME (Claude Code's `//` starts an absolute path)."""
+    conf = f"/{home}/.config/claude-proxy"
+    state = f"/{home}/.local/state/claude-proxy"
+    secret_files = [f"{conf}/mitmproxy-ca.pem", f"{conf}/mitmproxy-ca.p12", f"{conf}/config.toml"]
+    return {
+        "sandbox": {
+            "enabled": True,
+            "failIfUnavailable": True,
+            "allowUnsandboxedCommands": False,
+            "network": {"httpProxyPort": http_port, "socksProxyPort": socks_port},
+            "filesystem": {"denyRead": [*secret_files, state], "denyWrite": [conf, state]},
+        },
+        "permissions": {
+            "deny": [
+                *[f"Read({f})" for f in secret_files],
+                f"Read({state}/**)",
+                f"Edit({conf}/**)",
+                f"Edit({state}/**)",
+                "Edit(//**/.claude/settings.json)",
+                "Edit(//**/.claude/settings.local.json)",
+                "Edit(//**/.mcp.json)",
+                f"Edit(/{home}/.claude.json)",
+                "Edit(//etc/claude-code/**)",
+            ]
+        },
+    }
+
+
+def srt_fence(home: Path) -> dict[str, list[str]]:
+    conf, state = home / ".config" / "claude-proxy", home / ".local" / "state" / "claude-proxy"
+    secret = [conf / "mitmproxy-ca.pem", conf / "mitmproxy-ca.p12", conf / "config.toml", state]
+    return {"denyRead": [str(p) for p in secret], "denyWrite": [str(conf), str(state)]}
+
+
 SRT_REQUIRED = {
     "network": {
         "allowedDomains": [
@@ -96,18 +133,20 @@ def one_line(stderr: str) -> str:
 
 @pytest.mark.parametrize("original", [OTHER_KEYS, SANDBOX_KEYS], ids=["other-keys", "sandbox-keys"])
 def test_merges_without_touching_other_keys(home: Path, original: dict[str, Any]) -> None:
+    """Everything of the user's stays, except (with --yes) the settings that open the fence."""
     path = settings_file(home)
     before = write_settings(path, original)
     result = run(home, "setup", "claude-code", "--yes")
     assert result.returncode == 0, result.stderr
     merged = json.loads(path.read_text())
-    sandbox = original.get("sandbox", {})
+    ours = fence(home)
+    permissions = original.get("permissions", {})
     expected = {
         **original,
-        "sandbox": {
-            **sandbox,
-            "enabled": True,
-            "network": {**sandbox.get("network", {}), **OURS["network"]},
+        "sandbox": ours["sandbox"],
+        "permissions": {
+            **permissions,
+            "deny": [*permissions.get("deny", []), *ours["permissions"]["deny"]],
         },
     }
     assert merged == expected
@@ -117,6 +156,24 @@ def test_merges_without_touching_other_keys(home: Path, original: dict[str, Any]
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, backup.name])
     assert '+            "httpProxyPort": 9051,' in result.stdout.splitlines()  # the diff
     assert result.stdout.index("httpProxyPort") < result.stdout.index(f"wrote {path}")
+    undone = run(home, "setup", "claude-code", "--undo", "--yes")
+    assert undone.returncode == 0, undone.stderr
+    assert json.loads(path.read_text()) == original
+
+
+def test_names_what_opens_the_fence_and_removes_it_only_with_yes(home: Path) -> None:
+    path = settings_file(home)
+    before = write_settings(path, SANDBOX_KEYS)
+    dry = run(home, "setup", "claude-code", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "  sandbox.excludedCommands: the commands it names run outside the sandbox" in dry.stdout
+    assert "sandbox.network.allowUnixSockets: a Unix socket reaches a service" in dry.stdout
+    assert "setup removes them only with --yes" in dry.stdout
+    assert '-        "excludedCommands": [' not in dry.stdout  # not part of the change
+    assert path.read_bytes() == before
+    result = run(home, "setup", "claude-code", "--yes")
+    assert '-        "excludedCommands": [' in result.stdout.splitlines()
+    assert "excludedCommands" not in json.loads(path.read_text())["sandbox"]
 
 
 def test_project_settings(home: Path, tmp_path: Path) -> None:
@@ -125,7 +182,7 @@ def test_project_settings(home: Path, tmp_path: Path) -> None:
     result = run(home, "setup", "claude-code", "--project", str(project), "--yes", "--port", "8123")
     assert result.returncode == 0, result.stderr
     written = json.loads((project / ".claude" / "settings.json").read_text())
-    assert written == {"sandbox": {**OURS, "network": {**OURS["network"], "httpProxyPort": 8123}}}
+    assert written == fence(home, http_port=8123)
     assert not settings_file(home).exists()
 
 
@@ -133,7 +190,7 @@ def test_missing_file_and_folder_are_created_private(home: Path) -> None:
     path = settings_file(home)
     result = run(home, "setup", "claude-code", "--yes")
     assert result.returncode == 0, result.stderr
-    assert json.loads(path.read_text()) == {"sandbox": OURS}
+    assert json.loads(path.read_text()) == fence(home)
     assert mode(path.parent) == 0o700 and mode(path) == 0o600
     assert backups(path) == []
     assert "--- /dev/null" in result.stdout
@@ -318,7 +375,10 @@ def test_srt(home: Path) -> None:
     assert result.returncode == 0, result.stderr
     written = json.loads(path.read_text())
     ports = {"httpProxyPort": 9051, "socksProxyPort": 1081}
-    assert written == {**SRT_REQUIRED, "network": {**ports, **SRT_REQUIRED["network"]}}
+    assert written == {
+        "network": {**ports, **SRT_REQUIRED["network"]},
+        "filesystem": {**SRT_REQUIRED["filesystem"], **srt_fence(home)},
+    }
     assert mode(path) == 0o600
     assert "Then run commands as `srt COMMAND`" in result.stdout
     assert run(home, "setup", "srt", "--undo", "--yes").returncode == 0
@@ -340,9 +400,12 @@ def test_srt_keeps_the_users_own_lists(home: Path) -> None:
         "httpProxyPort": 9051,
         "socksProxyPort": 9052,
     }
-    assert {k: v for k, v in written.items() if k != "network"} == {
-        k: v for k, v in original.items() if k != "network"
+    assert written["filesystem"] == {
+        "denyRead": ["~/.ssh", *srt_fence(home)["denyRead"]],
+        "allowWrite": ["."],
+        "denyWrite": srt_fence(home)["denyWrite"],
     }
+    assert written["enableWeakerNestedSandbox"] is True
     assert run(home, "setup", "srt", "--undo", "--yes").returncode == 0
     assert json.loads(path.read_text()) == original
 
@@ -435,7 +498,7 @@ def test_a_linked_settings_file_stays_a_link(home: Path, tmp_path: Path) -> None
     result = run(home, "setup", "claude-code", "--yes")
     assert result.returncode == 0, result.stderr
     assert path.is_symlink() and path.resolve() == real
-    assert json.loads(real.read_text())["sandbox"] == OURS
+    assert json.loads(real.read_text())["sandbox"] == fence(home)["sandbox"]
     [backup] = backups(real)
     assert backup.read_bytes() == before
 

@@ -8,50 +8,19 @@ through claude-proxy's checks. Proof: what the local upstream received.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ProxyFactory, ProxyProcess
+from tests.programs import sandbox_program
 from tests.upstream import Upstream
-
-SRT_DIR = Path(__file__).parent / "srt"  # package.json and its lock pin the version
-SRT = SRT_DIR / "node_modules" / ".bin" / "srt"
-
-
-def bubblewrap_works() -> str | None:
-    """None when bubblewrap can make namespaces here; else why not."""
-    if shutil.which("bwrap") is None:
-        return "bwrap is not installed (Debian package bubblewrap; .ci/run installs it)"
-    probe = subprocess.run(
-        ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if probe.returncode != 0:
-        return f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}"
-    return None
 
 
 @pytest.fixture(scope="session")
 def srt() -> Path:
-    if why := bubblewrap_works():
-        pytest.skip(why)
-    if not SRT.exists():
-        npm = shutil.which("npm")
-        assert npm, "npm is needed to install sandbox-runtime (tests/srt/package.json)"
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(SRT_DIR)],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    for tool in ("socat", "rg"):
-        assert shutil.which(tool), f"srt needs {tool} (.ci/run installs socat and ripgrep)"
-    return SRT
+    return sandbox_program("srt")
 
 
 @pytest.fixture(scope="module")

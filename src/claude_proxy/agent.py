@@ -12,7 +12,17 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import accounts, auditlog, ca, config, defaults, paths, probes, runstate
+from claude_proxy import (
+    accounts,
+    auditlog,
+    ca,
+    config,
+    defaults,
+    paths,
+    probes,
+    readiness,
+    runstate,
+)
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.probes import Check
 
@@ -143,8 +153,9 @@ def status(
     port: int | None,
     socks_port: int | None,
     config_dir: Path | None = None,
+    project: Path | None = None,
 ) -> list[Check]:
-    """Would Claude Code work through the agent? One row per step; all ok, or it would not."""
+    """Would Claude Code work through the agent, fenced in? One row per step; all ok, or not."""
     agent_check, installed = agent_state(home)
     told = installed or Installed(None, None, None, None, None)
     target = probes.Target(
@@ -167,6 +178,28 @@ def status(
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
     audit_ok, audit_detail = auditlog.describe(paths.audit_db())
     checks.append(Check(audit_ok, "audit log", audit_detail))
+    checks += claude_code_settings(home, project or Path.cwd(), target)
+    return checks
+
+
+def claude_code_settings(home: Path, project: Path, target: probes.Target) -> list[Check]:
+    """The settings Claude Code will apply in `project`, judged key by key (`fence.review`)."""
+    from claude_proxy import fence, setup
+
+    scopes = []
+    for name, path in fence.scope_paths(home, project):
+        try:
+            _, document = setup.read(path, Path(os.path.realpath(path)))
+        except ProxyError as e:
+            return [Check(False, "Claude Code settings", str(e), f"fix {path} by hand")]
+        scopes.append(fence.Scope(name, path, document))
+    secret = setup.private_files(home)
+    review = fence.review(
+        scopes, secret=secret, home=home, http_port=target.port, socks_port=target.socks_port
+    )
+    checks = [Check(c.ok, f"claude-code {c.what}", c.detail, c.fix) for c in review.checks]
+    if (step := readiness.sandbox_programs()) is not None:
+        checks.append(Check(step.state == readiness.OK, "sandbox programs", step.detail))
     return checks
 
 

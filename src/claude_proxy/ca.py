@@ -51,6 +51,11 @@ def key_path(confdir: Path) -> Path:
     return confdir / f"{BASENAME}-ca.pem"
 
 
+def p12_path(confdir: Path) -> Path:
+    """The key again, with the certificate, in PKCS#12 (0600 like the key)."""
+    return confdir / f"{BASENAME}-ca.p12"
+
+
 def cert_path(confdir: Path) -> Path:
     return confdir / f"{BASENAME}-ca-cert.pem"
 

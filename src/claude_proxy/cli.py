@@ -162,6 +162,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     status.add_argument("--host", default=defaults.DEFAULT_HOST)
     status.add_argument("--port", type=fixed_port, help="(default: the installed agent's)")
     status.add_argument("--socks-port", type=fixed_port, help="(default: the installed agent's)")
+    status.add_argument(
+        "--project",
+        type=Path,
+        metavar="DIR",
+        help="judge the Claude Code settings that apply in DIR (default: this folder)",
+    )
     status.set_defaults(func=cmd_status)
 
     paths_cmd = sub.add_parser(
@@ -192,21 +198,42 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     log.set_defaults(func=cmd_log)
 
-    setup = sub.add_parser("setup", help="point Claude Code's sandbox (or srt) at claude-proxy")
+    setup = sub.add_parser(
+        "setup", help="fence Claude Code's sandbox (or srt) onto claude-proxy; or take it back"
+    )
     targets = setup.add_subparsers(dest="target", required=True)
     for name, settings_file in (
-        ("claude-code", "~/.claude/settings.json (or DIR/.claude/settings.json)"),
+        ("claude-code", "~/.claude/settings.json (DIR/.claude/settings.json; the managed file)"),
         ("srt", "~/.srt-settings.json"),
     ):
-        target = targets.add_parser(name, help=f"merge claude-proxy's ports into {settings_file}")
+        target = targets.add_parser(
+            name, help=f"lock the sandbox onto claude-proxy's ports in {settings_file}"
+        )
         if name == "claude-code":
-            target.add_argument("--project", type=Path, metavar="DIR", help="DIR's settings")
+            scope = target.add_mutually_exclusive_group()
+            scope.add_argument("--project", type=Path, metavar="DIR", help="DIR's settings")
+            scope.add_argument(
+                "--managed",
+                action="store_true",
+                help="the managed settings file, which outranks every other (root: use sudo)",
+            )
         target.add_argument("--port", type=fixed_port, default=defaults.DEFAULT_PORT)
         target.add_argument("--socks-port", type=fixed_port, default=defaults.DEFAULT_SOCKS_PORT)
         target.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
-        target.add_argument("-y", "--yes", action="store_true", help="write without asking")
+        target.add_argument(
+            "-y",
+            "--yes",
+            action="store_true",
+            help="write without asking, and remove the settings that open the fence",
+        )
         target.add_argument("--undo", action="store_true", help="take back what setup changed")
         target.set_defaults(func=cmd_setup)
+    undo_all = targets.add_parser(
+        "undo-all", help="take back what setup changed in every file it has changed"
+    )
+    undo_all.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+    undo_all.add_argument("-y", "--yes", action="store_true", help="write without asking")
+    undo_all.set_defaults(func=cmd_setup_undo_all)
 
     orgs = sub.add_parser("orgs", help="organizations seen in Anthropic's answers, per credential")
     orgs.add_argument("--json", action="store_true", help="as a JSON document")
@@ -408,7 +435,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from claude_proxy import agent
 
     checks = agent.status(
-        home=Path.home(), host=args.host, port=args.port, socks_port=args.socks_port
+        home=Path.home(),
+        host=args.host,
+        port=args.port,
+        socks_port=args.socks_port,
+        project=args.project or Path.cwd(),
     )
     for check in checks:
         print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
@@ -471,15 +502,25 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     from claude_proxy import setup
 
-    home = Path.home()
+    home = setup.user_home() if getattr(args, "managed", False) else Path.home()
     if args.target == "claude-code":
         target = setup.claude_code(
-            home=home, project=args.project, http_port=args.port, socks_port=args.socks_port
+            home=home,
+            project=args.project,
+            http_port=args.port,
+            socks_port=args.socks_port,
+            managed=args.managed,
         )
     else:
         target = setup.srt(home=home, http_port=args.port, socks_port=args.socks_port)
     run = setup.undo if args.undo else setup.apply
     return run(target, dry_run=args.dry_run, yes=args.yes)
+
+
+def cmd_setup_undo_all(args: argparse.Namespace) -> int:
+    from claude_proxy import setup
+
+    return setup.undo_all(dry_run=args.dry_run, yes=args.yes)
 
 
 def cmd_orgs(args: argparse.Namespace) -> int:

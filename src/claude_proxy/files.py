@@ -21,11 +21,16 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` (mode `mode`) in one rename; on failure nothing changes."""
+def write_atomically(
+    path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None
+) -> None:
+    """Replace `path` with `data` (mode `mode`, and `owner`'s uid and gid if given) in one rename;
+    on failure nothing changes."""
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as file:
+            if owner is not None:
+                os.fchown(file.fileno(), *owner)  # before the mode: chown may clear set-id bits
             os.fchmod(file.fileno(), mode)  # exactly this mode, whatever the umask
             file.write(data)
             file.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from claude_proxy import ca, paths
+from claude_proxy import ca, fence, paths
 from claude_proxy.defaults import DEFAULT_HOST, DEFAULT_PORT
 
 OK, TODO, UNKNOWN = "ok", "TODO", "?"
@@ -35,7 +36,27 @@ def steps(target: str, http_port: int, socks_port: int) -> list[Step]:
         found.append(environment(http_port, cert))
     found.append(keychain(cert))
     found.append(tools(bundle))
+    if sandbox := sandbox_programs():
+        found.append(sandbox)
     return found
+
+
+def sandbox_programs() -> Step | None:
+    """Linux: the sandbox (Claude Code's and srt's) runs bubblewrap and socat; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    missing = fence.missing_tools(shutil.which)
+    if not missing:
+        return Step(OK, "sandbox", "bwrap and socat are installed")
+    names = " and ".join(tool for tool, _ in missing)
+    packages = " ".join(package for _, package in missing)
+    return Step(
+        TODO,
+        "sandbox",
+        f"{names} not found: the sandbox cannot start, and with failIfUnavailable Claude Code "
+        f"refuses to run commands; install the package {packages} (apt-get install {packages}, "
+        f"dnf install {packages})",
+    )
 
 
 def report(target: str, found: list[Step]) -> list[str]:

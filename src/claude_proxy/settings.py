@@ -1,7 +1,9 @@
 """Merging a few keys into a JSON settings document, and taking back exactly those keys.
 
 Pure: documents in, documents out. Every key is a path of object members, such as
-("sandbox", "network", "httpProxyPort").
+("sandbox", "network", "httpProxyPort"). Three kinds of edit, each undone on its own: a value
+set (`Change`), a key removed (a `Change` whose `written` is ABSENT), and members appended to an
+array (`Added`: the user's own members stay where they were).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,18 +40,39 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Change:
     key: Key
-    written: Any
+    written: Any  # ABSENT: setup removed the key, so undo puts `previous` back
     previous: Any = ABSENT  # ABSENT: setup added the key, so undo removes it
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"key": list(self.key), "written": self.written}
+        out: dict[str, Any] = {"key": list(self.key)}
+        if self.written is not ABSENT:
+            out["written"] = self.written
         if self.previous is not ABSENT:
             out["previous"] = self.previous
         return out
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Change:
-        return cls(tuple(data["key"]), data["written"], data.get("previous", ABSENT))
+
+@dataclass(frozen=True)
+class Added:
+    """Members setup appended to the array at `key` (none of them was there before)."""
+
+    key: Key
+    members: tuple[Any, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": list(self.key), "added": list(self.members)}
+
+
+Edit = Change | Added
+
+
+def edit_from_json(data: Mapping[str, Any]) -> Edit:
+    key = tuple(data["key"])
+    if not key or not all(isinstance(name, str) for name in key):
+        raise ValueError(f"not a key: {data['key']!r}")
+    if "added" in data:
+        return Added(key, tuple(data["added"]))
+    return Change(key, data.get("written", ABSENT), data.get("previous", ABSENT))
 
 
 def dotted(key: Key) -> str:
@@ -87,15 +110,22 @@ def render(document: Document, original: str = "") -> str:
 
 
 def merge(
-    document: Document, *, wanted: Mapping[Key, Any], defaults: Mapping[Key, Any] | None = None
-) -> tuple[Document, list[Change], list[Key]]:
-    """Set every `wanted` key, and every `defaults` key that is missing.
+    document: Document,
+    *,
+    wanted: Mapping[Key, Any],
+    defaults: Mapping[Key, Any] | None = None,
+    members: Mapping[Key, Sequence[Any]] | None = None,
+    remove: Iterable[Key] = (),
+) -> tuple[Document, list[Edit], list[Key]]:
+    """Set every `wanted` key, every `defaults` key that is missing, append every one of `members`
+    missing from its array, and remove the `remove` keys that are there.
 
-    Returns the new document, the changes (with the values they replaced) and the objects it had
-    to create. Raises SettingsError, before changing anything, if a key's parent is not an object.
+    Returns the new document, the edits (with the values they replaced) and the objects and arrays
+    it had to create. Raises SettingsError, before changing anything, if a key's parent is not an
+    object or an array's key holds something else.
     """
     new = copy.deepcopy(document)
-    changes: list[Change] = []
+    edits: list[Edit] = []
     created: list[Key] = []
     fill_in = dict(defaults or {})
     for key, value in [*wanted.items(), *fill_in.items()]:
@@ -104,56 +134,106 @@ def merge(
         if (key in fill_in and previous is not ABSENT) or same(previous, value):
             continue
         parent[key[-1]] = copy.deepcopy(value)
-        changes.append(Change(key, value, previous))
-    return new, changes, created
+        edits.append(Change(key, value, previous))
+    for key, wanted_members in (members or {}).items():
+        parent = _parent(new, key, created)
+        array = parent.get(key[-1], ABSENT)
+        if array is ABSENT:
+            array = parent[key[-1]] = []
+            created.append(key)
+        elif not isinstance(array, list):
+            raise SettingsError(f"{dotted(key)} is {_kind(array)}, not an array")
+        added = [m for m in dict.fromkeys(wanted_members) if not any(same(m, x) for x in array)]
+        if added:
+            array.extend(copy.deepcopy(added))
+            edits.append(Added(key, tuple(added)))
+    for key in remove:
+        parent = _find(new, key[:-1])
+        if parent is not None and key[-1] in parent:
+            edits.append(Change(key, ABSENT, parent.pop(key[-1])))
+    return new, edits, created
 
 
 def revert(
-    document: Document, changes: Iterable[Change], created: Iterable[Key]
+    document: Document, edits: Iterable[Edit], created: Iterable[Key]
 ) -> tuple[Document, list[str]]:
-    """Undo `changes` where the document still holds what was written; say what was left."""
+    """Undo `edits` (last first) where the document still holds what was written; say what was
+    left."""
     new = copy.deepcopy(document)
     notes: list[str] = []
-    for change in changes:
-        parent = _find(new, change.key[:-1])
-        current = ABSENT if parent is None else parent.get(change.key[-1], ABSENT)
-        if current is ABSENT:
-            notes.append(f"{dotted(change.key)} is gone already")
-        elif not same(current, change.written):
-            notes.append(
-                f"{dotted(change.key)} is now {show(current)}, not the {show(change.written)} "
-                "setup wrote: left as it is"
-            )
-        elif change.previous is ABSENT:
-            del parent[change.key[-1]]  # type: ignore[union-attr]
+    for edit in reversed(list(edits)):
+        if isinstance(edit, Added):
+            notes += _take_out(new, edit)
+            continue
+        parent = _find(new, edit.key[:-1])
+        current = ABSENT if parent is None else parent.get(edit.key[-1], ABSENT)
+        if parent is None and edit.written is ABSENT:
+            notes.append(f"{dotted(edit.key[:-1])} is gone: {dotted(edit.key)} not put back")
+        elif not same(current, edit.written):
+            if current is ABSENT:
+                notes.append(f"{dotted(edit.key)} is gone already")
+            elif edit.written is ABSENT:
+                notes.append(f"{dotted(edit.key)} is set again ({show(current)}): left as it is")
+            else:
+                notes.append(
+                    f"{dotted(edit.key)} is now {show(current)}, not the {show(edit.written)} "
+                    "setup wrote: left as it is"
+                )
+        elif edit.previous is ABSENT:
+            del parent[edit.key[-1]]  # type: ignore[union-attr]
         else:
-            parent[change.key[-1]] = copy.deepcopy(change.previous)  # type: ignore[index]
+            parent[edit.key[-1]] = copy.deepcopy(edit.previous)  # type: ignore[index]
     for key in sorted(created, key=len, reverse=True):
         parent = _find(new, key[:-1])
-        if parent is not None and parent.get(key[-1], ABSENT) == {}:
-            del parent[key[-1]]  # an object setup made, now empty again
+        if parent is not None and parent.get(key[-1], ABSENT) in ({}, []):
+            del parent[key[-1]]  # an object or array setup made, now empty again
     return new, notes
 
 
-def combine(earlier: Iterable[Change], later: Iterable[Change], document: Document) -> list[Change]:
+def _take_out(document: Document, edit: Added) -> list[str]:
+    parent = _find(document, edit.key[:-1])
+    array = None if parent is None else parent.get(edit.key[-1])
+    if not isinstance(array, list):
+        return [f"{dotted(edit.key)} is gone already"]
+    notes = []
+    for member in edit.members:
+        at = next((i for i, x in enumerate(array) if same(x, member)), None)
+        if at is None:
+            notes.append(f"{show(member)} is gone from {dotted(edit.key)} already")
+        else:
+            del array[at]
+    return notes
+
+
+def combine(earlier: Iterable[Edit], later: Iterable[Edit], document: Document) -> list[Edit]:
     """One record of two setup runs: undo must restore what the user had before the first.
 
-    `document` is what the later run started from. An earlier change whose value the user has
-    replaced since is theirs now and is forgotten.
+    `document` is what the later run started from. An earlier edit whose value the user has
+    replaced since (or a member the user has taken out) is theirs now and is forgotten.
     """
-    later_by_key = {c.key: c for c in later}
-    result: list[Change] = []
+    later_changes = {e.key: e for e in later if isinstance(e, Change)}
+    later_added = {e.key: e for e in later if isinstance(e, Added)}
+    result: list[Edit] = []
     for old in earlier:
-        new = later_by_key.pop(old.key, None)
         parent = _find(document, old.key[:-1])
         current = ABSENT if parent is None else parent.get(old.key[-1], ABSENT)
+        if isinstance(old, Added):
+            present = current if isinstance(current, list) else []
+            kept = tuple(m for m in old.members if any(same(m, x) for x in present))
+            more = later_added.pop(old.key, None)
+            members = kept + (more.members if more else ())
+            if members:
+                result.append(Added(old.key, members))
+            continue
+        new = later_changes.pop(old.key, None)
         ours = same(current, old.written)
         if new is None:
             if ours:
                 result.append(old)
         else:
             result.append(Change(old.key, new.written, old.previous) if ours else new)
-    result.extend(later_by_key.values())
+    result.extend(later_changes.values())
+    result.extend(later_added.values())
     return result
 
 

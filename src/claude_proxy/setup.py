@@ -1,7 +1,9 @@
-"""`claude-proxy setup`: point Claude Code's sandbox, or srt, at claude-proxy; and take it back.
+"""`claude-proxy setup`: fence Claude Code's sandbox, or srt, onto claude-proxy; and take it back.
 
 Each run shows the change as a diff, asks, keeps a backup, writes atomically, and records what it
 changed (in the state folder), so that `--undo` takes back exactly that and nothing the user did.
+What it writes for Claude Code is `fence.claude_code`: in user or project scope, or in the managed
+settings file (`--managed`, root only), which no file the agent could write outranks.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -16,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from claude_proxy import files, paths, policy, readiness, settings
+from claude_proxy import fence, files, paths, policy, readiness, settings
 from claude_proxy.errors import ExitCode, ProxyError
-from claude_proxy.settings import Change, Document, Key
+from claude_proxy.settings import Document, Edit, Key
 
 RECORD_FILE = "setup-record.json"
 NOTHING_WRITTEN = "nothing was written"
@@ -30,21 +33,83 @@ class Target:
     path: Path  # the settings file, as the user knows it
     wanted: dict[Key, Any]
     defaults: dict[Key, Any] = field(default_factory=dict)  # set only where missing
+    members: dict[Key, list[str]] = field(default_factory=dict)  # appended where missing
     http_port: int = 0
     socks_port: int = 0
+    managed: bool = False  # the managed settings file: root's, 0644
+    project: Path | None = None  # claude-code: the folder whose scopes are judged
+    home: Path = field(default_factory=Path.home)
+    secret: fence.Private | None = None
+
+    @property
+    def command(self) -> str:
+        """The setup command that writes this target, as the user would type it."""
+        words = ["claude-proxy", "setup", self.name]
+        if self.managed:
+            words = ["sudo", *words, "--managed"]
+        elif self.project is not None and self.name == "claude-code":
+            words += ["--project", str(self.project)]
+        return " ".join(words)
 
 
-def claude_code(*, home: Path, project: Path | None, http_port: int, socks_port: int) -> Target:
+def private_files(home: Path) -> fence.Private:
+    """claude-proxy's files: this environment's, and the installed agent's config folder too."""
+    from claude_proxy import agent
+
+    config_dirs = [paths.config_dir()]
+    try:
+        installed = agent.installed_plist(home).config_dir
+    except (OSError, ValueError):
+        installed = None
+    if installed is not None and installed != config_dirs[0]:
+        config_dirs.append(installed)
+    found = [
+        fence.private(config_dir=c, state_dir=paths.state_dir(), log_dir=paths.log_dir())
+        for c in config_dirs
+    ]
+    return fence.Private(
+        tuple(dict.fromkeys(p for f in found for p in f.secret_files)),
+        found[0].secret_folders,
+        fence.outermost([p for f in found for p in f.guarded_folders]),
+    )
+
+
+def claude_code(
+    *,
+    home: Path,
+    project: Path | None,
+    http_port: int,
+    socks_port: int,
+    managed: bool = False,
+) -> Target:
     if project is not None and not project.is_dir():
         raise ProxyError(f"--project {project} is not a folder", ExitCode.USAGE)
-    base = home if project is None else project.absolute()
-    wanted: dict[Key, Any] = {
-        ("sandbox", "enabled"): True,
-        ("sandbox", "network", "httpProxyPort"): http_port,
-        ("sandbox", "network", "socksProxyPort"): socks_port,
-    }
+    if managed and project is not None:
+        raise ProxyError("--managed applies to every project: leave out --project", ExitCode.USAGE)
+    secret = private_files(home)
+    try:
+        rules = fence.claude_code(
+            secret, home=home, http_port=http_port, socks_port=socks_port, managed=managed
+        )
+    except fence.FenceError as e:
+        raise ProxyError(f"{e}; {NOTHING_WRITTEN}", ExitCode.USAGE) from None
+    if managed:
+        where = fence.managed_path()
+        if where is None:
+            raise ProxyError(f"no managed settings file on {sys.platform}", ExitCode.USAGE)
+    else:
+        where = (home if project is None else project.absolute()) / ".claude" / "settings.json"
     return Target(
-        "claude-code", base / ".claude" / "settings.json", wanted, {}, http_port, socks_port
+        "claude-code",
+        where,
+        rules.wanted,
+        members=rules.members,
+        http_port=http_port,
+        socks_port=socks_port,
+        managed=managed,
+        project=project.absolute() if project is not None else None,
+        home=home,
+        secret=secret,
     )
 
 
@@ -62,19 +127,44 @@ def srt(*, home: Path, http_port: int, socks_port: int) -> Target:
         ("filesystem", "allowWrite"): [],
         ("filesystem", "denyWrite"): [],
     }
-    return Target("srt", home / ".srt-settings.json", wanted, required, http_port, socks_port)
+    secret = private_files(home)
+    return Target(
+        "srt",
+        home / ".srt-settings.json",
+        wanted,
+        required,
+        fence.srt(secret),
+        http_port,
+        socks_port,
+        home=home,
+        secret=secret,
+    )
 
 
 def apply(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
+    if target.managed:
+        managed_preconditions(target.path)
     real = Path(os.path.realpath(target.path))  # a linked settings file stays linked
     before, document = read(target.path, real)
+    scopes = other_scopes(target)  # every file Claude Code also reads must parse, first
+    openings = fence.openings_in(document) if target.name == "claude-code" else []
     try:
         after, changes, created = settings.merge(
-            document, wanted=target.wanted, defaults=target.defaults
+            document,
+            wanted=target.wanted,
+            defaults=target.defaults,
+            members=target.members,
+            remove=[o.key for o in openings] if yes else [],
         )
     except settings.SettingsError as e:
         message = f"{target.path}: {e}; fix it by hand: {NOTHING_WRITTEN}"
         raise ProxyError(message, ExitCode.USAGE) from None
+    if openings:
+        say(f"{target.path} holds settings that open the fence:")
+        for opening in openings:
+            say(f"  {settings.dotted(opening.key)}: {opening.opens}")
+        if not yes:
+            say("  (setup removes them only with --yes; or remove them by hand)")
     if not changes:
         say(f"{target.path} already has these settings: nothing to change")
     else:
@@ -83,7 +173,7 @@ def apply(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None
         if dry_run:
             say(f"dry run: {NOTHING_WRITTEN}")
             return ExitCode.OK
-        if not write(target.path, real, before, text, yes=yes, say=say):
+        if not write(target, real, before, text, yes=yes, say=say):
             return ExitCode.FAILURE
         records = load_records()
         key = str(target.path.absolute())
@@ -91,13 +181,75 @@ def apply(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None
             records.get(key), target, before is None, changes, created, document
         )
         save_records(records, target.path)
-    if not dry_run:
-        say("")
-        say("What remains yours to do:")
-        found = readiness.steps(target.name, target.http_port, target.socks_port)
-        for line in readiness.report(target.name, found):
-            say(line)
+    if dry_run:
+        return ExitCode.OK
+    if target.name == "claude-code":
+        judge(target, scopes, after, say)
+    say("")
+    say("What remains yours to do:")
+    found = readiness.steps(target.name, target.http_port, target.socks_port)
+    for line in readiness.report(target.name, found):
+        say(line)
     return ExitCode.OK
+
+
+def other_scopes(target: Target) -> list[fence.Scope]:
+    """Every settings file Claude Code reads for the target's folder (the target's own included,
+    as it is now); an unparsable one stops setup before anything is written."""
+    if target.name != "claude-code":
+        return []
+    project = target.project or Path.cwd()
+    scopes = []
+    for name, path in fence.scope_paths(target.home, project):
+        _, document = read(path, Path(os.path.realpath(path)))
+        scopes.append(fence.Scope(name, path, document))
+    return scopes
+
+
+def judge(
+    target: Target, scopes: list[fence.Scope], written: Document, say: Callable[[str], None]
+) -> None:
+    """Say what still opens the fence, in any scope, once the target holds `written`."""
+    assert target.secret is not None
+    mine = target.path.absolute()
+    scopes = [
+        fence.Scope(s.name, s.path, written) if s.path.absolute() == mine else s for s in scopes
+    ]
+    review = fence.review(
+        scopes,
+        secret=target.secret,
+        home=target.home,
+        http_port=target.http_port,
+        socks_port=target.socks_port,
+        setup_command=target.command,
+    )
+    failing = [c for c in review.checks if not c.ok]
+    if failing:
+        say("")
+        say(f"Still open (what Claude Code will apply in {target.project or Path.cwd()}):")
+        for check in failing:
+            say(f"FAIL {check.what}: {check.detail}")
+            if check.fix:
+                say(f"     fix: {check.fix}")
+    if not target.managed:
+        say("")
+        say(
+            "User and project settings cannot lock the sandbox: a project's own "
+            ".claude/settings.local.json outranks them. `sudo claude-proxy setup claude-code "
+            "--managed` writes the settings that nothing outranks."
+        )
+
+
+def managed_preconditions(path: Path) -> None:
+    """Only root writes the managed file, and only where nobody else could rewrite it."""
+    if os.geteuid() != 0:
+        raise ProxyError(
+            f"--managed writes {path}, which only root may change: run it with sudo; "
+            f"{NOTHING_WRITTEN}",
+            ExitCode.USAGE,
+        )
+    if (check := fence.managed_owner(path)) is not None:
+        raise ProxyError(f"{check.detail}; fix: {check.fix}; {NOTHING_WRITTEN}")
 
 
 def undo(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
@@ -107,8 +259,10 @@ def undo(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None]
     if record is None:
         say(f"nothing to undo: setup has not changed {target.path} (no record in {record_file()})")
         return ExitCode.OK
+    if target.managed:
+        managed_preconditions(target.path)
     try:
-        changes = [Change.from_json(c) for c in record["changes"]]
+        changes = [settings.edit_from_json(c) for c in record["changes"]]
         created: list[Key] = [tuple(k) for k in record["created"]]
     except (KeyError, TypeError, ValueError) as e:
         damaged = f"setup's record for {target.path} in {record_file()} is damaged ({e})"
@@ -130,7 +284,7 @@ def undo(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None]
     if dry_run:
         say(f"dry run: {NOTHING_WRITTEN}")
         return ExitCode.OK
-    if not write(target.path, real, before, text, yes=yes, say=say):
+    if not write(target, real, before, text, yes=yes, say=say):
         return ExitCode.FAILURE
     del records[key]
     save_records(records, target.path)
@@ -140,9 +294,24 @@ def undo(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None]
 def read(shown: Path, real: Path) -> tuple[str | None, Document]:
     """The file's text (None if it does not exist) and its document; refuses what it cannot use."""
     try:
-        raw = real.read_bytes()
+        info = real.stat()
     except FileNotFoundError:
+        if os.path.islink(shown):
+            raise ProxyError(
+                f"{shown} is a link to {real}, which does not exist: make the link's target, or "
+                f"remove the link; {NOTHING_WRITTEN}",
+                ExitCode.USAGE,
+            ) from None
         return None, {}
+    except OSError as e:
+        raise ProxyError(f"cannot read {shown}: {e.strerror}") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise ProxyError(
+            f"{shown} is not a regular file: a settings file must be one; {NOTHING_WRITTEN}",
+            ExitCode.USAGE,
+        )
+    try:
+        raw = real.read_bytes()
     except OSError as e:
         raise ProxyError(f"cannot read {shown}: {e.strerror}") from e
     try:
@@ -176,7 +345,7 @@ def diff(shown: Path, before: str | None, after: str | None) -> str:
 
 
 def write(
-    shown: Path,
+    target: Target,
     real: Path,
     before: str | None,
     text: str | None,
@@ -185,6 +354,7 @@ def write(
     say: Callable[[str], None],
 ) -> bool:
     """Ask, back up and write `text` (None: remove the file). False if the user said no."""
+    shown = target.path
     if before is not None and read_only(real):
         raise ProxyError(
             f"{shown} is read-only (mode {files.mode_of(real):04o}): {NOTHING_WRITTEN}; "
@@ -196,14 +366,18 @@ def write(
     try:
         if before is None:
             made = not real.parent.exists()
-            real.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder_mode = 0o755 if target.managed else 0o700  # Claude Code must read managed
+            real.parent.mkdir(mode=folder_mode, parents=True, exist_ok=True)
             if made:
-                real.parent.chmod(0o700)  # whatever the umask
+                real.parent.chmod(folder_mode)  # whatever the umask
         else:
             say(f"backup: {files.backup(real)}")
         if text is None:
             real.unlink()
             say(f"removed {shown} (setup had created it)")
+        elif target.managed:
+            files.write_atomically(real, text.encode(), 0o644, owner=(0, 0))
+            say(f"wrote {shown}")
         else:
             mode = 0o600 if before is None else files.mode_of(real)
             files.write_atomically(real, text.encode(), mode)
@@ -256,9 +430,13 @@ def load_records() -> dict[str, Any]:
 def save_records(records: dict[str, Any], shown: Path) -> None:
     path = record_file()
     try:
+        made = not path.parent.exists()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = json.dumps({"files": records}, indent=2) + "\n"
-        files.write_atomically(path, data.encode(), 0o600)
+        owner = sudo_user()  # root writing for the user who ran sudo: the file stays theirs
+        if made and owner is not None:
+            os.chown(path.parent, *owner)
+        files.write_atomically(path, data.encode(), 0o600, owner=owner)
     except OSError as e:
         raise ProxyError(
             f"{shown} was changed, but the record of it could not be written to {path} "
@@ -270,19 +448,76 @@ def merged_record(
     earlier: dict[str, Any] | None,
     target: Target,
     created_file: bool,
-    changes: list[Change],
+    changes: list[Edit],
     created: list[Key],
     document: Document,
 ) -> dict[str, Any]:
     """What undo needs to restore the file as it was before the first setup run."""
     if earlier is not None:
-        old = [Change.from_json(c) for c in earlier["changes"]]
+        old = [settings.edit_from_json(c) for c in earlier["changes"]]
         changes = settings.combine(old, changes, document)
         created = [*(tuple(k) for k in earlier["created"]), *created]
         created_file = created_file or bool(earlier.get("created_file"))
     return {
         "target": target.name,
+        "managed": target.managed,
         "created_file": created_file,
         "created": [list(k) for k in dict.fromkeys(created)],
         "changes": [c.to_json() for c in changes],
     }
+
+
+def user_home() -> Path:
+    """Whose claude-proxy the managed settings guard: under sudo, the user who ran it.
+
+    sudo may set HOME to root's (Debian does; macOS keeps the user's): the rules must name the
+    user's folders, and setup's record belongs in the user's state folder.
+    """
+    owner = sudo_user()
+    if owner is None:
+        return Path.home()
+    import pwd
+
+    home = pwd.getpwuid(owner[0]).pw_dir
+    os.environ["HOME"] = home  # platformdirs then finds the user's folders
+    return Path(home)
+
+
+def undo_all(*, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
+    """Undo every file setup's record names; the managed one needs root, and says so."""
+    records = load_records()
+    if not records:
+        say(f"nothing to undo: setup has changed no file (no record in {record_file()})")
+        return ExitCode.OK
+    status = ExitCode.OK
+    for name, record in sorted(records.items()):
+        path = Path(name)
+        managed = bool(record.get("managed")) if isinstance(record, dict) else False
+        if managed and os.geteuid() != 0:
+            say(f"{path}: run `sudo claude-proxy setup claude-code --managed --undo` (root's file)")
+            status = ExitCode.FAILURE
+            continue
+        kind = record.get("target", "claude-code") if isinstance(record, dict) else "claude-code"
+        target = Target(str(kind), path, {}, managed=managed)
+        try:
+            if undo(target, dry_run=dry_run, yes=yes, say=say) != ExitCode.OK:
+                status = ExitCode.FAILURE
+        except ProxyError as e:
+            say(f"{path}: {e}")
+            status = ExitCode.FAILURE
+    return status
+
+
+def sudo_user() -> tuple[int, int] | None:
+    """The uid and gid of the user who ran `sudo` (None when not root under sudo)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid, gid = int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"])
+    except (KeyError, ValueError):
+        return None
+    return (uid, gid) if uid != 0 else None
+
+
+def missing_sandbox_tools() -> list[tuple[str, str]]:
+    return fence.missing_tools(shutil.which)
