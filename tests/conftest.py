@@ -19,6 +19,7 @@ from typing import ClassVar
 import pytest
 import trustme
 
+from tests.mountns import MountNamespace
 from tests.upstream import Upstream
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -256,3 +257,13 @@ def open_tunnel(
 
 def signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+@pytest.fixture
+def managed_etc(tmp_path: Path) -> Iterator[MountNamespace]:
+    """A mount namespace with an /etc of its own: the managed settings file at its real path."""
+    for program in ("unshare", "nsenter"):
+        if shutil.which(program) is None:
+            pytest.skip(f"{program} (util-linux) is needed; .ci/run installs it")
+    with MountNamespace(tmp_path / "etc") as namespace:
+        yield namespace

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.claude_code import Call, MountNamespace, ScriptedModel, Session, run_claude
+from tests.claude_code import Call, ScriptedModel, Session, run_claude
 from tests.conftest import EXECUTABLE, ProxyProcess, start_proxy
+from tests.mountns import MountNamespace
 from tests.programs import sandbox_program
 from tests.upstream import Upstream
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import EXECUTABLE
+from tests.mountns import MountNamespace
 
 OTHER_KEYS: dict[str, Any] = {
     "model": "opus",
@@ -82,16 +84,25 @@ SRT_REQUIRED = {
 
 
 def run(
-    home: Path, *args: str, env: dict[str, str] | None = None, stdin: int | None = None
+    home: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: int | None = None,
+    cwd: Path | None = None,
+    namespace: MountNamespace | None = None,
+    prefix: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
+    """The CLI with HOME at `home`, run in `cwd` (default: HOME), whose settings it also reads."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     full_env.update(HOME=str(home), **(env or {}))
+    argv = [*prefix, str(EXECUTABLE), *args]
     return subprocess.run(
-        [str(EXECUTABLE), *args],
+        namespace.command(argv, cwd or home) if namespace else argv,
         env=full_env,
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=cwd or home,
         stdin=subprocess.DEVNULL if stdin is None else stdin,
     )
 
@@ -510,3 +521,190 @@ def test_an_empty_file_is_an_empty_object(home: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(path.read_text())["network"]["httpProxyPort"] == 9051
     assert [b.read_text() for b in backups(path)] == ["\n"]
+
+
+# The managed settings file: root's, outranking every other (in a mount namespace of its own)
+
+MANAGED = Path("/etc/claude-code/managed-settings.json")
+
+
+def managed(home: Path) -> dict[str, Any]:
+    expected = fence(home)
+    expected["allowManagedHooksOnly"] = True
+    expected["sandbox"]["filesystem"] = {
+        "allowManagedReadPathsOnly": True,
+        **expected["sandbox"]["filesystem"],
+    }
+    return expected
+
+
+def in_namespace(namespace: MountNamespace, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        namespace.command(argv, Path("/")), capture_output=True, text=True, timeout=30
+    )
+
+
+def test_managed_needs_root_and_writes_nothing(home: Path) -> None:
+    """In a user namespace of its own the command is not root (uid 65534, as the kernel says)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) runs the command without root")
+    state = tree(home)
+    result = run(home, "setup", "claude-code", "--managed", "--yes", prefix=("unshare", "--user"))
+    assert result.returncode == 2
+    assert one_line(result.stderr) == (
+        f"claude-proxy: --managed writes {MANAGED}, which only root may change: run it "
+        "with sudo; nothing was written"
+    )
+    assert tree(home) == state
+
+
+def test_managed_is_root_owned_merged_and_undone(home: Path, managed_etc: MountNamespace) -> None:
+    original = {"model": "opus", "permissions": {"deny": ["Bash(rm:*)"]}}
+    upper = managed_etc.upper / "claude-code"
+    upper.mkdir(mode=0o755)
+    path = upper / "managed-settings.json"  # /etc/claude-code/managed-settings.json inside
+    before = write_settings(path, original, mode=0o644)
+    dry = run(home, "setup", "claude-code", "--managed", "--dry-run", namespace=managed_etc)
+    assert dry.returncode == 0, dry.stderr
+    assert f"+++ {MANAGED}" in dry.stdout and path.read_bytes() == before
+    result = run(home, "setup", "claude-code", "--managed", "--yes", namespace=managed_etc)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(path.read_text())
+    expected = managed(home)
+    deny = ["Bash(rm:*)", *expected["permissions"]["deny"]]
+    assert written == {**expected, "model": "opus", "permissions": {"deny": deny}}
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o644)
+    assert [b.read_bytes() for b in backups(path)] == [before]
+    assert "cannot lock the sandbox" not in result.stdout  # that is the user scope's warning
+    undone = run(
+        home, "setup", "claude-code", "--managed", "--undo", "--yes", namespace=managed_etc
+    )
+    assert undone.returncode == 0, undone.stderr
+    assert json.loads(path.read_text()) == original
+
+
+def test_managed_folder_and_file_are_made_for_claude_code_to_read(
+    home: Path, managed_etc: MountNamespace
+) -> None:
+    result = run(home, "setup", "claude-code", "--managed", "--yes", namespace=managed_etc)
+    assert result.returncode == 0, result.stderr
+    shown = in_namespace(managed_etc, "stat", "-c", "%a %u %n", str(MANAGED.parent), str(MANAGED))
+    assert shown.stdout.splitlines() == [f"755 0 {MANAGED.parent}", f"644 0 {MANAGED}"]
+    undone = run(
+        home, "setup", "claude-code", "--managed", "--undo", "--yes", namespace=managed_etc
+    )
+    assert undone.returncode == 0, undone.stderr
+    assert in_namespace(managed_etc, "test", "-e", str(MANAGED)).returncode == 1
+    assert not MANAGED.exists()  # this machine's own /etc never saw it
+
+
+@pytest.mark.parametrize(
+    ("owner", "mode", "said"),
+    [
+        (65534, 0o644, "is owned by uid 65534, mode 0644"),
+        (0, 0o664, "is owned by uid 0, mode 0664"),
+        (0, 0o444, "is read-only (mode 0444)"),
+    ],
+    ids=["another-owner", "group-writable", "read-only"],
+)
+def test_managed_refuses_a_file_others_could_change(
+    home: Path, managed_etc: MountNamespace, owner: int, mode: int, said: str
+) -> None:
+    upper = managed_etc.upper / "claude-code"
+    upper.mkdir(mode=0o755)
+    path = upper / "managed-settings.json"
+    before = write_settings(path, {"model": "opus"}, mode=mode)
+    os.chown(path, owner, owner)
+    result = run(home, "setup", "claude-code", "--managed", "--yes", namespace=managed_etc)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert f"{MANAGED} {said}" in line and "nothing was written" in line
+    assert path.read_bytes() == before and backups(path) == []
+
+
+def test_managed_and_project_are_one_or_the_other(home: Path) -> None:
+    result = run(home, "setup", "claude-code", "--managed", "--project", str(home))
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr
+
+
+# What Claude Code reads besides the file setup writes
+
+
+def test_an_unparsable_file_in_another_scope_stops_setup(home: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    local = project / ".claude" / "settings.local.json"
+    local.parent.mkdir(parents=True)
+    local.write_text('{"sandbox": {"enabled": false,}}\n')
+    state = tree(home)
+    result = run(home, "setup", "claude-code", "--yes", cwd=project)
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert f"cannot parse {local}:1:30:" in line and "nothing was written" in line
+    assert tree(home) == state
+
+
+def test_openings_in_other_scopes_are_named_with_their_file(home: Path, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    local = project / ".claude" / "settings.local.json"
+    shared = project / ".claude" / "settings.json"
+    before = write_settings(local, {"sandbox": {"enableWeakerNetworkIsolation": True}})
+    write_settings(shared, {"sandbox": {"excludedCommands": ["docker *"]}})
+    result = run(home, "setup", "claude-code", "--yes", cwd=project)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        f'FAIL sandbox.excludedCommands: ["docker *"] ({shared}): the commands it names run '
+        "outside the sandbox"
+    ) in lines
+    assert (
+        f"FAIL sandbox.enableWeakerNetworkIsolation: true (local: {local}): trustd becomes a way "
+        "out of the sandbox (macOS)"
+    ) in lines
+    assert f"     fix: remove sandbox.excludedCommands from {shared}" in lines
+    assert local.read_bytes() == before  # named, never changed: it is not the file setup writes
+
+
+def test_missing_sandbox_programs_are_named_with_their_package(home: Path, tmp_path: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bubblewrap and socat are what the sandbox needs on Linux")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    result = run(home, "setup", "claude-code", "--yes", env={"PATH": str(bin_dir)})
+    assert result.returncode == 0, result.stderr
+    assert (
+        "TODO sandbox: bwrap and socat not found: the sandbox cannot start, and with "
+        "failIfUnavailable Claude Code refuses to run commands; install the package bubblewrap "
+        "socat (apt-get install bubblewrap socat, dnf install bubblewrap socat)"
+    ) in result.stdout.splitlines()
+
+
+def test_a_dangling_link_is_refused(home: Path, tmp_path: Path) -> None:
+    path = settings_file(home)
+    path.parent.mkdir()
+    path.symlink_to(tmp_path / "gone" / "settings.json")
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 2
+    assert "is a link to" in one_line(result.stderr) and "which does not exist" in result.stderr
+    assert not (tmp_path / "gone").exists()  # no folder made for it
+
+
+def test_a_file_that_is_not_regular_is_refused_without_waiting(home: Path) -> None:
+    path = settings_file(home)
+    path.parent.mkdir()
+    os.mkfifo(path)  # reading it would wait for a writer forever
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 2
+    assert f"{path} is not a regular file" in one_line(result.stderr)
+
+
+def test_a_folder_no_rule_can_name_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home[1]"
+    home.mkdir()
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert "holds [ ], which Claude Code's path rules read as a pattern" in line
+    assert not settings_file(home).exists()

@@ -8,12 +8,13 @@ through claude-proxy's checks. Proof: what the local upstream received.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyFactory, ProxyProcess
+from tests.conftest import EXECUTABLE, ProxyFactory, ProxyProcess
 from tests.programs import sandbox_program
 from tests.upstream import Upstream
 
@@ -121,3 +122,65 @@ def test_nothing_goes_around_the_proxy(
     assert result.returncode != 0, result.stdout
     upstream.wait_idle()
     assert upstream.seen.connections == 0
+
+
+SECRETS_SCRIPT = """
+conf="$HOME/.config/claude-proxy"; state="$HOME/.local/state/claude-proxy"
+for f in "$conf/mitmproxy-ca.pem" "$conf/mitmproxy-ca.p12" "$conf/config.toml" \\
+    "$state/fingerprint.key"; do
+  cat "$f" >/dev/null 2>&1 && echo "read $(basename "$f")"
+done
+echo "# appended" >> "$conf/config.toml" 2>/dev/null && echo "wrote config.toml"
+cat "$conf/mitmproxy-ca-cert.pem" >/dev/null && echo "read the certificate"
+"""
+
+
+@pytest.mark.parametrize("fenced_settings", [False, True], ids=["lists-empty", "setup-srt"])
+def test_setup_srt_keeps_the_proxys_secrets_out_of_reach(
+    srt: Path, fenced: ProxyProcess, tmp_path: Path, fenced_settings: bool
+) -> None:
+    """What `setup srt` writes denies reading the CA's key, the policy and the state folder, and
+    writing the policy even where the user allows writing; the certificate stays readable. With
+    empty lists, all of it is open."""
+    home = fenced.home
+    settings = home / ".srt-settings.json"
+    config = home / ".config" / "claude-proxy" / "config.toml"
+    before = config.read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(home)
+    ports = ["--port", str(fenced.port), "--socks-port", str(fenced.socks_port)]
+    setup = subprocess.run(
+        [str(EXECUTABLE), "setup", "srt", "--yes", *ports], env=env, capture_output=True, text=True
+    )
+    assert setup.returncode == 0, setup.stderr
+    written = json.loads(settings.read_text())
+    written["filesystem"]["allowWrite"] = [str(home)]  # the user lets commands write at home
+    if not fenced_settings:
+        written["filesystem"].update(denyRead=[], denyWrite=[])
+    settings.write_text(json.dumps(written))
+    try:
+        result = subprocess.run(
+            [str(srt), "-c", SECRETS_SCRIPT],
+            env=env,
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        said = result.stdout.splitlines()
+        if fenced_settings:
+            assert said == ["read the certificate"], result.stderr
+            assert config.read_bytes() == before
+        else:
+            assert said == [
+                "read mitmproxy-ca.pem",
+                "read mitmproxy-ca.p12",
+                "read config.toml",
+                "read fingerprint.key",
+                "wrote config.toml",
+                "read the certificate",
+            ], result.stderr
+    finally:
+        config.write_bytes(before)
+        settings.unlink()

@@ -7,6 +7,7 @@ against our CA; anything else on the port (an imitator, another CA, a silent lis
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -14,14 +15,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from claude_proxy import agent, probes
-from tests.conftest import read_head, start_proxy
+from tests.conftest import EXECUTABLE, read_head, start_proxy
 from tests.macos import Mac
+from tests.mountns import MountNamespace
 from tests.test_agent import free_port, sha1
 from tests.test_service import run_cli
 from tests.upstream import Upstream
@@ -204,3 +208,199 @@ def test_commands_that_run_no_proxy_do_not_import_mitmproxy(home: Path, args: li
     result = subprocess.run([sys.executable, "-c", code, *args], env={**env, "HOME": str(home)},
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.stdout.splitlines()[-1] == "[]", result.stderr
+
+
+# Claude Code's settings: what it will apply in a folder, scope by scope
+
+
+@dataclass
+class Scopes:
+    home: Path
+    project: Path
+    port: int
+
+    def file(self, scope: str) -> Path:
+        return {
+            "user": self.home / ".claude" / "settings.json",
+            "project": self.project / ".claude" / "settings.json",
+            "local": self.project / ".claude" / "settings.local.json",
+        }[scope]
+
+    def add(self, scope: str, document: dict[str, Any]) -> None:
+        path = self.file(scope)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        current = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps(merge(current, document)))
+
+    def status(self, namespace: MountNamespace | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+        argv = [str(EXECUTABLE), "status", "--port", str(self.port), "--socks-port",
+                str(self.port), "--project", str(self.project)]  # fmt: skip
+        return subprocess.run(
+            namespace.command(argv, self.project) if namespace else argv,
+            env={**env, "HOME": str(self.home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def setup(self, *args: str, namespace: MountNamespace | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+        argv = [str(EXECUTABLE), "setup", "claude-code", "--yes", "--port", str(self.port),
+                "--socks-port", str(self.port), *args]  # fmt: skip
+        result = subprocess.run(
+            namespace.command(argv, self.project) if namespace else argv,
+            env={**env, "HOME": str(self.home)},
+            cwd=self.project,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def merge(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    out = dict(into)
+    for key, value in more.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else value
+    return out
+
+
+@pytest.fixture
+def scopes(home: Path, tmp_path: Path) -> Scopes:
+    project = tmp_path / "project"
+    project.mkdir()
+    return Scopes(home, project, free_port())
+
+
+def claude_code_rows(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [
+        line
+        for line in result.stdout.splitlines()
+        if line[5:].startswith("claude-code ") or line.startswith("     fix")
+    ]
+
+
+def test_a_clean_setup_passes_every_claude_code_row(scopes: Scopes) -> None:
+    before = scopes.status()
+    assert lines(before, "FAIL claude-code sandbox.enabled: not set: claude-proxy needs true")
+    scopes.setup()
+    result = scopes.status()
+    rows = [r for r in claude_code_rows(result) if not r.startswith("     fix")]
+    assert len(rows) >= 7 and [r for r in rows if not r.startswith("ok   ")] == [], rows
+    assert lines(result, "ok   claude-code private files: the agent can neither read nor change")
+    user = scopes.file("user")
+    assert lines(result, f"ok   claude-code sandbox.allowUnsandboxedCommands: false (user: {user})")
+
+
+WEAK: dict[str, Any] = {
+    "sandbox": {
+        "excludedCommands": ["docker *"],
+        "enableWeakerNetworkIsolation": True,
+        "enableWeakerNestedSandbox": True,
+        "allowNestedUserNamespaces": True,
+        "allowAppleEvents": True,
+        "filesystem": {"disabled": True},
+        "network": {
+            "allowUnixSockets": ["/var/run/docker.sock"],
+            "allowAllUnixSockets": True,
+            "allowMachLookup": ["com.example.*"],
+        },
+    }
+}
+
+
+@pytest.mark.parametrize("scope", ["user", "project", "local"])
+def test_every_opening_is_named_with_its_file(scopes: Scopes, scope: str) -> None:
+    scopes.setup()
+    scopes.add(scope, WEAK)
+    result = scopes.status()
+    assert result.returncode == 1
+    path = scopes.file(scope)
+    named = {key: bool(lines(result, f"FAIL claude-code {key}: ")) for key in OPENING_KEYS}
+    assert named == dict.fromkeys(OPENING_KEYS, True)
+    for key in OPENING_KEYS:
+        [line] = lines(result, f"FAIL claude-code {key}: ")
+        assert str(path) in line
+
+
+OPENING_KEYS = [
+    "sandbox.excludedCommands",
+    "sandbox.enableWeakerNetworkIsolation",
+    "sandbox.enableWeakerNestedSandbox",
+    "sandbox.allowNestedUserNamespaces",
+    "sandbox.allowAppleEvents",
+    "sandbox.filesystem.disabled",
+    "sandbox.network.allowUnixSockets",
+    "sandbox.network.allowAllUnixSockets",
+    "sandbox.network.allowMachLookup",
+]
+
+
+@pytest.mark.parametrize(
+    ("document", "row"),
+    [
+        ({"sandbox": {"enabled": False}}, "sandbox.enabled: false (local: {path})"),
+        (
+            {"sandbox": {"allowUnsandboxedCommands": True}},
+            "sandbox.allowUnsandboxedCommands: true (local: {path}): claude-proxy needs false",
+        ),
+        (
+            {"sandbox": {"network": {"httpProxyPort": 3128}}},
+            "sandbox.network.httpProxyPort: 3128 (local: {path})",
+        ),
+        (
+            {"sandbox": {"filesystem": {"allowRead": ["~/.local/state/claude-proxy"]}}},
+            'sandbox.filesystem.allowRead: "~/.local/state/claude-proxy" (local: {path}): '
+            "sandboxed commands can read claude-proxy's private files",
+        ),
+    ],
+    ids=["sandbox-off", "unsandboxed-allowed", "another-proxy", "reads-reopened"],
+)
+def test_a_project_file_that_outranks_the_user_fails_status(
+    scopes: Scopes, document: dict[str, Any], row: str
+) -> None:
+    scopes.setup()
+    scopes.add("local", document)
+    result = scopes.status()
+    path = scopes.file("local")
+    assert len(lines(result, "FAIL claude-code " + row.format(path=path))) == 1
+    fix = lines(result, "     fix: ")
+    assert any("claude-proxy setup claude-code --managed" in f or str(path) in f for f in fix)
+
+
+def test_missing_deny_rules_fail_status(scopes: Scopes) -> None:
+    scopes.setup()
+    user = json.loads(scopes.file("user").read_text())
+    del user["permissions"]
+    scopes.file("user").write_text(json.dumps(user))
+    result = scopes.status()
+    [line] = lines(result, "FAIL claude-code private files: missing permissions.deny Read(")
+    assert "the agent's tools can reach claude-proxy's key, policy or state" in line
+
+
+def test_an_unparsable_settings_file_fails_status_with_its_place(scopes: Scopes) -> None:
+    path = scopes.file("project")
+    path.parent.mkdir()
+    path.write_text('{"sandbox": }')
+    result = scopes.status()
+    assert lines(result, f"FAIL Claude Code settings: cannot parse {path}:1:13:")
+
+
+def test_managed_settings_outrank_the_project_in_status(
+    scopes: Scopes, managed_etc: MountNamespace
+) -> None:
+    scopes.add("local", {"sandbox": {"enabled": False, "allowUnsandboxedCommands": True}})
+    scopes.setup("--managed", namespace=managed_etc)
+    result = scopes.status(managed_etc)
+    managed = "/etc/claude-code/managed-settings.json"
+    assert lines(result, f"ok   claude-code sandbox.enabled: true (managed: {managed})")
+    assert lines(result, "ok   claude-code hooks: only the managed settings' hooks run")
+    assert lines(result, "ok   claude-code sandbox.allowUnsandboxedCommands: false (managed: ")
+    assert not lines(result, "FAIL claude-code")
+    os.chown(managed_etc.upper / "claude-code" / "managed-settings.json", 65534, 65534)
+    result = scopes.status(managed_etc)
+    [line] = lines(result, "FAIL claude-code managed settings: ")
+    assert f"{managed} is owned by uid 65534" in line

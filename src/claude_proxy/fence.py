@@ -330,7 +330,7 @@ def review(
         found = effective(scopes, key)
         good = found.value is not ABSENT and type(found.value) is type(value)
         good = good and found.value == value
-        detail = f"{show(found.value)} ({found.where})"
+        detail = "not set" if found.scope is None else f"{show(found.value)} ({found.where})"
         if not good:
             detail += f": claude-proxy needs {show(value)}; {WHY[key]}"
         fix = "" if good else _fix(found, key, setup_command)
@@ -406,7 +406,11 @@ def _hooks(scopes: list[Scope]) -> Check:
     only_managed = effective([s for s in scopes if s.name == "managed"], ("allowManagedHooksOnly",))
     if only_managed.value is True:
         return Check(True, "hooks", "only the managed settings' hooks run")
-    places = [str(s.path) for s in scopes if s.name != "managed" and lookup(s.document, ("hooks",))]
+    places = [
+        str(s.path)
+        for s in scopes
+        if s.name != "managed" and lookup(s.document, ("hooks",)) not in (ABSENT, {}, None)
+    ]
     told = f"hooks in {', '.join(places)} run" if places else "hooks named in settings would run"
     return Check(
         True,

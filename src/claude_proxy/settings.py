@@ -67,9 +67,10 @@ Edit = Change | Added
 
 
 def edit_from_json(data: Mapping[str, Any]) -> Edit:
-    key = tuple(data["key"])
-    if not key or not all(isinstance(name, str) for name in key):
-        raise ValueError(f"not a key: {data['key']!r}")
+    raw = data["key"]
+    if not isinstance(raw, list) or not raw or not all(isinstance(name, str) for name in raw):
+        raise ValueError(f"not a key: {raw!r}")
+    key = tuple(raw)
     if "added" in data:
         return Added(key, tuple(data["added"]))
     return Change(key, data.get("written", ABSENT), data.get("previous", ABSENT))
