@@ -4,7 +4,9 @@
 
 # Set by load_paths from `claude-proxy paths`; declared here so that a typo is an empty value.
 # shellcheck disable=SC2034 # used by the scripts that source this file
-LABEL="" PLIST="" CONFIG_DIR="" CA_CERT="" CA_KEY="" LOG_DIR="" LOG_FILE="" KEYCHAIN=""
+LABEL="" PLIST="" CONFIG_DIR="" CONFIG_FILE="" CA_CERT="" CA_KEY="" LOG_DIR="" LOG_FILE=""
+# shellcheck disable=SC2034
+KEYCHAIN=""
 # shellcheck disable=SC2034
 PORT="" SOCKS_PORT=""
 DRY_RUN=0
@@ -38,18 +40,23 @@ valid_port() {
   [ "${#1}" -le 5 ] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ]
 }
 
-# Ask claude-proxy for LABEL, PLIST, CONFIG_DIR, CA_CERT, CA_KEY, LOG_DIR, LOG_FILE, KEYCHAIN,
+# Ask claude-proxy for LABEL, PLIST, CONFIG_DIR, CONFIG_FILE, CA_CERT, CA_KEY, LOG_DIR, LOG_FILE, KEYCHAIN,
 # PORT and SOCKS_PORT (shell-quoted assignments). The installed tool answers; without one (a dry
 # run before the first install, an uninstall after a partial one) uv runs the checkout's.
 load_paths() {
   local assignments
-  if [ -x "${EXE}" ]; then
-    assignments=$("${EXE}" paths "$@") || return 1
-  elif command -v uv >/dev/null 2>&1; then
-    assignments=$(direct uv -q tool run --from "${REPO}" claude-proxy paths "$@") || return 1
-  else
-    return 1
-  fi
+  assignments=$(claude_proxy paths "$@") || return 1
   eval "${assignments}"
   [ -n "${LABEL}" ] && [ -n "${PLIST}" ] && [ -n "${CONFIG_DIR}" ]
+}
+
+# Run claude-proxy: the installed tool, else (none installed yet, or no more) the checkout's via uv.
+claude_proxy() {
+  if [ -x "${EXE}" ]; then
+    "${EXE}" "$@"
+  elif command -v uv >/dev/null 2>&1; then
+    direct uv -q tool run --from "${REPO}" claude-proxy "$@"
+  else
+    return 127
+  fi
 }

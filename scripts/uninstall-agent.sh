@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Undo scripts/install-agent.sh: stop and remove the launchd agent, remove the CA's trust and the
-# certificate (by SHA-1 only: every mitmproxy CA is named "mitmproxy"), uninstall the tool. Keeps
-# the CA and the logs unless --purge. Carries on past a failing step and reports each one.
-# bash 3.2 (macOS's own).
+# Undo scripts/install-agent.sh: stop and remove the launchd agent, take back the Claude Code and srt
+# settings `claude-proxy setup` wrote (they point at ports nothing will listen on), remove the CA's
+# trust and the certificate (by SHA-1 only: every mitmproxy CA is named "mitmproxy"), uninstall the
+# tool. Keeps the CA and the logs unless --purge, and config.toml unless --purge-config. Carries on
+# past a failing step and reports each one. bash 3.2 (macOS's own).
 set -u
 
 HERE=$(cd "$(dirname "$0")" && pwd) || exit 1
@@ -10,8 +11,10 @@ HERE=$(cd "$(dirname "$0")" && pwd) || exit 1
 . "${HERE}/lib.sh"
 
 PURGE=0
+PURGE_CONFIG=0
 FAILURES=0
 TRUST_KEPT=0 # the keychain may still trust the CA: its certificate file is needed to undo that
+TOOL_KEPT=0  # a settings file only root may change still names claude-proxy: the tool undoes it
 
 fail() {
   printf 'claude-proxy: failed: %s\n' "$*" >&2
@@ -20,16 +23,18 @@ fail() {
 
 usage() {
   cat <<EOF
-Usage: scripts/uninstall-agent.sh [--dry-run] [--purge] [-h]
+Usage: scripts/uninstall-agent.sh [--dry-run] [--purge] [--purge-config] [-h]
 
-Stops and removes the launchd agent local.claude-proxy, removes the CA's trust and certificate
-from the login keychain, and uninstalls the claude-proxy tool. Keeps the CA (the installed agent's
-config folder) and ~/Library/Logs/claude-proxy unless --purge. Safe when nothing, or only part,
-is installed.
+Stops and removes the launchd agent local.claude-proxy, takes back what \`claude-proxy setup\`
+wrote into Claude Code's and srt's settings (the managed settings file needs root: it names the
+command), removes the CA's trust and certificate from the login keychain, and uninstalls the
+claude-proxy tool. Keeps the CA (the installed agent's config folder) and
+~/Library/Logs/claude-proxy unless --purge. Safe when nothing, or only part, is installed.
 
-  -n, --dry-run  print every change instead of making it; change nothing
-      --purge    also delete the CA and the logs
-  -h, --help     this help
+  -n, --dry-run       print every change instead of making it; change nothing
+      --purge         also delete the CA and the logs; your policy (config.toml) stays
+      --purge-config  --purge, and delete config.toml too
+  -h, --help          this help
 EOF
 }
 
@@ -38,6 +43,7 @@ parse_args() {
     case "$1" in
       -n | --dry-run) DRY_RUN=1 ;;
       --purge) PURGE=1 ;;
+      --purge-config) PURGE=1 PURGE_CONFIG=1 ;;
       -h | --help)
         usage
         exit 0
@@ -152,12 +158,43 @@ uninstall_tool() {
   fi
 }
 
+# What setup wrote names ports nothing will listen on: take it back while the tool is here.
+undo_settings() {
+  local said code
+  if [ "${DRY_RUN}" -eq 1 ]; then
+    said=$(claude_proxy setup undo-all --dry-run 2>&1)
+  else
+    said=$(claude_proxy setup undo-all --yes 2>&1)
+  fi
+  code=$?
+  [ -n "${said}" ] && printf '%s\n' "${said}" >&2
+  case "${code}" in
+    0) return 0 ;;
+    127) fail "cannot run claude-proxy to take back its settings: run \`claude-proxy setup undo-all\`" ;;
+    *)
+      fail "claude-proxy setup undo-all exited ${code}: see above"
+      TOOL_KEPT=1
+      ;;
+  esac
+}
+
 purge() {
+  local entry
   if [ "${TRUST_KEPT}" -eq 1 ]; then
     warn "kept ${CONFIG_DIR}: the keychain may still trust its CA, and removing that trust needs" \
       "${CA_CERT}; fix the failure above, then run this again"
   elif [ -e "${CONFIG_DIR}" ]; then
-    change rm -rf "${CONFIG_DIR}" || fail "could not remove ${CONFIG_DIR}"
+    for entry in "${CONFIG_DIR}"/* "${CONFIG_DIR}"/.[!.]*; do
+      [ -e "${entry}" ] || continue
+      if [ "${entry}" = "${CONFIG_FILE}" ] && [ "${PURGE_CONFIG}" -eq 0 ]; then
+        say "kept ${CONFIG_FILE} (your policy); --purge-config removes it too"
+        continue
+      fi
+      change rm -rf "${entry}" || fail "could not remove ${entry}"
+    done
+    if [ "${PURGE_CONFIG}" -eq 1 ] || [ ! -e "${CONFIG_FILE}" ]; then
+      change rmdir "${CONFIG_DIR}" || fail "could not remove ${CONFIG_DIR}"
+    fi
   fi
   if [ -e "${LOG_DIR}" ]; then
     change rm -rf "${LOG_DIR}" || fail "could not remove ${LOG_DIR}"
@@ -184,8 +221,11 @@ main() {
 
   stop_agent
   remove_plist
+  undo_settings
   untrust_ca
-  if [ -n "${EXE}" ]; then
+  if [ "${TOOL_KEPT}" -eq 1 ]; then
+    warn "kept the claude-proxy tool: take back the settings named above with it, then run this again"
+  elif [ -n "${EXE}" ]; then
     uninstall_tool
   else
     say "uv is not installed: skipping uv tool uninstall"

@@ -7,6 +7,7 @@ agent from the plist the script rendered, so "serving" means the installed agent
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import plistlib
 import re
@@ -485,7 +486,7 @@ def test_uninstall_finds_the_installed_agents_ca(mac: Mac, tmp_path: Path) -> No
     """Installed with XDG_CONFIG_HOME, uninstalled from a shell without it: the same CA."""
     xdg = tmp_path / "xdg"
     assert mac.run("install-agent.sh", *ports(), XDG_CONFIG_HOME=str(xdg)).returncode == 0
-    result = mac.run("uninstall-agent.sh", "--purge")
+    result = mac.run("uninstall-agent.sh", "--purge-config")
     assert result.returncode == 0, result.stderr
     assert mac.keychain_state() == {"certs": [], "trust": {}}
     assert not (xdg / "claude-proxy").exists()
@@ -551,10 +552,53 @@ def test_uninstall_purge_and_dry_run(mac: Mac) -> None:
     assert tree_hashes(mac.home) == before
     assert not any(c.startswith(("launchctl", "security remove", "security delete"))
                    for c in mac.calls())  # fmt: skip
-    assert f"would run: rm -rf {mac.confdir}" in dry.stderr
+    assert f"would run: rm -rf {mac.confdir / 'mitmproxy-ca.pem'}" in dry.stderr
+    assert f"would run: rmdir {mac.confdir}" in dry.stderr
     result = mac.run("uninstall-agent.sh", "--purge")
     assert result.returncode == 0, result.stderr
     assert not mac.confdir.exists() and not mac.logdir.exists()
+
+
+@pytest.mark.parametrize("flag", ["--purge", "--purge-config"])
+def test_uninstall_purge_keeps_the_policy_unless_asked(mac: Mac, flag: str) -> None:
+    assert run_cli(mac.home, "ca").returncode == 0
+    policy = mac.confdir / "config.toml"
+    policy.write_text('[[allow]]\nhost = "pypi.org"\n')
+    (mac.confdir / ".new-ca").mkdir()  # a CA creation cut short
+    result = mac.run("uninstall-agent.sh", flag)
+    assert result.returncode == 0, result.stderr
+    if flag == "--purge":
+        assert [p.name for p in mac.confdir.iterdir()] == ["config.toml"]
+        assert f"kept {policy} (your policy); --purge-config removes it too" in result.stderr
+    else:
+        assert not mac.confdir.exists()
+
+
+def test_uninstall_takes_back_what_setup_wrote(mac: Mac) -> None:
+    assert mac.run("install-agent.sh", *ports()).returncode == 0
+    user = mac.home / ".claude" / "settings.json"
+    user.parent.mkdir()
+    user.write_text('{"model": "opus"}\n')
+    for target in ("claude-code", "srt"):
+        assert run_cli(mac.home, "setup", target, "--yes").returncode == 0
+    assert "httpProxyPort" in user.read_text()
+    result = mac.run("uninstall-agent.sh")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(user.read_text()) == {"model": "opus"}
+    assert not (mac.home / ".srt-settings.json").exists()
+    assert "removed" in result.stderr and "(setup had created it)" in result.stderr
+    assert not mac.exe.exists()
+
+
+def test_uninstall_keeps_the_tool_when_settings_cannot_be_taken_back(mac: Mac) -> None:
+    assert mac.run("install-agent.sh", *ports()).returncode == 0
+    record = mac.home / ".local" / "state" / "claude-proxy" / "setup-record.json"
+    record.write_text("{damaged")
+    result = mac.run("uninstall-agent.sh")
+    assert result.returncode == 1
+    assert f"cannot read setup's record {record}" in result.stderr
+    assert "kept the claude-proxy tool" in result.stderr
+    assert mac.exe.exists() and not mac.plist.exists()  # the other steps ran
 
 
 # The agent as launchd runs it

@@ -708,3 +708,33 @@ def test_a_folder_no_rule_can_name_is_refused(tmp_path: Path) -> None:
     line = one_line(result.stderr)
     assert "holds [ ], which Claude Code's path rules read as a pattern" in line
     assert not settings_file(home).exists()
+
+
+def test_undo_all_takes_back_every_file_and_names_the_one_that_needs_root(
+    home: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    assert run(home, "setup", "claude-code", "--yes", "--project", str(project)).returncode == 0
+    assert run(home, "setup", "srt", "--yes").returncode == 0
+    record = home / ".local" / "state" / "claude-proxy" / "setup-record.json"
+    document = json.loads(record.read_text())
+    document["files"][str(MANAGED)] = {
+        "target": "claude-code",
+        "managed": True,
+        "created_file": True,
+        "created": [],
+        "changes": [],
+    }
+    record.write_text(json.dumps(document))
+    result = run(home, "setup", "undo-all", "--yes", prefix=("unshare", "--user"))
+    assert result.returncode == 1
+    assert (
+        f"{MANAGED}: run `sudo claude-proxy setup claude-code --managed --undo` (root's file)"
+        in result.stdout.splitlines()
+    )
+    for path in (settings_file(home), project / ".claude" / "settings.json"):
+        assert not path.exists()
+    assert not (home / ".srt-settings.json").exists()
+    assert list(json.loads(record.read_text())["files"]) == [str(MANAGED)]

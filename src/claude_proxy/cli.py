@@ -471,6 +471,7 @@ def cmd_paths(args: argparse.Namespace) -> int:
         "LABEL": paths.LABEL,
         "PLIST": paths.plist_path(home),
         "CONFIG_DIR": confdir,
+        "CONFIG_FILE": paths.config_file(confdir),
         "CA_CERT": ca.cert_path(confdir),
         "CA_KEY": ca.key_path(confdir),
         "LOG_DIR": paths.log_dir(),
