@@ -647,7 +647,12 @@ def test_agent_as_launchd_runs_it(home: Path) -> None:
         proxy.home, proxy.port = home, port
         refused = curl(proxy, "-i", "https://mozilla.org/")
         assert "x-claude-proxy: refused" in refused.stdout.lower()
-        status = run_cli(home, "status")
+        unfenced = run_cli(home, "status", "--project", str(home))
+        assert unfenced.returncode == 1
+        assert "FAIL claude-code sandbox.enabled: not set" in unfenced.stdout
+        ports = ("--port", str(port), "--socks-port", str(socks_port))
+        assert run_cli(home, "setup", "claude-code", "--yes", *ports).returncode == 0
+        status = run_cli(home, "status", "--project", str(home))
         assert status.returncode == 0, status.stdout  # on Linux there is no keychain to check
         assert "ok   agent:" in status.stdout
         assert f"ok   SOCKS5 on 127.0.0.1:{socks_port}" in status.stdout
