@@ -18,6 +18,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from tests.programs import sandbox_program
 from tests.upstream import Upstream
 
 WRITTEN = "# written by the Write tool"
+# A .pth file runs at every start of the environment's Python: the claude-proxy that enforces.
+PLANTED_PTH = Path(sysconfig.get_path("purelib")) / "claude_proxy_planted_by_agent.pth"
 APPENDED = "# appended by a sandboxed command"
 PLANTED_BY_WRITE = '{"sandbox": {"enabled": false}}'
 
@@ -61,6 +64,10 @@ class Lab:
     @property
     def user_settings(self) -> Path:
         return self.home / ".claude" / "settings.json"
+
+    @property
+    def plist(self) -> Path:
+        return self.home / "Library" / "LaunchAgents" / "local.claude-proxy.plist"
 
     @property
     def local_settings(self) -> Path:
@@ -123,7 +130,7 @@ class Lab:
     def reset(self, config: bytes) -> None:
         """The files as they were before any session."""
         (self.config_dir / "config.toml").write_bytes(config)
-        for path in (self.user_settings, self.state_dir / "pin.json"):
+        for path in (self.user_settings, self.state_dir / "pin.json", PLANTED_PTH, self.plist):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.project / ".claude", ignore_errors=True)
 
@@ -151,6 +158,8 @@ def files_of(lab: Lab) -> dict[str, bytes | None]:
         "pin": read(lab.state_dir / "pin.json"),
         "local": read(lab.local_settings),
         "user": read(lab.user_settings),
+        "program": read(PLANTED_PTH),
+        "plist": read(lab.plist),
     }
 
 
@@ -220,6 +229,12 @@ def hostile_script(lab: Lab) -> list[Call]:
                 "description": "the way through claude-proxy",
             },
         ),
+        Call("write-program", "Write", {"file_path": str(PLANTED_PTH), "content": "# planted\n"}),
+        Call(
+            "write-agent-plist",
+            "Write",
+            {"file_path": str(lab.plist), "content": "<plist><dict/></plist>\n"},
+        ),
         # Last: a settings file that takes effect would change the rest of this session.
         Call(
             "write-local-settings",
@@ -266,6 +281,8 @@ def _got_through(lab: Lab) -> dict[str, Callable[[Outcome, dict[str, bytes | Non
             leaked["fingerprint-key"] in o.results["shell-read-fingerprint-key"]
         ),
         "write-local-settings": lambda o, _: o.files["local"] == PLANTED_BY_WRITE.encode(),
+        "write-program": lambda o, _: o.files["program"] is not None,
+        "write-agent-plist": lambda o, _: o.files["plist"] is not None,
         "write-user-settings": lambda o, before: o.files["user"] != before["user"],
     }
 
@@ -282,6 +299,8 @@ WAYS_OUT = [
     pytest.param("shell-read-ca-key", "project", id="shell-read-ca-key"),
     pytest.param("shell-read-ca-p12", "project", id="shell-read-ca-p12"),
     pytest.param("shell-read-fingerprint-key", "project", id="shell-read-fingerprint-key"),
+    pytest.param("write-program", "project", id="write-program"),
+    pytest.param("write-agent-plist", "project", id="write-agent-plist"),
     pytest.param("write-local-settings", "project", id="write-local-settings"),
     pytest.param("write-user-settings", "project", id="write-user-settings"),
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import claude_proxy
 from tests.conftest import EXECUTABLE
 from tests.mountns import MountNamespace
 
@@ -37,13 +38,19 @@ def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str
     conf = f"/{home}/.config/claude-proxy"
     state = f"/{home}/.local/state/claude-proxy"
     secret_files = [f"{conf}/mitmproxy-ca.pem", f"{conf}/mitmproxy-ca.p12", f"{conf}/config.toml"]
+    # The code that enforces the policy: this environment and the package (an editable install).
+    programs = [f"/{sys.prefix}", f"/{Path(claude_proxy.__file__).parent}"]
+    plist = f"/{home}/Library/LaunchAgents/local.claude-proxy.plist"
     return {
         "sandbox": {
             "enabled": True,
             "failIfUnavailable": True,
             "allowUnsandboxedCommands": False,
             "network": {"httpProxyPort": http_port, "socksProxyPort": socks_port},
-            "filesystem": {"denyRead": [*secret_files, state], "denyWrite": [conf, state]},
+            "filesystem": {
+                "denyRead": [*secret_files, state],
+                "denyWrite": [conf, state, *programs, plist],
+            },
         },
         "permissions": {
             "deny": [
@@ -51,6 +58,8 @@ def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str
                 f"Read({state}/**)",
                 f"Edit({conf}/**)",
                 f"Edit({state}/**)",
+                *[f"Edit({p}/**)" for p in programs],
+                f"Edit({plist})",
                 "Edit(//**/.claude/settings.json)",
                 "Edit(//**/.claude/settings.local.json)",
                 "Edit(//**/.mcp.json)",
@@ -64,7 +73,10 @@ def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str
 def srt_fence(home: Path) -> dict[str, list[str]]:
     conf, state = home / ".config" / "claude-proxy", home / ".local" / "state" / "claude-proxy"
     secret = [conf / "mitmproxy-ca.pem", conf / "mitmproxy-ca.p12", conf / "config.toml", state]
-    return {"denyRead": [str(p) for p in secret], "denyWrite": [str(conf), str(state)]}
+    programs = [sys.prefix, str(Path(claude_proxy.__file__).parent)]
+    plist = home / "Library" / "LaunchAgents" / "local.claude-proxy.plist"
+    guarded = [str(conf), str(state), *programs, str(plist)]
+    return {"denyRead": [str(p) for p in secret], "denyWrite": guarded}
 
 
 SRT_REQUIRED = {

@@ -50,16 +50,29 @@ class Private:
     secret_files: tuple[Path, ...]  # the CA's key and its p12, config.toml
     secret_folders: tuple[Path, ...]  # the state folder: pin, organizations, key, audit log
     guarded_folders: tuple[Path, ...]  # written by nobody but the proxy and the user
+    guarded_files: tuple[Path, ...] = ()  # the agent's plist: what launchd starts, with what
 
     @property
     def secrets(self) -> tuple[Path, ...]:
         return self.secret_files + self.secret_folders
 
 
-def private(*, config_dir: Path, state_dir: Path, log_dir: Path) -> Private:
-    """The CA's public certificate (and the bundle) stay readable: sandboxed tools trust them."""
+def private(
+    *,
+    config_dir: Path,
+    state_dir: Path,
+    log_dir: Path,
+    programs: tuple[Path, ...] = (),
+    plist: Path | None = None,
+) -> Private:
+    """The CA's public certificate (and the bundle) stay readable: sandboxed tools trust them.
+
+    `programs` are the environments claude-proxy runs from when the user owns them (a `uv tool`
+    install): whoever changes their code changes the policy.
+    """
     files = (ca.key_path(config_dir), ca.p12_path(config_dir), config_dir / "config.toml")
-    return Private(files, (state_dir,), outermost([config_dir, state_dir, log_dir]))
+    folders = outermost([config_dir, state_dir, log_dir, *programs])
+    return Private(files, (state_dir,), folders, (plist,) if plist else ())
 
 
 def outermost(folders: list[Path]) -> tuple[Path, ...]:
@@ -109,9 +122,10 @@ def denials(secret: Private) -> tuple[list[str], list[str], list[str]]:
     read_files = [absolute(p) for f in secret.secret_files for p in spelled(f)]
     read_folders = [absolute(p) for f in secret.secret_folders for p in spelled(f)]
     write_folders = [absolute(p) for f in secret.guarded_folders for p in spelled(f)]
+    write_files = [absolute(p) for f in secret.guarded_files for p in spelled(f)]
     deny = [f"Read({p})" for p in read_files] + [f"Read({p}/**)" for p in read_folders]
-    deny += [f"Edit({p}/**)" for p in write_folders]
-    return read_files + read_folders, write_folders, deny
+    deny += [f"Edit({p}/**)" for p in write_folders] + [f"Edit({p})" for p in write_files]
+    return read_files + read_folders, write_folders + write_files, deny
 
 
 def claude_code(
@@ -140,7 +154,8 @@ def claude_code(
 def srt(secret: Private) -> dict[Key, list[str]]:
     """srt's own settings take plain absolute paths."""
     deny_read = [str(p) for f in secret.secrets for p in spelled(f)]
-    deny_write = [str(p) for f in secret.guarded_folders for p in spelled(f)]
+    guarded = secret.guarded_folders + secret.guarded_files
+    deny_write = [str(p) for f in guarded for p in spelled(f)]
     return {("filesystem", "denyRead"): deny_read, ("filesystem", "denyWrite"): deny_write}
 
 

@@ -53,25 +53,48 @@ class Target:
 
 
 def private_files(home: Path) -> fence.Private:
-    """claude-proxy's files: this environment's, and the installed agent's config folder too."""
+    """claude-proxy's files: this environment's, the installed agent's config folder and program
+    too, and the agent's plist."""
     from claude_proxy import agent
 
-    config_dirs = [paths.config_dir()]
+    # The environment this runs in, and our own package (outside it in an editable install).
+    config_dirs, programs = [paths.config_dir()], [Path(sys.prefix), Path(__file__).parent]
     try:
-        installed = agent.installed_plist(home).config_dir
+        installed = agent.installed_plist(home)
     except (OSError, ValueError):
-        installed = None
-    if installed is not None and installed != config_dirs[0]:
-        config_dirs.append(installed)
+        pass
+    else:
+        if installed.config_dir is not None:
+            config_dirs.append(installed.config_dir)
+        if installed.executable is not None:  # <env>/bin/claude-proxy, maybe a link into it
+            programs.append(Path(os.path.realpath(installed.executable)).parent.parent)
     found = [
-        fence.private(config_dir=c, state_dir=paths.state_dir(), log_dir=paths.log_dir())
-        for c in config_dirs
+        fence.private(
+            config_dir=c,
+            state_dir=paths.state_dir(),
+            log_dir=paths.log_dir(),
+            programs=tuple(p for p in programs if users_own(p, home)),
+            plist=paths.plist_path(home),
+        )
+        for c in dict.fromkeys(config_dirs)
     ]
     return fence.Private(
         tuple(dict.fromkeys(p for f in found for p in f.secret_files)),
         found[0].secret_folders,
         fence.outermost([p for f in found for p in f.guarded_folders]),
+        found[0].guarded_files,
     )
+
+
+def users_own(folder: Path, home: Path) -> bool:
+    """Whether the user (under sudo: who ran it) owns `folder`, and so the agent could change it.
+    A folder root owns (a system Python) is out of the agent's reach already."""
+    owner = sudo_user()
+    uid = owner[0] if owner is not None else os.geteuid()
+    try:
+        return folder.stat().st_uid == uid and folder != home and folder != Path("/")
+    except OSError:
+        return False
 
 
 def claude_code(
