@@ -24,6 +24,7 @@ from claude_proxy.decisions import AuditLog
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.fetchguard import FetchGuard
 from claude_proxy.limits import Limits
 from claude_proxy.orgguard import OrgGuard
 from claude_proxy.policy import Policy
@@ -181,6 +182,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
         m.addons.add(
             enforcer,
             OrgGuard(enforcer, paths.state_dir()),  # acts only on requests the Enforcer allowed
+            FetchGuard(enforcer),  # after the pin: a Messages body is read only for the right org
             Timeouts(),
             Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
             GuardedTlsConfig(),

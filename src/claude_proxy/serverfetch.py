@@ -1,0 +1,112 @@
+"""Where a Messages API request asks Anthropic's servers to connect, read from its JSON body.
+
+A request to Anthropic can make Anthropic's servers reach a host of the caller's choosing: the
+MCP connector connects to every `mcp_servers[].url`, and the `web_fetch` server tool fetches URLs
+the model picks, limited only by its `allowed_domains`. Under the user's own key the organization
+pin passes such a request, and the data then leaves from Anthropic's side. The list of what
+fetches, in one place, from Anthropic's documentation:
+
+- MCP connector: https://docs.anthropic.com/en/docs/agents-and-tools/mcp-connector
+  (`mcp_servers`: `{"type": "url", "url": ..., "name": ...}`)
+- web fetch tool: https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/web-fetch-tool
+  (`tools[]` of type `web_fetch_*`, with `allowed_domains` / `blocked_domains`)
+
+`web_search` is left alone: Claude Code's own WebSearch uses it, and it reaches a search index,
+not a host the caller names. Pure: bytes in, targets out; no mitmproxy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+# Paths (without the query) whose bodies are Messages requests, or batches of them.
+MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+BATCH_PATHS = ("/v1/messages/batches",)
+WEB_FETCH_PREFIX = "web_fetch"  # tools[].type: web_fetch_20250910 and later versions
+MAX_BODY = 32 * 1024 * 1024  # the Messages API's own request limit; batches above it are refused
+
+
+class Unreadable(ValueError):
+    """A body that cannot be judged: refused, with this message as the reason."""
+
+
+@dataclass(frozen=True)
+class Target:
+    where: str  # the JSON path, for the refusal: mcp_servers[0].url
+    host: str  # "" when the request names no host at all (web_fetch without allowed_domains)
+    port: int
+
+
+def checked(path: str) -> bool:
+    """Whether a POST to `path` (query included or not) carries a body to judge."""
+    bare = path.split("?", 1)[0].rstrip("/")
+    return bare in MESSAGES_PATHS or bare in BATCH_PATHS
+
+
+def targets(path: str, body: bytes) -> list[Target]:
+    """Every host the body asks Anthropic's servers to reach; raises Unreadable."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise Unreadable(f"the request body is not JSON ({e.__class__.__name__})") from None
+    if not isinstance(document, dict):
+        raise Unreadable("the request body is not a JSON object")
+    bare = path.split("?", 1)[0].rstrip("/")
+    if bare in BATCH_PATHS:
+        requests = document.get("requests")
+        if not isinstance(requests, list):
+            return []  # nothing to run: Anthropic answers it with an error
+        found = []
+        for i, item in enumerate(requests):
+            params = item.get("params") if isinstance(item, dict) else None
+            if isinstance(params, dict):
+                found += list(_in_request(params, f"requests[{i}].params."))
+        return found
+    return list(_in_request(document, ""))
+
+
+def _in_request(request: dict[str, Any], prefix: str) -> Iterator[Target]:
+    servers = request.get("mcp_servers")
+    if servers is not None:
+        if not isinstance(servers, list):
+            raise Unreadable(f"{prefix}mcp_servers is not an array")
+        for i, server in enumerate(servers):
+            where = f"{prefix}mcp_servers[{i}].url"
+            url = server.get("url") if isinstance(server, dict) else None
+            if not isinstance(url, str):
+                raise Unreadable(f"{where} is not a URL")
+            yield _from_url(where, url)
+    tools = request.get("tools")
+    if isinstance(tools, list):
+        for i, tool in enumerate(tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind.startswith(WEB_FETCH_PREFIX):
+                yield from _web_fetch(tool, f"{prefix}tools[{i}]")
+
+
+def _web_fetch(tool: dict[str, Any], where: str) -> Iterator[Target]:
+    """web_fetch reaches whatever URL the model writes: only its allowed_domains bound it."""
+    domains = tool.get("allowed_domains")
+    if not isinstance(domains, list) or not domains:
+        yield Target(f"{where} (web_fetch without allowed_domains)", "", 443)
+        return
+    for i, domain in enumerate(domains):
+        if not isinstance(domain, str) or not domain:
+            raise Unreadable(f"{where}.allowed_domains[{i}] is not a domain")
+        host = domain.split("/", 1)[0]  # a domain entry may carry a path prefix
+        yield Target(f"{where}.allowed_domains[{i}]", host, 443)
+
+
+def _from_url(where: str, url: str) -> Target:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise Unreadable(f"{where} is not a URL ({e})") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise Unreadable(f"{where} is not an http(s) URL with a host")
+    return Target(where, parts.hostname, port or (443 if parts.scheme == "https" else 80))
