@@ -108,13 +108,31 @@ class Rules:
     members: dict[Key, list[str]]
 
 
-def own_settings(home: Path, managed: Path | None) -> list[str]:
-    """Claude Code's own settings files, which the file tools must not change."""
-    paths = ["//**/.claude/settings.json", "//**/.claude/settings.local.json", "//**/.mcp.json"]
+# What runs later, outside the sandbox, from a file the Write tool could change: Claude Code's own
+# configuration in any folder (settings, hooks, agents and skills with their hooks and MCP
+# servers, commands), MCP server lists, git's hooks and config (core.hooksPath, core.fsmonitor).
+LATER_ANYWHERE = ("//**/.claude/**", "//**/.mcp.json", "//**/.git/hooks/**", "//**/.git/config")
+# A shell's startup files run every new terminal, outside any sandbox.
+SHELL_STARTUP = (
+    ".zshenv", ".zprofile", ".zshrc", ".zlogin", ".bashrc", ".bash_profile", ".bash_login",
+    ".profile", ".config/fish",
+)  # fmt: skip
+
+
+def runs_later(home: Path, managed: Path | None) -> list[str]:
+    """Files the file tools must not change: each is run, or read for what to run, later."""
+    paths = list(LATER_ANYWHERE)
     paths += [absolute(p) for p in spelled(home / ".claude.json")]
+    for name in SHELL_STARTUP:
+        paths += [absolute(p) + ("/**" if "/" in name else "") for p in spelled(home / name)]
     if managed is not None:
         paths += [absolute(p) + "/**" for p in spelled(managed.parent)]
     return paths
+
+
+def startup_files(home: Path) -> list[str]:
+    """The shell startup files in the home folder, for the sandbox's denyWrite (no patterns)."""
+    return [absolute(p) for name in SHELL_STARTUP for p in spelled(home / name)]
 
 
 def denials(secret: Private) -> tuple[list[str], list[str], list[str]]:
@@ -132,7 +150,8 @@ def claude_code(
     secret: Private, *, home: Path, http_port: int, socks_port: int, managed: bool
 ) -> Rules:
     deny_read, deny_write, deny = denials(secret)
-    deny += [f"Edit({p})" for p in own_settings(home, managed_path())]
+    deny += [f"Edit({p})" for p in runs_later(home, managed_path())]
+    deny_write += startup_files(home)  # a command run in the home folder could write them
     wanted: dict[Key, Any] = {
         ("sandbox", "enabled"): True,
         ("sandbox", "failIfUnavailable"): True,
@@ -143,6 +162,9 @@ def claude_code(
     if managed:
         wanted[("allowManagedHooksOnly",)] = True  # no hook the agent plants runs
         wanted[("sandbox", "filesystem", "allowManagedReadPathsOnly")] = True
+        # MCP servers run outside the sandbox, and a sandboxed command can plant a .mcp.json in
+        # a folder below it: only the servers the managed file lists may start.
+        wanted[("allowManagedMcpServersOnly",)] = True
     members = {
         ("sandbox", "filesystem", "denyRead"): deny_read,
         ("sandbox", "filesystem", "denyWrite"): deny_write,
