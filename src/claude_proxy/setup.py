@@ -57,8 +57,7 @@ def private_files(home: Path) -> fence.Private:
     too, and the agent's plist."""
     from claude_proxy import agent
 
-    # The environment this runs in, and our own package (outside it in an editable install).
-    config_dirs, programs = [paths.config_dir()], [Path(sys.prefix), Path(__file__).parent]
+    config_dirs, programs = [paths.config_dir()], running_from()
     try:
         installed = agent.installed_plist(home)
     except (OSError, ValueError):
@@ -84,6 +83,19 @@ def private_files(home: Path) -> fence.Private:
         fence.outermost([p for f in found for p in f.guarded_folders]),
         found[0].guarded_files,
     )
+
+
+def running_from() -> list[Path]:
+    """Every folder whose code this Python runs: the environment, the interpreter it was made
+    from (a sitecustomize.py there runs too), and each folder on sys.path (an editable install's
+    source); not the current folder, which `python -m` puts first."""
+    here = Path.cwd()
+    found = [Path(sys.prefix), Path(sys.base_prefix), Path(__file__).parent]
+    for entry in sys.path:
+        folder = Path(entry).absolute() if entry else here
+        if folder != here and folder.is_dir():
+            found.append(folder)
+    return found
 
 
 def users_own(folder: Path, home: Path) -> bool:
@@ -126,6 +138,7 @@ def claude_code(
         "claude-code",
         where,
         rules.wanted,
+        defaults=rules.defaults,
         members=rules.members,
         http_port=http_port,
         socks_port=socks_port,
