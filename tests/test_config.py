@@ -41,7 +41,7 @@ def test_the_example_is_a_working_example() -> None:
     example = re.compile(r"^# (\[|[a-z_]+ = )")
     lines = [line[2:] for line in config.TEMPLATE.splitlines() if example.match(line)]
     loaded = config.parse(PATH, "\n".join(lines).encode())
-    assert len(loaded.rules) == 4
+    assert len(loaded.rules) == 5
     assert loaded.listen == config.Listen(("127.0.0.1", "::1"), 9051, 9052)
 
 
@@ -138,6 +138,14 @@ host = "b.example"
         ("[[allow]]\nhost = 'a.example'\ninspect = 'no'\n", f"{PATH}:3: inspect must be true"),
         ("[[allow]]\nhost = 'a.example'\ncomment = 1\n", f"{PATH}:3: comment must be a string"),
         ("[[deny]]\nhost = 'a.example'\ninspect = false\n", "inspect applies to [[allow]] only"),
+        (
+            "[[allow]]\nhost = 'a.example'\ncheck_server_fetch = 'no'\n",
+            f"{PATH}:3: check_server_fetch must be true or false",
+        ),
+        (
+            "[[deny]]\nhost = 'a.example'\ncheck_server_fetch = false\n",
+            "check_server_fetch applies to [[allow]] only",
+        ),
         (
             "[[allow]]\nhost = 'a.example'\ninspect = false\nmethods = ['GET']\n",
             f"{PATH}:3: a pass-through (inspect = false) is never decrypted",

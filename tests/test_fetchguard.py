@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ProxyProcess, open_tunnel, read_until_closed
+from tests.conftest import ProxyProcess, open_tunnel, read_until_closed, start_proxy
 from tests.upstream import Upstream
 
 MESSAGE = {
@@ -36,10 +37,12 @@ def batch(*params: dict[str, Any]) -> dict[str, Any]:
     return {"requests": [{"custom_id": f"r{i}", "params": p} for i, p in enumerate(params)]}
 
 
-def post(proxy: ProxyProcess, path: str, body: bytes, **headers: str) -> httpx.Response:
+def post(
+    proxy: ProxyProcess, path: str, body: bytes, host: str = "api.anthropic.com", **headers: str
+) -> httpx.Response:
     with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30) as client:
         return client.post(
-            f"https://api.anthropic.com{path}",
+            f"https://{host}{path}",
             content=body,
             headers={"content-type": "application/json", "x-api-key": "sk-ant-api03-t", **headers},
         )
@@ -196,3 +199,19 @@ def test_a_body_over_the_messages_limit_is_refused_unread(
         )
         assert read_until_closed(tunnel) == b""  # no answer: the refused body is not read
     assert upstream.seen.bodies == [] and upstream.seen.connections == 0
+
+
+def test_a_rule_can_turn_the_check_off_for_its_host(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    config = home / ".config" / "claude-proxy" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('[[allow]]\nhost = "api.anthropic.com"\ncheck_server_fetch = false\n')
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    body = json.dumps(mcp("https://exfil.example/")).encode()
+    response = post(proxy, "/v1/messages", body)
+    assert response.status_code == 200, response.text
+    assert upstream.seen.bodies == [body]
+    refused = post(proxy, "/v1/messages", body, host="claude.ai")  # another host: still checked
+    assert refused.status_code == 403
+    assert proxy.stop() == 0

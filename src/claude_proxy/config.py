@@ -23,7 +23,10 @@ from claude_proxy.policy import ALLOW, DENY, HTTP, HTTPS, NAME, WILDCARD, Policy
 from claude_proxy.urlpaths import parse_pattern
 
 TOP_KEYS = ("defaults", "log_level", "listen", "allow", "deny")
-RULE_KEYS = ("host", "ip", "cidr", "ports", "scheme", "methods", "paths", "inspect", "comment")
+RULE_KEYS = (
+    "host", "ip", "cidr", "ports", "scheme", "methods", "paths", "inspect", "check_server_fetch",
+    "comment",
+)  # fmt: skip
 LISTEN_KEYS = ("hosts", "port", "socks_port")
 LOG_LEVELS = ("info", "debug")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -54,6 +57,10 @@ defaults = true
 # host = "registry.npmjs.org"        # (* within a segment, ** across), query not included
 # methods = ["GET", "HEAD"]
 # paths = ["/@anthropic-ai/", "/react/**"]
+#
+# [[allow]]                          # a Messages request to it may send Anthropic's servers to
+# host = "api.anthropic.com"         # any MCP server or web_fetch domain, allowed here or not
+# check_server_fetch = false
 #
 # [[allow]]                          # tunnelled as it is, never decrypted (pinned certificates,
 # host = "pinned.example.com"        # client certificates): nothing inside it is checked
@@ -331,8 +338,9 @@ class _Validator:
         for key in table:
             if key not in RULE_KEYS:
                 self.error(at(key), f"{where} has an unknown key {key!r}{_suggest(key, RULE_KEYS)}")
-        if action == DENY and "inspect" in table:
-            self.error(at("inspect"), "inspect applies to [[allow]] only: remove it")
+        for only_allow in ("inspect", "check_server_fetch"):
+            if action == DENY and only_allow in table:
+                self.error(at(only_allow), f"{only_allow} applies to [[allow]] only: remove it")
         named = [k for k in ("host", "ip", "cidr") if k in table]
         if len(named) != 1:
             found = f" (it has {' and '.join(named)})" if named else ""
@@ -355,6 +363,10 @@ class _Validator:
         if not isinstance(inspect, bool):
             self.error(at("inspect"), "inspect must be true or false")
             inspect = True
+        check_server_fetch = table.get("check_server_fetch", True)
+        if not isinstance(check_server_fetch, bool):
+            self.error(at("check_server_fetch"), "check_server_fetch must be true or false")
+            check_server_fetch = True
         comment = table.get("comment", "")
         if not isinstance(comment, str):
             self.error(at("comment"), "comment must be a string")
@@ -386,6 +398,7 @@ class _Validator:
             methods=methods,
             paths=paths,
             inspect=inspect,
+            check_server_fetch=check_server_fetch,
             origin=f"{self.path}:{line}" if line else str(self.path),
             comment=comment,
             network=network,

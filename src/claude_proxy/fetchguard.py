@@ -44,6 +44,8 @@ class FetchGuard:
         path = request.data.path.decode("ascii", "replace")
         if not serverfetch.checked(path) or not body_follows(flow):
             return
+        if self.enforcer.policy.server_fetch_unchecked(host, port) is not None:
+            return  # the user's rule says so: it streams as any request does
         try:
             why = self.hold(flow)
         except Exception:

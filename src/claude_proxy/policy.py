@@ -64,6 +64,8 @@ class Rule:
     paths: tuple[PathPattern, ...] | None = None
     inspect: bool = True
     origin: str = FLAG_ORIGIN  # where it was written: the defaults, --allow, or FILE:LINE
+    # False: a Messages request to this destination may send Anthropic's servers anywhere
+    check_server_fetch: bool = True
     comment: str = ""
     network: IPNetwork | None = field(default=None, compare=False)
 
@@ -352,6 +354,15 @@ class Policy:
                 origin=denies[0].origin,
             )
         return Decision(True, "allowed", passing.text, inspect=False, origin=passing.origin)
+
+    def server_fetch_unchecked(self, host: str, port: int) -> Rule | None:
+        """The allow rule, if any, that turns the server-fetch check off for host:port."""
+        try:
+            name = normalize_host(host)
+        except ValueError:
+            return None
+        allows = self._applying(self._allow, name, parse_ip(name), port, HTTPS)
+        return next((r for r in allows if not r.check_server_fetch), None)
 
     def decide_request(
         self, host: str, port: int, scheme: str, method: str, target: str
