@@ -6,6 +6,7 @@ then claude-proxy with a 200-rule config.toml against its default policy, and a 
     uv run python scripts/bench.py --audit-only     # the audit database on vs off, and its size
     uv run python scripts/bench.py --before OLD/claude-proxy [--versions-only]
         # also an earlier build: both running, measured in alternating rounds, and on its own
+    uv run python scripts/bench.py --fetch-only     # the server-fetch check on vs off
 
 Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
 and both proxies route upstream connections to it with the same test script. The machine is
@@ -52,6 +53,8 @@ REFUSED_NAME = b"a.b.refused.example.org:443"  # a name: the policy walks its pa
 POLICY_ROUNDS = 5  # each policy is measured this many times, alternately; medians reported
 RELOADS = 20
 VERSION_ROUNDS = 6  # this build and --before are compared this many times, alternately
+FETCH_ROUNDS = 6  # the server-fetch check on and off, alternately
+MESSAGES_MB = 5  # the size of the Messages body the check reads
 
 
 @dataclass
@@ -551,6 +554,112 @@ def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
     return {"reloads": RELOADS, "requests_ok": counts["ok"], "requests_failed": counts["failed"]}
 
 
+def messages_body(megabytes: int) -> bytes:
+    """A Messages request of about this size, shaped like Claude Code's: a long conversation of
+    text and tool results, a list of tools, one MCP server on an allowed host."""
+    turn = {"role": "user", "content": [{"type": "text", "text": "x" * 2000}]}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "line\n" * 400}
+    messages = []
+    while len(json.dumps(messages)) < megabytes * 1024 * 1024:
+        messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+        messages += [{"role": "user", "content": [result]}]
+        messages += [{"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    tools = [{"name": f"tool{i}", "input_schema": {"type": "object"}} for i in range(40)]
+    body = {
+        "model": "claude-bench",
+        "max_tokens": 16,
+        "stream": True,
+        "messages": [*messages, turn],
+        "tools": tools,
+        "mcp_servers": [{"type": "url", "url": "https://mcp.anthropic.com/sse", "name": "m"}],
+    }
+    return json.dumps(body).encode()
+
+
+def post_messages_ms(target: Target, upstream: Upstream, body: bytes, rounds: int) -> float:
+    """A Messages POST on a new tunnel, to the first SSE event of its answer."""
+    timings = []
+    head = (
+        f"POST /v1/messages HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for _ in range(rounds):
+        sock = target.connect(upstream.port)
+        began = time.perf_counter()
+        sock.sendall(head + body)
+        data = b""
+        while b"event: message_start" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"{target.name}: no answer to the Messages POST: {data[:80]!r}")
+            data += chunk
+        timings.append((time.perf_counter() - began) * 1000)
+        while sock.recv(65536):
+            pass
+        sock.close()
+    return statistics.median(timings)
+
+
+def compare_fetch_check(
+    on: Target, off: Target, upstream: Upstream, seconds: float
+) -> dict[str, dict[str, float]]:
+    body = messages_body(MESSAGES_MB)
+    sse_rounds, post_rounds = 15, 5
+
+    def first_sse(target: Target) -> tuple[float, int]:
+        return first_event_ms(target, upstream, sse_rounds), sse_rounds
+
+    def messages_post(target: Target) -> tuple[float, int]:
+        return post_messages_ms(target, upstream, body, post_rounds), post_rounds
+
+    metrics = {
+        "keepalive_per_s": rate_metric(
+            lambda t: keepalive_per_second(t, upstream, seconds), seconds
+        ),
+        "first_sse_event_ms": first_sse,
+        f"messages_{MESSAGES_MB}mb_ms": messages_post,
+    }
+    return compare(off, on, metrics, FETCH_ROUNDS, "server-fetch check off vs on")
+
+
+def run_fetch_check(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
+    """The server-fetch check on (the default) against off (a rule's check_server_fetch)."""
+    from claude_proxy.fetchguard import FetchGuard
+
+    off_config = f'[[allow]]\nhost = "{HOST}"\ncheck_server_fetch = false\n'
+    started: list[Target] = []
+    try:
+        started.append(on := start_claude_proxy(work, upstream, upstream_ca, name="check on"))
+        started.append(
+            off := start_claude_proxy(
+                work, upstream, upstream_ca, name="check off", config=off_config
+            )
+        )
+        results: dict = compare_fetch_check(on, off, upstream, seconds)
+    finally:
+        for target in started:
+            assert target.process is not None
+            target.process.terminate()
+            target.process.wait(30)
+    body = messages_body(MESSAGES_MB)
+    judge = functools.partial(FetchGuard.judge, _AllowAll(), "/v1/messages", body)  # type: ignore[arg-type]
+    runs = [timeit.timeit(judge, number=5) / 5 for _ in range(5)]
+    results["judge_5mb_ms_in_process"] = round(min(runs) * 1000, 1)
+    print(json.dumps(results, indent=2))
+    return results
+
+
+class _AllowAll:
+    """The guard's view of a policy that allows every host: the parse alone is measured."""
+
+    class _Enforcer:
+        @staticmethod
+        def decide(host: str, port: int, scheme: str) -> object:
+            return type("Decision", (), {"allowed": True})()
+
+    enforcer = _Enforcer()
+
+
 def decision_cost() -> dict[str, dict[str, float]]:
     """Microseconds per decision, in process: the policy's own cost, without the network's."""
     from claude_proxy import config, policy
@@ -650,6 +759,9 @@ def main() -> int:
     parser.add_argument(
         "--audit-only", action="store_true", help="only the audit database on vs off"
     )
+    parser.add_argument(
+        "--fetch-only", action="store_true", help="only the server-fetch check on vs off"
+    )
     args = parser.parse_args()
 
     ca = trustme.CA()
@@ -662,6 +774,10 @@ def main() -> int:
         upstream = Upstream(context)
         upstream.serve_in_background()
 
+        if args.fetch_only:
+            run_fetch_check(work, upstream, upstream_ca, args.seconds)
+            upstream.shutdown()
+            return 0
         versions: dict[str, dict[str, float]] = {}
         if args.before:
             versions = run_versions(work, upstream, upstream_ca, args.before, args.seconds)

@@ -273,6 +273,13 @@ class Enforcer:
                 mismatch := misnamed(flow, (policy.normalize_host(host), port))
             ):
                 decision = Decision(False, mismatch)
+            if (
+                decision.allowed
+                and (override := wellformed.overrides(flow.request))
+                and self.policy.decides_requests(host, port, scheme)
+            ):
+                reason = f"{override} would change the method or path a rule decided on"
+                decision = Decision(False, reason, decision.rule, origin=decision.origin)
             if decision.allowed:
                 wellformed.strip_hop_headers(flow.request)
         except Exception:

@@ -355,6 +355,19 @@ class Policy:
             )
         return Decision(True, "allowed", passing.text, inspect=False, origin=passing.origin)
 
+    def decides_requests(self, host: str, port: int, scheme: str) -> bool:
+        """Whether a rule about methods or paths applies to host:port."""
+        try:
+            name = normalize_host(host)
+        except ValueError:
+            return True
+        ip = parse_ip(name)
+        rules = [
+            *self._applying(self._deny, name, ip, port, scheme),
+            *self._applying(self._allow, name, ip, port, scheme),
+        ]
+        return any(r.by_request for r in rules)
+
     def server_fetch_unchecked(self, host: str, port: int) -> Rule | None:
         """The allow rule, if any, that turns the server-fetch check off for host:port."""
         try:

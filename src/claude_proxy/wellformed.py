@@ -13,6 +13,15 @@ from mitmproxy import http
 
 # RFC 9110 §5.6.2: a token (method, header name).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Methods are case-sensitive (RFC 9110 §9.1) and every registered one is upper case: `get` is
+# another method than GET, which a rule for GET must not let through nor an upstream take for GET.
+_METHOD = re.compile(rb"[A-Z][A-Z_-]*")
+# Headers with which some servers replace the method or the path: they would carry a request the
+# method and path rules never saw.
+OVERRIDE_HEADERS = (
+    "x-http-method-override", "x-http-method", "x-method-override", "x-original-url",
+    "x-rewrite-url", "x-original-method",
+)  # fmt: skip
 # RFC 9110 §5.5: field values are visible characters, spaces, tabs and obs-text; never CR, LF, NUL.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 §3.2: origin-form; visible ASCII only (a space would split the request line).
@@ -39,6 +48,8 @@ def malformed(request: http.Request, body_follows: bool | None = None) -> str | 
     method = request.data.method
     if not _TOKEN.fullmatch(method):
         return "the method is not a token"
+    if not _METHOD.fullmatch(method):
+        return "the method is not in upper case (methods are case-sensitive)"
     if method == b"PRI":
         return "PRI is the HTTP/2 preface, not a request"
     target = request.data.path  # of an HTTP/1 absolute-form URL, mitmproxy keeps the path here
@@ -61,6 +72,11 @@ def malformed(request: http.Request, body_follows: bool | None = None) -> str | 
         if named & ESSENTIAL_HEADERS:
             return "the Connection header names Host or the message framing"
     return None
+
+
+def overrides(request: http.Request) -> str | None:
+    """The first header that asks a server to take another method or path, if any."""
+    return next((name for name in OVERRIDE_HEADERS if name in request.headers), None)
 
 
 def announces_body(request: http.Request) -> bool:
