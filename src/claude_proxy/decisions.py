@@ -6,6 +6,7 @@ Never headers, bodies, query strings or anything else secret, in either.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -81,6 +82,13 @@ def status_details(text: str) -> str:
     return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
 
 
+def loggable_path(target: str) -> str:
+    """The path without what may carry a secret: the query, a fragment, and every segment's
+    parameters (`;jsessionid=…`)."""
+    path = re.split(r"[?#]", target, maxsplit=1)[0]
+    return re.sub(r";[^/]*", "", path) or "/"
+
+
 def log_decision(
     flow: http.HTTPFlow,
     decision: Decision,
@@ -92,7 +100,7 @@ def log_decision(
     fingerprint: str | None = None,
 ) -> None:
     request = flow.request
-    path = "-" if request.method == "CONNECT" else request.path.split("?", 1)[0] or "/"
+    path = "-" if request.method == "CONNECT" else loggable_path(request.path)
     up, down = flow.metadata.get(SENT_UP), flow.metadata.get(SENT_DOWN)
     response = flow.response
     if found := flow.metadata.get(FINGERPRINTS):

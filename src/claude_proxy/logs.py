@@ -31,9 +31,9 @@ def configure(
     verbose: bool = False,
     quiet: bool = False,
 ) -> None:
-    """Decision lines and our own messages at INFO; mitmproxy's from WARNING (INFO with -v).
+    """Decision lines and our own messages at INFO (DEBUG with -v); mitmproxy's from WARNING.
 
-    mitmproxy's DEBUG output can carry request details, so it is never enabled.
+    mitmproxy's INFO and DEBUG output can carry request details, so neither is ever enabled.
     """
     formatter = logging.Formatter(FORMAT)
     console = logging.StreamHandler()
@@ -51,10 +51,12 @@ def configure(
 
 
 def set_verbose(verbose: bool) -> None:
-    """Our messages at DEBUG and mitmproxy's at INFO, or ours at INFO and its from WARNING."""
-    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    """Our messages at DEBUG with -v, else at INFO; mitmproxy's from WARNING, always: its INFO
+    lines quote request lines as they came (userinfo passwords, query strings, control bytes)."""
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("claude_proxy").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("mitmproxy", "asyncio", "hpack", "passlib"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class PrivateLogFile(logging.handlers.RotatingFileHandler):
