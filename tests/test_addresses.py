@@ -40,9 +40,15 @@ from tests.upstream import Upstream
         ("64:ff9b::a00:1", "private, embedded"),  # NAT64 of 10.0.0.1
         ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata lives here), embedded"),
         ("2002:c0a8:101::1", "private, embedded"),  # 6to4 of 192.168.1.1
-        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", None),  # Teredo of public addresses
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),  # Teredo of public addresses
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "documentation (TEST-NET-1), embedded"),
         ("8.8.8.8", None),
-        ("203.0.113.10", None),
+        ("203.0.113.10", "documentation (TEST-NET-3)"),
+        ("192.0.2.1", "documentation (TEST-NET-1)"),
+        ("198.51.100.7", "documentation (TEST-NET-2)"),
+        ("198.19.255.1", "benchmarking"),
+        ("2001:db8::5", "documentation"),
+        ("::ffff:192.0.2.1", "documentation (TEST-NET-1), embedded"),
         ("2606:4700::1111", None),
         ("172.32.0.1", None),
         ("100.128.0.1", None),
@@ -85,6 +91,8 @@ RESOLVES = {
     "mapped.internal.example": "::ffff:192.168.1.1",
     "nat64.internal.example": "64:ff9b::a00:1",
     "mixed.internal.example": "203.0.113.10,10.0.0.1",
+    "docs.internal.example": "192.0.2.5",  # a documentation range: some networks use them
+    "bench.internal.example": "198.18.0.9",
     "claude.ai": "127.0.0.1",  # an allowed default name
 }
 if (OWN := this_machines_address()) is not None:

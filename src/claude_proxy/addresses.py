@@ -18,10 +18,15 @@ logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Each range with the name a refusal gives it. Documentation and benchmarking ranges are not here:
-# they are not reachable on any network, so nothing is gained by refusing them.
+# Each range with the name a refusal gives it. Documentation and benchmarking ranges are here
+# too: no public host lives in them, and some networks use them for their own machines.
 _FORBIDDEN: tuple[tuple[str, str], ...] = (
     ("0.0.0.0/8", "this network"),
+    ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+    ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+    ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("2001:db8::/32", "documentation"),
     ("10.0.0.0/8", "private"),
     ("100.64.0.0/10", "carrier-grade NAT"),
     ("127.0.0.0/8", "loopback"),

@@ -16,7 +16,7 @@ from typing import Any
 UPSTREAM = ("127.0.0.1", int(os.environ["CLAUDE_PROXY_TEST_UPSTREAM_PORT"]))
 # host:port destinations left alone (the benchmark's "blocked" one), comma-separated
 UNROUTED = set(filter(None, os.environ.get("CLAUDE_PROXY_TEST_UNROUTED", "").split(",")))
-PUBLIC = "203.0.113.10"  # TEST-NET-3: never a real host, and not a range the proxy refuses
+PUBLIC = "203.0.113.10"  # TEST-NET-3: never a real host; the one range made "public" below
 RESOLVE = {
     name: addresses.split(",")
     for name, _, addresses in (
@@ -61,6 +61,18 @@ async def _to_upstream(host: Any = None, port: Any = None, **kwargs: Any) -> Any
 def running() -> None:
     asyncio.open_connection = _to_upstream
     socket.getaddrinfo = _fake_getaddrinfo
+    _treat_as_public(PUBLIC)
+
+
+def _treat_as_public(address: str) -> None:
+    """The test-only setting: the proxy refuses documentation ranges, so the made-up public
+    address's own range is taken out of its list of forbidden networks, in this process only."""
+    from claude_proxy import addresses
+
+    ip = ipaddress.ip_address(address)
+    addresses.FORBIDDEN_NETWORKS = tuple(
+        (network, why) for network, why in addresses.FORBIDDEN_NETWORKS if ip not in network
+    )
 
 
 def done() -> None:
