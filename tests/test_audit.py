@@ -474,11 +474,11 @@ def test_log_suggest_prints_allow_rules_for_what_the_allowlist_refused(db: Path,
     fill(
         db,
         [
-            *[refusal("mozilla.org", time=NOW - i) for i in range(3)],
+            *[refusal("mozilla.org", time=NOW - i * MINUTE) for i in range(3)],
             refusal("Mozilla.org", 8443, reason="port 8443 is not allowed for mozilla.org (x)"),
-            refusal("127.0.0.1", method="SOCKS5", listener="socks5", status=None),
-            refusal("::1"),
-            refusal("::1"),
+            refusal("8.8.8.8", method="SOCKS5", listener="socks5", status=None),
+            refusal("2606:4700::1111"),
+            refusal("2606:4700::1111", time=NOW - HOUR),
             # Not for a rule to change: a limit, a malformed request, a forbidden address, a
             # name no rule can name, and a destination allowed since.
             refusal("api.anthropic.com", method=None, reason="more than 256 header fields"),
@@ -497,15 +497,54 @@ def test_log_suggest_prints_allow_rules_for_what_the_allowlist_refused(db: Path,
     assert tomllib.loads(text) == {
         "allow": [
             {"host": "mozilla.org", "ports": [443, 8443]},
-            {"ip": "::1", "ports": [443]},
-            {"ip": "127.0.0.1", "ports": [443]},
+            {"ip": "2606:4700::1111", "ports": [443]},
+            {"ip": "8.8.8.8", "ports": [443]},
         ]
     }
     comments = [line for line in lines if line.startswith("# ") and "refused attempt" in line]
-    assert comments[0].startswith("# 4 refused attempts, last ")
+    assert comments[0].startswith("# 4 refused attempts in 3 separate bursts, last ")
     assert comments[0].endswith("--allow mozilla.org:443 --allow mozilla.org:8443")
-    assert comments[1].endswith("--allow [::1]:443")
-    assert comments[2].startswith("# 1 refused attempt, last ")
+    assert comments[1].startswith("# 2 refused attempts in 2 separate bursts, last ")
+    assert comments[1].endswith("--allow [2606:4700::1111]:443")
+    assert comments[2].startswith("# 1 refused attempt in 1 burst, last ")
+    marks = [line for line in lines if line.startswith("# An IP address")]
+    assert len(marks) == 2
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [
+        ("127.0.0.1", "127.0.0.1 is loopback"),
+        ("::1", "::1 is loopback"),
+        ("169.254.169.254", "169.254.169.254 is link-local (cloud metadata lives here)"),
+        ("10.1.2.3", "10.1.2.3 is private"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1 is loopback, embedded in ::ffff:127.0.0.1"),
+        ("localhost", "localhost is this machine"),
+    ],
+)
+def test_log_suggest_never_suggests_what_the_address_guard_refuses(
+    db: Path, log: Any, host: str, why: str
+) -> None:
+    """Fifty refused CONNECTs to a local service, from any process in the sandbox, outrank
+    everything: pasting the top suggestion would open that service to the sandbox."""
+    fill(db, [*[refusal(host, 8080, time=NOW - i) for i in range(50)], refusal("mozilla.org")])
+    code, lines, _ = log("--suggest")
+    assert code == 0
+    assert tomllib.loads("\n".join(lines)) == {"allow": [{"host": "mozilla.org", "ports": [443]}]}
+    [said] = [line for line in lines if line.startswith("# Not suggested: ")]
+    assert "(50 refused attempts in 1 burst, last " in said
+    assert said.endswith(
+        f"{why}, which the address guard refuses; a rule naming it would let the sandbox reach it"
+    )
+
+
+def test_log_suggest_ranks_distinct_minutes_above_a_burst(db: Path, log: Any) -> None:
+    burst = [refusal("burst.example", time=NOW - i / 100) for i in range(40)]
+    spread = [refusal("spread.example", time=NOW - i * 10 * MINUTE) for i in range(3)]
+    fill(db, [*burst, *spread])
+    _, lines, _ = log("--suggest")
+    hosts = tomllib.loads("\n".join(lines))["allow"]
+    assert [h["host"] for h in hosts] == ["spread.example", "burst.example"]
 
 
 def test_log_suggest_with_nothing_to_suggest_is_valid_toml(db: Path, log: Any) -> None:
@@ -612,10 +651,10 @@ def test_status_names_the_database_its_rows_and_what_was_dropped(db: Path) -> No
 def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
     """What `--suggest` names (an A-label, an IPv6 literal) is a rule that allows it."""
     name = "bücher.example".encode("idna").decode()
-    fill(db, [refusal(name, time=NOW - 1), refusal("::1")])
+    fill(db, [refusal(name, time=NOW - 1), refusal("2606:4700::1111")])
     with closing(auditlog.connect(db)) as conn:
         found = auditlog.suggestions(conn, auditlog.Selection())
-    assert [(s.host, list(s.ports)) for s in found] == [("::1", [443]), (name, [443])]
+    assert [(s.host, list(s.ports)) for s in found] == [("2606:4700::1111", [443]), (name, [443])]
     for suggestion in found:
         ip = policy.parse_ip(suggestion.host) is not None
         text = auditlog.rule_text(suggestion.host, 443, ip)

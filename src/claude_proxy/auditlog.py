@@ -6,6 +6,7 @@ command starts in a fraction of a second.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from claude_proxy import audit, policy
+from claude_proxy import addresses, audit, policy
 from claude_proxy.errors import ProxyError
 
 FOLLOW_SECONDS = 0.5  # how often --follow looks for new rows
@@ -29,6 +30,9 @@ TUNNELS = ("CONNECT", "SOCKS5")  # the decisions a destination rule changes
 NOT_ALLOWED = ("% is not on the allowlist", "port % is not allowed for %")
 GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 PREFIX = 34  # TIME, DECISION, STATUS, METHOD and the spaces between them
+
+
+BURST_GAP = 60.0  # seconds: refusals closer than this are one burst in --suggest's ranking
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,32 @@ class Suggestion:
     host: str  # normalized: a lowercase A-label name or an IP address
     ports: dict[int, int] = field(default_factory=dict)  # port → refused attempts
     last: float = 0.0
+    bursts: int = 0  # refusals less than a minute after the one before count as one burst
+    times: list[float] = field(default_factory=list, repr=False)
+    withheld: str | None = None  # why no rule is suggested for it
 
     @property
     def count(self) -> int:
         return sum(self.ports.values())
+
+    @property
+    def ip(self) -> bool:
+        return policy.parse_ip(self.host) is not None
+
+
+def withheld(host: str) -> str | None:
+    """Why a rule for `host` must not be suggested: the address guard would refuse where it leads.
+
+    A rule that names an IP literal reaches it even when the guard would refuse it; any process in
+    the sandbox can make refusals, so the most refused destinations are the attacker's choice.
+    """
+    ip = policy.parse_ip(host)
+    if ip is None:
+        local = host == "localhost" or host.endswith(".localhost")
+        return "localhost is this machine" if local else None
+    found = ipaddress.ip_address(str(ip).split("%", 1)[0])
+    why = addresses.forbidden(found)
+    return f"{host} is {why}" if why else None
 
 
 def suggestions(conn: sqlite3.Connection, selection: Selection) -> list[Suggestion]:
@@ -142,7 +168,7 @@ def suggestions(conn: sqlite3.Connection, selection: Selection) -> list[Suggesti
     methods = ", ".join("?" * len(TUNNELS))
     reasons = " OR ".join("reason LIKE ?" for _ in NOT_ALLOWED)
     rows = conn.execute(
-        "SELECT host, port, count(*), max(time) FROM decisions "
+        "SELECT host, port, count(*), group_concat(time), max(time) FROM decisions "
         f"WHERE decision = 'block' AND method IN ({methods}) AND ({reasons}) AND {where} "
         "GROUP BY host, port",
         [*TUNNELS, *NOT_ALLOWED, *args],
@@ -157,14 +183,23 @@ def suggestions(conn: sqlite3.Connection, selection: Selection) -> list[Suggesti
             key = (name, port)
             allowed_since[key] = max(last, allowed_since.get(key, 0.0))
     found: dict[str, Suggestion] = {}
-    for host, port, count, last in rows:
+    for host, port, count, times, last in rows:
         name = normalized(host)
         if name is None or port is None or allowed_since.get((name, port), 0.0) > last:
             continue
-        suggestion = found.setdefault(name, Suggestion(name))
+        suggestion = found.setdefault(name, Suggestion(name, withheld=withheld(name)))
         suggestion.ports[port] = suggestion.ports.get(port, 0) + count
+        suggestion.times += [float(t) for t in times.split(",")]
         suggestion.last = max(suggestion.last, last)
-    return sorted(found.values(), key=lambda s: (-s.count, -s.last, s.host))
+    for suggestion in found.values():
+        suggestion.bursts = bursts(suggestion.times)
+    return sorted(found.values(), key=lambda s: (-s.bursts, -s.count, -s.last, s.host))
+
+
+def bursts(times: Iterable[float], gap: float = BURST_GAP) -> int:
+    """How many runs of refusals there are, a new one after `gap` seconds without any."""
+    ordered = sorted(times)
+    return sum(1 for i, t in enumerate(ordered) if i == 0 or t - ordered[i - 1] >= gap)
 
 
 def normalized(host: str | None) -> str | None:
@@ -178,24 +213,44 @@ def normalized(host: str | None) -> str | None:
 
 
 def suggest_toml(found: list[Suggestion]) -> Iterator[str]:
-    """`[[allow]]` tables, most refused first, each with its counts in a comment."""
-    yield "# Rules that would have allowed what claude-proxy refused, most refused first."
+    """`[[allow]]` tables, refused in the most distinct minutes first, each with its counts in a
+    comment; what the address guard would refuse is only named, never suggested."""
+    yield "# Rules that would have allowed what claude-proxy refused, refused in the most separate"
+    yield "# bursts first (repeats within a minute count once: any sandboxed process makes them)."
     yield "# Nothing is applied: review each, then add the ones you want to config.toml."
-    if not found:
+    suggested = [s for s in found if s.withheld is None]
+    if not suggested:
         yield "# (no refusal that a rule could change)"
-    for suggestion in found:
-        ip = policy.parse_ip(suggestion.host) is not None
+    for suggestion in suggested:
         ports = sorted(suggestion.ports)
-        flags = " ".join(f"--allow {rule_text(suggestion.host, port, ip)}" for port in ports)
-        attempts = "attempt" if suggestion.count == 1 else "attempts"
+        flags = " ".join(
+            f"--allow {rule_text(suggestion.host, port, suggestion.ip)}" for port in ports
+        )
+        yield ""
+        yield f"# {counts(suggestion)}; on the command line: {flags}"
+        if suggestion.ip:
+            yield "# An IP address: the address guard does not check a destination a rule names"
+        yield "[[allow]]"
+        yield f"{'ip' if suggestion.ip else 'host'} = {json.dumps(suggestion.host)}"
+        yield f"ports = [{', '.join(map(str, ports))}]"
+    for suggestion in (s for s in found if s.withheld is not None):
+        shown = ", ".join(
+            rule_text(suggestion.host, p, suggestion.ip) for p in sorted(suggestion.ports)
+        )
         yield ""
         yield (
-            f"# {suggestion.count} refused {attempts}, last {local(suggestion.last)}; "
-            f"on the command line: {flags}"
+            f"# Not suggested: {shown} ({counts(suggestion)}): {suggestion.withheld}, which the "
+            "address guard refuses; a rule naming it would let the sandbox reach it"
         )
-        yield "[[allow]]"
-        yield f"{'ip' if ip else 'host'} = {json.dumps(suggestion.host)}"
-        yield f"ports = [{', '.join(map(str, ports))}]"
+
+
+def counts(suggestion: Suggestion) -> str:
+    attempts = "attempt" if suggestion.count == 1 else "attempts"
+    runs = "burst" if suggestion.bursts == 1 else "separate bursts"
+    return (
+        f"{suggestion.count} refused {attempts} in {suggestion.bursts} {runs}, "
+        f"last {local(suggestion.last)}"
+    )
 
 
 def rule_text(host: str, port: int, ip: bool) -> str:
