@@ -25,6 +25,7 @@ WITH_EXTRAS = Policy.from_texts(
         "10.1.2.3:8080",
         "[::1]:9000",
         "bücher.example",
+        "faß.de",
         "*.Internal.Example.",
     ]
 )
@@ -109,6 +110,8 @@ def test_defaults(host: str, port: int, rule: str | None) -> None:
         ("0:0:0:0:0:0:0:1", 9000, True),  # the same address, spelt long
         ("xn--bcher-kva.example", 443, True),  # IDNA rule matches the A-label
         ("bücher.example", 443, False),  # the client must send the A-label
+        ("xn--fa-hia.de", 443, True),  # faß.de as browsers and curl send it (UTS-46, IDNA 2008)
+        ("fass.de", 443, False),  # what IDNA 2003 made of it: another domain
         ("a.internal.example", 443, True),
         ("internal.example", 443, False),  # *.domain never matches the domain itself
     ],
@@ -172,6 +175,7 @@ def test_invalid_rules(text: str, message: str) -> None:
         ("[::1]:9000", "::1", 9000, False),
         ("::1", "::1", 443, False),
         ("bücher.example", "xn--bcher-kva.example", 443, False),
+        ("faß.de", "xn--fa-hia.de", 443, False),
         (" claude.ai ", "claude.ai", 443, False),
     ],
 )
@@ -185,6 +189,23 @@ def test_normalize_host() -> None:
     assert normalize_host("[0:0::1]") == "::1"
     with pytest.raises(ValueError):
         normalize_host("bücher.example")
+    with pytest.raises(ValueError, match="scope id"):
+        normalize_host("[2001:db8::5%0]")
+
+
+@pytest.mark.parametrize("host", ["2001:db8::5", "2001:db8::5%0", "[2001:db8::5%eth0]"])
+def test_a_scope_id_does_not_dodge_a_deny_under_an_allowed_network(host: str) -> None:
+    text = b'[[allow]]\ncidr = "2001:db8::/32"\n[[deny]]\nip = "2001:db8::5"\n'
+    policy = config.build_policy(config.parse(Path("/c/config.toml"), text))
+    assert policy.decide("2001:db8::6", 443).allowed  # the network is allowed
+    decision = policy.decide(host, 443)
+    assert not decision.allowed
+    assert "scope id" in decision.reason or "2001:db8::5" in decision.reason
+
+
+def test_a_rule_with_a_scope_id_is_refused() -> None:
+    with pytest.raises(config.ConfigError, match="scope id"):
+        config.parse(Path("/c/config.toml"), b'[[deny]]\nip = "fe80::1%eth0"\n')
 
 
 @pytest.mark.parametrize(

@@ -186,18 +186,29 @@ def normalize_host(host: str) -> str:
     be made on exactly the name the proxy would connect to.
     """
     if ip := parse_ip(host):
+        _no_scope(ip)
         return str(ip)
     if not host.isascii():
         raise ValueError("is not ASCII (clients send IDNA A-labels, e.g. xn--…)")
     return _canonical_name(host)
 
 
+def _no_scope(ip: IPAddress) -> None:
+    """An IPv6 scope id (`%eth0`, `%0`) names an interface of this machine, and makes the address
+    compare unequal to the same address in a rule: refused wherever an address is read."""
+    if getattr(ip, "scope_id", None) is not None:
+        raise ValueError("has an IPv6 scope id (%…), which names an interface, not a destination")
+
+
 def _to_a_labels(name: str) -> str:
-    """`bücher.example` → `xn--bcher-kva.example` (IDNA 2003, as Python's codec does it)."""
+    """`bücher.example` → `xn--bcher-kva.example`, and `faß.de` → `xn--fa-hia.de`: UTS-46 with
+    IDNA 2008, non-transitional, as browsers and curl convert names (IDNA 2003 made it fass.de)."""
+    import idna
+
     try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError("is not a valid host name") from None
+        return idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        raise ValueError("is not a valid host name (IDNA 2008)") from None
 
 
 def parse_destination(text: str, *, what: str) -> tuple[str, str, IPNetwork | None]:
@@ -209,6 +220,10 @@ def parse_destination(text: str, *, what: str) -> tuple[str, str, IPNetwork | No
             raise ValueError(f"{what}: {e}") from None
         return CIDR, str(network), network
     if ip := parse_ip(text):
+        try:
+            _no_scope(ip)
+        except ValueError as e:
+            raise ValueError(f"{what}: {text} {e}") from None
         if ip.is_unspecified:
             raise ValueError(f"{what}: {ip} means every address of this machine, not a destination")
         return IP, str(ip), None
