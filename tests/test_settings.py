@@ -123,3 +123,20 @@ def test_a_member_the_user_took_out_between_runs_is_forgotten() -> None:
     first["permissions"]["deny"].remove("a")
     combined = settings.combine(first_edits, [], first)
     assert combined == [Added(DENY, ("b",))]
+
+
+def test_numbers_are_written_back_as_they_were_written() -> None:
+    """1e999 read as a float comes back as Infinity, which no JSON parser (Node's) accepts."""
+    text = '{\n  "a": 1e999,\n  "b": 1.50,\n  "c": 1E5,\n  "d": -0.0,\n  "e": 12\n}\n'
+    document = settings.parse(text)
+    assert settings.render(document, text) == text
+    new, edits, _ = merge(document, wanted={("a",): 2})
+    assert '"a": 2,' in settings.render(new, text)
+    back, _ = settings.revert(new, edits, [])
+    assert settings.render(back, text) == text
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_constants_that_are_not_json_are_refused(constant: str) -> None:
+    with pytest.raises(settings.SettingsError, match=f"{constant} is not JSON"):
+        settings.parse(f'{{"a": {constant}}}')

@@ -793,3 +793,16 @@ def test_undo_all_takes_back_every_file_and_names_the_one_that_needs_root(
         assert not path.exists()
     assert not (home / ".srt-settings.json").exists()
     assert list(json.loads(record.read_text())["files"]) == [str(MANAGED)]
+
+
+def test_numbers_in_a_settings_file_are_kept_as_written(home: Path) -> None:
+    path = settings_file(home)
+    path.parent.mkdir()
+    path.write_text('{\n  "cleanupPeriodDays": 1e999,\n  "ratio": 1.50\n}\n')
+    result = run(home, "setup", "claude-code", "--yes")
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    assert '"cleanupPeriodDays": 1e999,' in text and '"ratio": 1.50,' in text
+    assert "Infinity" not in text
+    assert run(home, "setup", "claude-code", "--undo", "--yes").returncode == 0
+    assert path.read_text() == '{\n  "cleanupPeriodDays": 1e999,\n  "ratio": 1.50\n}\n'

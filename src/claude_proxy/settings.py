@@ -80,15 +80,60 @@ def dotted(key: Key) -> str:
     return ".".join(key)
 
 
+class RawNumber:
+    """A JSON number with a fraction or an exponent, kept as written: read as a float, `1e999`
+    would be written back as `Infinity` (which no JSON parser reads) and `1e5` as `100000.0`."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawNumber) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str) -> Any:
+    """JSON text to values, numbers kept as written; NaN and Infinity refused."""
+    return json.loads(text, parse_float=RawNumber, parse_constant=_no_constant)
+
+
+def dumps(value: Any, **options: Any) -> str:
+    """Values to JSON text, each RawNumber as it was written."""
+    raw: dict[str, str] = {}
+
+    def mark(o: object) -> str:
+        if not isinstance(o, RawNumber):
+            raise TypeError(f"{type(o).__name__} is not JSON")
+        key = f"\ue000{len(raw)}\ue000"
+        raw[key] = o.text
+        return key
+
+    text = json.dumps(value, default=mark, ensure_ascii=False, **options)
+    for key, number in raw.items():
+        text = text.replace(json.dumps(key, ensure_ascii=False), number, 1)
+    return text
+
+
 def same(a: Any, b: Any) -> bool:
     """JSON equality: `true` is not `1`, and ABSENT equals only itself."""
     if a is ABSENT or b is ABSENT:
         return a is b
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    return dumps(a, sort_keys=True) == dumps(b, sort_keys=True)
 
 
 def show(value: Any) -> str:
-    return "absent" if value is ABSENT else json.dumps(value)
+    return "absent" if value is ABSENT else dumps(value)
 
 
 def parse(text: str) -> Document:
@@ -96,9 +141,11 @@ def parse(text: str) -> Document:
     if not text.strip():
         return {}
     try:
-        value = json.loads(text)
+        value = loads(text)
     except json.JSONDecodeError as e:
         raise SettingsError(e.msg, at=f"{e.lineno}:{e.colno}") from None
+    except ValueError as e:  # NaN, Infinity
+        raise SettingsError(str(e)) from None
     if not isinstance(value, dict):
         raise SettingsError(f"the top level is {_kind(value)}, not an object")
     return value
@@ -107,7 +154,7 @@ def parse(text: str) -> Document:
 def render(document: Document, original: str = "") -> str:
     """JSON text for `document`, indented like `original` (two spaces if it says nothing)."""
     found = re.search(r'^([ \t]+)"', original, re.MULTILINE)
-    return json.dumps(document, indent=found[1] if found else 2, ensure_ascii=False) + "\n"
+    return dumps(document, indent=found[1] if found else 2) + "\n"
 
 
 def merge(

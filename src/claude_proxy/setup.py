@@ -9,7 +9,6 @@ settings file (`--managed`, root only), which no file the agent could write outr
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import shutil
 import stat
@@ -452,7 +451,7 @@ def record_file() -> Path:
 def load_records() -> dict[str, Any]:
     path = record_file()
     try:
-        data = json.loads(path.read_text())
+        data = settings.loads(path.read_text())
         return dict(data["files"])
     except FileNotFoundError:
         return {}
@@ -468,7 +467,7 @@ def save_records(records: dict[str, Any], shown: Path) -> None:
     try:
         made = not path.parent.exists()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data = json.dumps({"files": records}, indent=2) + "\n"
+        data = settings.dumps({"files": records}, indent=2) + "\n"
         owner = sudo_user()  # root writing for the user who ran sudo: the file stays theirs
         if made and owner is not None:
             os.chown(path.parent, *owner)
