@@ -455,6 +455,46 @@ def test_out_of_descriptors_logs_one_line_and_recovers(
     assert proxy.stop() == 0
 
 
+def socks_tunnel(proxy: ProxyProcess) -> tuple[socket.socket, bytes]:
+    """A SOCKS5 greeting, and a tunnel to an allowed host if the greeting is accepted."""
+    sock = socket.create_connection(("127.0.0.1", proxy.socks_port), timeout=ANSWER_SECONDS)
+    sock.sendall(b"\x05\x01\x00")
+    greeting = sock.recv(2)
+    if greeting != b"\x05\x00":
+        return sock, greeting
+    name = b"api.anthropic.com"
+    sock.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + (443).to_bytes(2, "big"))
+    return sock, sock.recv(10)
+
+
+@pytest.mark.usefixtures("limited_descriptors")
+def test_socks_clients_count_against_the_cap_and_http_still_answers(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """One client filling the cap through SOCKS5 cannot take the HTTP listener's answer away."""
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(DESCRIPTOR_LIMIT):
+            sock, answer = socks_tunnel(proxy)
+            if not answer.startswith(b"\x05\x00"):
+                sock.close()
+                break
+            held.append(sock)  # an idle SOCKS tunnel: one descriptor in the proxy
+        assert answer == b"\x05\xff", answer  # no acceptable method: the cap is reached
+        assert len(held) < DESCRIPTOR_LIMIT // 2
+        sock, head = connect_answer(proxy, b"api.anthropic.com:443")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"Proxy-Status: claude-proxy; error=connection_limit_reached" in head
+    finally:
+        for sock in held:
+            sock.close()
+    assert "Traceback" not in proxy.log_text()
+    assert upstream.seen.connections == 0
+    assert proxy.stop() == 0
+
+
 BURST = 300
 
 

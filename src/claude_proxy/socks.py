@@ -21,6 +21,13 @@ from claude_proxy.defaults import SOCKS_PROBE_METHOD
 
 METHOD = "SOCKS5"  # how these tunnels appear in the decision log
 REPLY_NOT_ALLOWED = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"
+REPLY_NO_METHOD = b"\x05\xff"  # RFC 1928: no acceptable methods; the client then closes
+
+
+def over_cap(client_id: str) -> bool:
+    """Whether the client cap refused this client when it connected."""
+    limits = ctx.master.addons.get("limits")
+    return limits is not None and client_id in limits.over_cap
 
 
 class CheckedSocks5Proxy(modes.Socks5Proxy):
@@ -30,6 +37,13 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
     def state_greet(self) -> layer.CommandGenerator[None]:
         if len(self.buf) >= 2:
             self.probe = SOCKS_PROBE_METHOD in self.buf[2 : 2 + self.buf[1]]
+            if over_cap(self.context.client.id):
+                # The client cap counts SOCKS clients too; Limits logged the refusal on accept.
+                # In SOCKS5 the only answer before a method is agreed is "no acceptable method".
+                yield commands.SendData(self.context.client, REPLY_NO_METHOD)
+                yield commands.CloseConnection(self.context.client)
+                self._handle_event = self.done  # type: ignore[method-assign]
+                return
         yield from super().state_greet()
 
     state = state_greet
