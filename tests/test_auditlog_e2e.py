@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -435,11 +436,36 @@ def test_status_names_the_audit_database(audited: ProxyProcess) -> None:
     [line] = [line for line in result.stdout.splitlines() if "audit log:" in line]
     assert line.startswith(f"ok   audit log: {audit_db(audited)}: ")
     assert f"; the running proxy (pid {audited.proc.pid}) dropped 0" in line
-    # Its probes (one tunnel through each port) are no one's traffic: not recorded.
+    # Its probes (one tunnel through each port) prove themselves: recorded as probes.
     assert any(line.startswith("ok   proxy on") for line in result.stdout.splitlines())
     refused_connect(audited, b"after-status.example:443")  # rows are written in order
     wait_for(audited, "host = 'after-status.example'")
-    assert [row["host"] for row in decisions(audited)[before:]] == ["after-status.example"]
+    rows = [(r["host"], r["listener"], r["reason"]) for r in decisions(audited)[before:]]
+    assert rows == [
+        ("api.anthropic.com", "http", "claude-proxy status probe"),
+        ("api.anthropic.com", "socks5", "claude-proxy status probe"),
+        ("after-status.example", "http", "after-status.example is not on the allowlist"),
+    ]
+    assert "probe: " not in audited.log_text()  # a probe's line is at DEBUG, not shown
+
+
+def test_a_client_cannot_pass_for_the_status_probe(audited: ProxyProcess) -> None:
+    """The probe's proof comes from a key in the state folder, out of the agent's reach: the old
+    marks (its User-Agent, its SOCKS method) or a wrong proof make a client like any other."""
+    began = time.time()
+    for extra in (b"User-Agent: claude-proxy-status\r\n", b"X-Claude-Proxy-Probe: 00ff\r\n"):
+        sock = send_connect(audited, b"claude.ai:443", extra)
+        assert read_head(sock).startswith(b"HTTP/1.1 200")
+        sock.close()
+    with socket.create_connection(("127.0.0.1", audited.socks_port), timeout=10) as sock:
+        sock.sendall(b"\x05\x02\x00\x80")
+        assert sock.recv(2) == b"\x05\x80"  # then the proof is due
+        sock.sendall(b"\x04nope")
+        assert sock.recv(2) == b"\x01\x01"
+    found = wait_for(audited, "host = 'claude.ai' AND time >= ?", (began,), count=2)
+    assert [(r["decision"], r["reason"]) for r in found] == [("allow", None), ("allow", None)]
+    log = audited.log_text()
+    assert "INFO ALLOW CONNECT claude.ai:443" in log and "probe: ALLOW CONNECT claude.ai" not in log
 
 
 def test_suggested_rules_allow_what_was_refused(
@@ -455,7 +481,8 @@ def test_suggested_rules_allow_what_was_refused(
     result = log(audited, "--suggest")
     assert result.returncode == 0, result.stderr
     rules = tomllib.loads(result.stdout)["allow"]
-    assert rules == [{"host": "api.anthropic.com", "ports": [8443]}]
+    assert {"host": "api.anthropic.com", "ports": [8443]} in rules
+    assert [r for r in rules if "ip" in r] == []
     # This machine's loopback, refused as often, is named but never suggested.
     assert "# Not suggested: 127.0.0.1:443 (1 refused attempt in 1 burst, last " in result.stdout
     # Put into the new proxy's config.toml as printed, they allow what was refused.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -281,6 +282,23 @@ def load_key(state: Path) -> bytes:
             "one (the organizations seen so far are then learned again)"
         )
     return key
+
+
+def probe_proof(state: Path) -> bytes | None:
+    """What `claude-proxy status` shows to be recognised as itself: derived from the fingerprint
+    key, which the agent's sandbox and file tools may not read. None while there is no key."""
+    try:
+        return _probe_proof(state / KEY_FILE)
+    except (OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_proof(path: Path) -> bytes:
+    key = path.read_bytes()  # a missing key raises: nothing is cached until it exists
+    if len(key) != KEY_BYTES:
+        raise ValueError("damaged key")
+    return hmac.new(key, b"claude-proxy status probe", hashlib.sha256).digest()
 
 
 def _make_key(path: Path) -> None:

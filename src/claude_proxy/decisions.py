@@ -5,6 +5,7 @@ Never headers, bodies, query strings or anything else secret, in either.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
@@ -13,7 +14,7 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http
 
 from claude_proxy import accounts, audit, paths
-from claude_proxy.defaults import PROBE_AGENT, REFUSAL_HEADER
+from claude_proxy.defaults import PROBE_HEADER, REFUSAL_HEADER
 from claude_proxy.listeners import format_address
 from claude_proxy.policy import Decision
 from claude_proxy.probe import ORG_HEADER
@@ -89,6 +90,19 @@ def loggable_path(target: str) -> str:
     return re.sub(r";[^/]*", "", path) or "/"
 
 
+PROBE_REASON = "claude-proxy status probe"  # the audit row of a proven probe
+
+
+def proves_probe(shown: str | bytes | None) -> bool:
+    """Whether `shown` (hex, or raw bytes in SOCKS) is the status probe's proof."""
+    proof = accounts.probe_proof(paths.state_dir())
+    if shown is None or proof is None:
+        return False
+    expected = proof.hex().encode() if isinstance(shown, str) else proof
+    given = shown.encode("ascii", "replace") if isinstance(shown, str) else shown
+    return hmac.compare_digest(given, expected)
+
+
 def log_decision(
     flow: http.HTTPFlow,
     decision: Decision,
@@ -112,7 +126,7 @@ def log_decision(
         down_size = len(response.raw_content or b"")  # our own answer: a refusal, a 504
     else:
         down_size = down.size if down is not None else 0
-    probe = request.method == "CONNECT" and request.headers.get("user-agent") == PROBE_AGENT
+    probe = request.method == "CONNECT" and proves_probe(request.headers.get(PROBE_HEADER))
     log_line(
         request.method,
         host,
@@ -161,7 +175,7 @@ def log_line(
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
     if failure:
         why += f' "{printable(failure)}"'
-    quiet = probe and decision.allowed
+    quiet = probe and decision.allowed  # no one's traffic: at DEBUG, and recorded as a probe
     logger.log(
         logging.DEBUG if quiet else logging.INFO,
         "%s%s %s %s %s %s %s %.0fms",
@@ -174,7 +188,7 @@ def log_line(
         why,
         elapsed_ms,
     )
-    if (writer := _writer) is None or quiet:
+    if (writer := _writer) is None:
         return
     try:
         peer = client.peername if client is not None else None
@@ -182,6 +196,8 @@ def log_line(
         reason = failure if decision.allowed else decision.reason
         if failure and not decision.allowed:
             reason = f"{decision.reason}; {failure}"
+        if quiet:
+            reason = PROBE_REASON
         writer.submit(
             audit.Record(
                 time=now,

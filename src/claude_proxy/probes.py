@@ -3,8 +3,10 @@
 The proxy checks go the whole way without contacting any upstream: a tunnel to an allowed host
 (CONNECT, and SOCKS5), then a TLS handshake inside it that must verify against *our* CA. The
 proxy's lazy connection strategy opens nothing upstream before a request, and the probe sends
-none. A probe names itself (defaults.PROBE_AGENT, defaults.SOCKS_PROBE_METHOD), so the proxy
-keeps it out of the decision log. No mitmproxy import here: `status` starts fast.
+none. A probe proves itself (accounts.probe_proof, from a key in the state folder that the agent
+cannot read: defaults.PROBE_HEADER, defaults.SOCKS_PROBE_METHOD), so the proxy records it as a
+probe and not as traffic; anyone else who claims to be one is logged like any client. No mitmproxy
+import here: `status` starts fast.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from claude_proxy import defaults, paths
+from claude_proxy import accounts, defaults, paths
 
 PROBE_HOST = "api.anthropic.com"  # allowed by the built-in rules, which no flag removes
 PROBE_PORT = 443
@@ -50,6 +52,12 @@ def start_fix(target: Target) -> str:
     return f"claude-proxy run --port {target.port} --socks-port {target.socks_port}"
 
 
+def proof_header() -> str:
+    """The header that proves this probe is status's own (none while the proxy has no key)."""
+    proof = accounts.probe_proof(paths.state_dir())
+    return f"{defaults.PROBE_HEADER}: {proof.hex()}\r\n" if proof else ""
+
+
 def probe_http(target: Target, cert: Path | None) -> Check:
     """CONNECT to an allowed host, then TLS inside the tunnel verified against our CA."""
     where = f"{target.host}:{target.port}"
@@ -62,7 +70,7 @@ def probe_http(target: Target, cert: Path | None) -> Check:
         try:
             sock.sendall(
                 f"CONNECT {PROBE_HOST}:{PROBE_PORT} HTTP/1.1\r\nHost: {PROBE_HOST}:{PROBE_PORT}\r\n"
-                f"User-Agent: {defaults.PROBE_AGENT}\r\n\r\n".encode()
+                f"User-Agent: {defaults.PROBE_AGENT}\r\n{proof_header()}\r\n".encode()
             )
             head = read_head(sock)
         except TimeoutError:
@@ -94,8 +102,13 @@ def probe_socks(target: Target, cert: Path | None) -> Check:
         return Check(False, what, f"nothing listens ({e.strerror or e})", start_fix(target))
     with sock:
         try:
-            sock.sendall(bytes([5, 2, 0, defaults.SOCKS_PROBE_METHOD]))
+            proof = accounts.probe_proof(paths.state_dir())
+            offered = [0, defaults.SOCKS_PROBE_METHOD] if proof else [0]
+            sock.sendall(bytes([5, len(offered), *offered]))
             greeting = read_exactly(sock, 2)
+            if greeting == bytes([5, defaults.SOCKS_PROBE_METHOD]) and proof:
+                sock.sendall(bytes([len(proof)]) + proof)
+                greeting = b"\x05\x00" if read_exactly(sock, 2) == b"\x01\x00" else greeting
             if greeting != b"\x05\x00":
                 return Check(False, what, f"something else answers: {greeting!r}", other(target))
             sock.sendall(request)

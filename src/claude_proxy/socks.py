@@ -16,7 +16,7 @@ from mitmproxy.proxy import commands, layer
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.mode_servers import Socks5Instance
 
-from claude_proxy.decisions import log_line
+from claude_proxy.decisions import log_line, proves_probe
 from claude_proxy.defaults import SOCKS_PROBE_METHOD
 
 METHOD = "SOCKS5"  # how these tunnels appear in the decision log
@@ -32,11 +32,10 @@ def over_cap(client_id: str) -> bool:
 
 class CheckedSocks5Proxy(modes.Socks5Proxy):
     refused = False
-    probe = False  # `claude-proxy status` offers its private method: not a decision to log
+    probe = False  # `claude-proxy status` proved itself in its private method: a probe
 
     def state_greet(self) -> layer.CommandGenerator[None]:
         if len(self.buf) >= 2:
-            self.probe = SOCKS_PROBE_METHOD in self.buf[2 : 2 + self.buf[1]]
             if over_cap(self.context.client.id):
                 # The client cap counts SOCKS clients too; Limits logged the refusal on accept.
                 # In SOCKS5 the only answer before a method is agreed is "no acceptable method".
@@ -44,7 +43,31 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
                 yield commands.CloseConnection(self.context.client)
                 self._handle_event = self.done  # type: ignore[method-assign]
                 return
+            methods = self.buf[2 : 2 + self.buf[1]]
+            if self.buf[0] == 5 and len(methods) == self.buf[1] and SOCKS_PROBE_METHOD in methods:
+                # `claude-proxy status`, or one that claims to be: it must show the proof.
+                yield commands.SendData(self.context.client, bytes([5, SOCKS_PROBE_METHOD]))
+                self.buf = self.buf[2 + len(methods) :]
+                self.state = self.state_probe
+                yield from self.state()
+                return
         yield from super().state_greet()
+
+    def state_probe(self) -> layer.CommandGenerator[None]:
+        """The private method's sub-negotiation: one length byte, then the proof; answered like
+        RFC 1929's (01 00 accepted, 01 01 refused and closed)."""
+        if not self.buf or len(self.buf) < 1 + self.buf[0]:
+            return
+        shown = bytes(self.buf[1 : 1 + self.buf[0]])
+        self.buf = self.buf[1 + len(shown) :]
+        self.probe = proves_probe(shown)
+        if not self.probe:
+            yield commands.SendData(self.context.client, b"\x01\x01")
+            yield from self.socks_err("the status probe's proof was wrong")
+            return
+        yield commands.SendData(self.context.client, b"\x01\x00")
+        self.state = self.state_connect
+        yield from self.state()
 
     state = state_greet
 
