@@ -6,6 +6,7 @@ force, or the error of the last reload); proofs are what reaches the upstream.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyProcess, curl, open_tunnel, read_head, start_proxy
+from tests.conftest import (
+    ProxyProcess,
+    curl,
+    open_tunnel,
+    read_head,
+    read_until_closed,
+    start_proxy,
+)
 from tests.test_service import run_cli
 from tests.upstream import Upstream
 
@@ -139,7 +147,7 @@ def test_sighup_reloads_a_change_the_watcher_cannot_see(
         assert proxy.stop() == 0
 
 
-def test_an_open_tunnel_is_refused_once_its_host_is_removed(
+def test_an_open_tunnel_is_closed_once_its_host_is_removed(
     running: ProxyProcess, upstream: Upstream
 ) -> None:
     tunnel = open_tunnel(running, "api.anthropic.com")
@@ -150,12 +158,33 @@ def test_an_open_tunnel_is_refused_once_its_host_is_removed(
     text = allowing("claude.ai")
     write_by_rename(config_file(running.home), text)
     wait_applied(running, text)
-    tunnel.sendall(request.replace(b"first", b"second"))
-    head = read_head(tunnel)
-    assert head.startswith(b"HTTP/1.1 403"), head
-    assert b"api.anthropic.com is not on the allowlist" in head + tunnel.recv(65536)
+    assert read_until_closed(tunnel) == b""  # closed at once, not at its next request
     tunnel.close()
     assert [r[1] for r in upstream.seen.requests] == ["/first"]
+    assert "closed: the policy now refuses api.anthropic.com:443" in running.log_text()
+
+
+def test_an_upload_still_streaming_is_cut_when_its_host_is_removed(
+    running: ProxyProcess, upstream: Upstream
+) -> None:
+    tunnel = open_tunnel(running, "api.anthropic.com")
+    tunnel.sendall(
+        b"POST /upload HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n5\r\nEARLY\r\n"
+    )
+    deadline = time.monotonic() + STATE_WAIT
+    while b"EARLY" not in bytes(upstream.seen.raw):  # barrier: the first chunk has arrived
+        assert time.monotonic() < deadline, "the first chunk never reached the upstream"
+        time.sleep(0.02)
+    text = allowing("claude.ai")
+    write_by_rename(config_file(running.home), text)
+    wait_applied(running, text)
+    with contextlib.suppress(OSError):
+        tunnel.sendall(b"4\r\nLATE\r\n0\r\n\r\n")
+    read_until_closed(tunnel)
+    tunnel.close()
+    upstream.wait_idle()
+    assert b"LATE" not in bytes(upstream.seen.raw)
 
 
 def test_a_broken_edit_changes_nothing(running: ProxyProcess, upstream: Upstream) -> None:

@@ -70,6 +70,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 REFUSAL_PREFIX = "claude-proxy: "  # starts every refusal made on the way upstream
 PASS = "PASS"  # how pass-through tunnels appear in the decision log
+GENERATION = "claude_proxy.generation"  # flow.metadata: (policy generation, scheme) of a decision
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Target = tuple[str, int]
 
@@ -91,9 +92,47 @@ class Enforcer:
         self.in_flight = 0  # allowed requests whose response has not ended
 
     def use_policy(self, new: Policy) -> None:
-        """From now on every decision, in open tunnels too, is made by `new`."""
+        """From now on every decision, in open tunnels too, is made by `new`; an open tunnel it
+        refuses is closed at once (a WebSocket, an upload still streaming, a request waiting)."""
         self.policy = new
         self.generation += 1
+        if self.tunnels:
+            try:
+                self.close_refused()
+            except Exception:
+                logger.exception("closing the tunnels the new policy refuses failed")
+
+    def close_refused(self) -> None:
+        try:
+            server = ctx.master.addons.get("proxyserver")
+        except (AttributeError, ValueError):
+            return  # no running master (a policy given before start, or a unit test)
+        if server is None:
+            return
+        for client_id, (host, port) in list(self.tunnels.items()):
+            decision = self.decide(host, port)
+            spliced = client_id in self.spliced
+            if decision.allowed and decision.inspect != spliced:
+                continue
+            handler = server.connections.get(client_id)
+            io = handler.transports.get(handler.client) if handler is not None else None
+            if io is None or io.handler is None:
+                continue
+            why = f"closed: the policy now refuses {host}:{port}"
+            if decision.allowed:  # allowed, but inspected where it was passed through, or back
+                why = f"closed: the policy now {'inspects' if spliced else 'passes through'} it"
+            socks = handler.client.proxy_mode.type_name == "socks5"
+            log_line(
+                PASS if spliced else ("SOCKS5" if socks else "CONNECT"),
+                host,
+                port,
+                "-",
+                None,
+                Decision(False, f"{why} ({decision.reason})" if not decision.allowed else why),
+                started=time.time(),
+                client=handler.client,
+            )
+            io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -296,6 +335,7 @@ class Enforcer:
                 self.refuse(flow, host, port, decision, status)
             return
         flow.metadata["claude_proxy.decision"] = (decision, host, port)
+        flow.metadata[GENERATION] = (self.generation, scheme)
         flow.request.stream = count_body(flow, SENT_UP)
         self.in_flight += 1
 
@@ -340,6 +380,15 @@ class Enforcer:
             log_decision(flow, refused or decision, host=host, port=port, status=status)
 
     # Helpers
+
+    def recheck(self, flow: http.HTTPFlow, host: str, port: int) -> Decision | None:
+        """A request decided under an earlier policy (it waited: for a probe), decided again; None
+        when the policy has not changed since."""
+        generation, scheme = flow.metadata.get(GENERATION, (self.generation, policy.HTTPS))
+        if generation == self.generation:
+            return None
+        target = flow.request.data.path.decode("ascii", "replace")
+        return self.decide_request(host, port, scheme, flow.request.method, target)
 
     def decide(self, host: str, port: int, scheme: str = policy.HTTPS) -> Decision:
         try:

@@ -115,6 +115,8 @@ class OrgGuard:
         _, host, port = allowed
         try:
             reason = await self.check(flow, host)
+            if reason is None and (again := self.enforcer.recheck(flow, host, port)) is not None:
+                reason = None if again.allowed else f"{again.reason} (the policy changed)"
         except Exception:
             self.internal_error("checking the organization of a request")
             reason = "internal error in the organization check"
