@@ -260,6 +260,28 @@ def test_retention_keeps_the_database_under_its_size_limit(
     assert kept[0][0] > NOW
 
 
+def test_size_trimming_never_deletes_refusals_younger_than_the_age_limit(
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood (of allowed traffic, or of anything) cannot push the evidence of refusals out."""
+    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(audit, "CHUNK", 200)
+    refusals = [refusal(f"r{i}.example", time=NOW - DAY + i) for i in range(300)]
+    fill(db, refusals)
+    limit = 256 * 1024
+    writer = start(db, audit.Retention(max_age=30 * DAY, max_bytes=limit))
+    total = 6000
+    for i in range(total):
+        writer.submit(record(method="GET", path=f"/{i}/" + "x" * 200, time=NOW + i))
+    wait_until(lambda: writer.written == total, "every record")
+    with closing(audit.open_readonly(db)) as reader:
+        wait_until(lambda: audit.used_bytes(reader) <= limit, "the database to shrink")
+    writer.stop()
+    kept = rows(db)
+    assert [r[4] for r in kept if r[7] == "block"] == [f"r{i}.example" for i in range(300)]
+    assert len([r for r in kept if r[7] == "allow"]) < total
+
+
 def test_a_slow_disk_never_holds_up_submit(
     db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -232,6 +232,7 @@ class Writer:
         self.conn: sqlite3.Connection | None = None
         self.inode: int | None = None
         self.trimming = False
+        self.full_warned = False  # said once that refusals keep it over its size limit
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="claude-proxy-audit", daemon=True)
 
@@ -424,5 +425,17 @@ class Writer:
         limit = retention.max_bytes * (TRIM_TO if self.trimming else 1.0)
         self.trimming = used > limit
         if self.trimming:
-            self.trimming = delete_oldest(conn, "1", (), CHUNK) > 0
+            # Room is made from allowed traffic only: a refusal younger than the age limit is
+            # evidence, and a flood of anything must not be a way to erase it.
+            self.trimming = delete_oldest(conn, "decision = 'allow'", (), CHUNK) > 0
+            if not self.trimming and not self.full_warned:
+                self.full_warned = True
+                logger.warning(
+                    "audit log: %s is over its size limit (%d MiB) with refusals younger than "
+                    "%d days, which are kept; raise sandbox_audit_max_mb or lower "
+                    "sandbox_audit_days",
+                    self.path,
+                    retention.max_bytes // MIB,
+                    retention.max_age // 86400,
+                )
         return self.trimming
