@@ -5,6 +5,7 @@ Never headers, bodies, query strings or anything else secret, in either.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -28,6 +29,76 @@ SENT_DOWN = "claude_proxy.bytes_down"  # flow.metadata: the response body's Body
 FINGERPRINTS = "claude_proxy.fingerprints"  # flow.metadata: the credentials' (OrgGuard's)
 LISTENERS = {"regular": "http"}  # mitmproxy's mode names, as the audit log calls them
 _writer: audit.Writer | None = None  # the running proxy's audit writer, if any
+SUMMARY_SECONDS = 10  # refusals alike within this long: one line and one row, with a count
+MAX_RUNS = 4096  # refusal runs followed at once; past it the oldest is summed up early
+
+
+class Repeats:
+    """Refusals alike (one client address, one destination, one reason) within `interval`: the
+    first is logged and recorded as usual, the rest are counted, and one line and one row with
+    the count follow when the interval ends. A flood costs a line per interval and erases nothing.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.runs: dict[tuple[Any, ...], list[Any]] = {}  # key → [started, last, more, fields]
+
+    def counted(self, key: tuple[Any, ...], now: float, fields: dict[str, Any]) -> bool:
+        """Whether this refusal is one more of a run (counted, not logged)."""
+        run = self.runs.get(key)
+        if run is not None and now - run[0] < self.interval:
+            run[1], run[2] = now, run[2] + 1
+            return True
+        if run is not None:
+            self._close(key)
+        if len(self.runs) >= MAX_RUNS:
+            self._close(next(iter(self.runs)))
+        self.runs[key] = [now, now, 0, fields]
+        return False
+
+    def flush(self, now: float) -> None:
+        for key in [k for k, run in self.runs.items() if now - run[0] >= self.interval]:
+            self._close(key)
+
+    def _close(self, key: tuple[Any, ...]) -> None:
+        started, last, more, fields = self.runs.pop(key)
+        if more:
+            _summary(more, last - started, **fields)
+
+
+_repeats: Repeats | None = None  # the running proxy's refusal runs, if any
+
+
+def _summary(more: int, seconds: float, **fields: Any) -> None:
+    decision: Decision = fields["decision"]
+    reason = f"{decision.reason} ({more} more like it in {seconds:.0f} s)"
+    logger.info(
+        'BLOCK %s %s %s %s "%s"',
+        printable(fields["method"]),
+        fields["destination"],
+        printable(fields["path"]),
+        "-" if fields["status"] is None else fields["status"],
+        printable(reason),
+    )
+    if (writer := _writer) is not None:
+        writer.submit(
+            audit.Record(
+                time=time.time(),
+                client=fields["client"],
+                listener=fields["listener"],
+                method=None if fields["method"] == "-" else printable(fields["method"]),
+                host=fields["host"],
+                port=fields["port"],
+                path=None if fields["path"] == "-" else printable(fields["path"]),
+                decision="block",
+                rule=decision.rule,
+                reason=printable(reason),
+                status=fields["status"] if isinstance(fields["status"], int) else None,
+                bytes_up=0,
+                bytes_down=0,
+                duration_ms=0,
+            )
+        )
 
 
 def printable(text: str) -> str:
@@ -171,6 +242,23 @@ def log_line(
     sent, would each be logged as usual; a refused probe is a decision like any other.
     """
     now = time.time()
+    if not decision.allowed and (repeats := _repeats) is not None:
+        peer = client.peername if client is not None else None
+        mode = client.proxy_mode.type_name if client is not None else None
+        fields = {
+            "method": method,
+            "destination": "-" if host is None else f"{printable(host)}:{port}",
+            "host": None if host is None else printable(host),
+            "port": port,
+            "path": path,
+            "status": status,
+            "decision": decision,
+            "client": str(peer[0]) if peer else None,
+            "listener": LISTENERS.get(mode, mode) if mode else None,
+        }
+        key = (fields["client"], mode, method, host, port, path, status, decision.reason, failure)
+        if repeats.counted(key, now, fields):
+            return
     elapsed_ms = (now - started) * 1000
     why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
     if failure:
@@ -247,8 +335,19 @@ class AuditLog:
             audit.Retention.max_bytes // audit.MIB,
             "Megabytes the audit database may hold; the oldest decisions go first.",
         )
+        loader.add_option(
+            "sandbox_refusal_summary_seconds",
+            int,
+            SUMMARY_SECONDS,
+            "Refusals alike (one client, destination and reason) within this many seconds make "
+            "one log line and one audit row as they come, and one more with their count; 0: "
+            "every refusal its own line and row.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        seconds = "sandbox_refusal_summary_seconds"
+        if seconds in updated and ctx.options.sandbox_refusal_summary_seconds < 0:
+            raise exceptions.OptionsError(f"{seconds} must be 0 (each refusal a line) or more")
         if updated & {"sandbox_audit_days", "sandbox_audit_max_mb"}:
             if ctx.options.sandbox_audit_days < 1 or ctx.options.sandbox_audit_max_mb < 1:
                 raise exceptions.OptionsError(
@@ -258,13 +357,29 @@ class AuditLog:
                 _writer.retention = retention()
 
     def running(self) -> None:
-        global _writer
+        global _writer, _repeats
         if ctx.options.sandbox_audit and _writer is None:
             _writer = audit.Writer(paths.audit_db(), retention())
             _writer.start()
+        if ctx.options.sandbox_refusal_summary_seconds > 0:
+            _repeats = Repeats(ctx.options.sandbox_refusal_summary_seconds)
+            self.flusher = asyncio.get_running_loop().create_task(self._flush(_repeats))
+
+    async def _flush(self, repeats: Repeats) -> None:
+        while True:
+            await asyncio.sleep(repeats.interval / 2)
+            try:
+                repeats.flush(time.time())
+            except Exception:
+                logger.exception("summing up repeated refusals failed")
 
     def done(self) -> None:
-        global _writer
+        global _writer, _repeats
+        repeats, _repeats = _repeats, None
+        if (flusher := getattr(self, "flusher", None)) is not None:
+            flusher.cancel()
+        if repeats is not None:
+            repeats.flush(float("inf"))  # every run still counting: its line and row now
         writer, _writer = _writer, None
         if writer is not None:
             writer.stop()
