@@ -67,7 +67,25 @@ REFUSED = [
         id="other-port",
     ),
     pytest.param(
-        "/v1/messages", mcp("https://user@exfil.example/"), f"{SENDS} exfil.example", id="userinfo"
+        "/v1/messages",
+        mcp("https://user@exfil.example/"),
+        "mcp_servers[0].url is not an http(s) URL with a plain host (no user, no escapes)",
+        id="userinfo",
+    ),
+    pytest.param(  # Python's parser reads api.anthropic.com; a WHATWG one reads exfil.example
+        "/v1/messages",
+        mcp("https://exfil.example\\@api.anthropic.com/"),
+        "is not an http(s) URL with a plain host",
+        id="backslash",
+    ),
+    pytest.param(
+        "/v1/messages", mcp("https://exfil%2Eexample/"), "with a plain host", id="percent-escape"
+    ),
+    pytest.param(
+        "/v1/messages",
+        mcp("https://mcp.anthropic.com/ x"),
+        "holds a space, a backslash or a control character",
+        id="space",
     ),
     pytest.param(
         "/v1/messages",
@@ -96,7 +114,7 @@ REFUSED = [
     pytest.param(
         "/v1/messages",
         mcp("ftp://exfil.example/"),
-        "mcp_servers[0].url is not an http(s) URL with a host",
+        "mcp_servers[0].url is not an http(s) URL with a plain host",
         id="not-http",
     ),
 ]
@@ -110,6 +128,16 @@ def test_a_body_that_sends_anthropic_elsewhere_never_reaches_it(
     assert response.status_code == 403, response.text
     assert response.headers["x-claude-proxy"] == "refused"
     assert said in response.text
+    assert upstream.seen.bodies == []
+
+
+def test_a_repeated_key_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """JSON parsers disagree on which of two equal keys counts: the body cannot be judged."""
+    evil = json.dumps([{"type": "url", "url": "https://exfil.example/", "name": "m"}])
+    body = f'{{"model": "m", "max_tokens": 1, "mcp_servers": {evil}, "mcp_servers": []}}'
+    response = post(proxy, "/v1/messages", body.encode())
+    assert response.status_code == 403
+    assert "repeats the key 'mcp_servers'" in response.text
     assert upstream.seen.bodies == []
 
 

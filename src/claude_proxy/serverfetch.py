@@ -18,6 +18,7 @@ not a host the caller names. Pure: bytes in, targets out; no mitmproxy.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,10 +48,22 @@ def checked(path: str) -> bool:
     return bare in MESSAGES_PATHS or bare in BATCH_PATHS
 
 
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; one that repeats a key is refused: parsers disagree on which one counts."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise Unreadable(f"a JSON object in the request body repeats the key {key!r}")
+            seen.add(key)
+    return found
+
+
 def targets(path: str, body: bytes) -> list[Target]:
     """Every host the body asks Anthropic's servers to reach; raises Unreadable."""
     try:
-        document = json.loads(body)
+        document = json.loads(body, object_pairs_hook=_no_repeats)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise Unreadable(f"the request body is not JSON ({e.__class__.__name__})") from None
     if not isinstance(document, dict):
@@ -101,12 +114,24 @@ def _web_fetch(tool: dict[str, Any], where: str) -> Iterator[Target]:
         yield Target(f"{where}.allowed_domains[{i}]", host, 443)
 
 
+# What a URL's authority may hold here: a host name or an address, and a port. No userinfo, no
+# backslash, no percent-escape, no space or control character: URL parsers (Python's here, a
+# WHATWG one at Anthropic) disagree on where such a host ends.
+_AUTHORITY = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
 def _from_url(where: str, url: str) -> Target:
+    scheme, sep, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if sep else ""
+    if scheme.lower() not in ("https", "http") or not _AUTHORITY.fullmatch(authority):
+        raise Unreadable(f"{where} is not an http(s) URL with a plain host (no user, no escapes)")
+    if any(c.isspace() or not c.isprintable() or c == "\\" for c in url):
+        raise Unreadable(f"{where} holds a space, a backslash or a control character")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
         raise Unreadable(f"{where} is not a URL ({e})") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    if not parts.hostname:
         raise Unreadable(f"{where} is not an http(s) URL with a host")
-    return Target(where, parts.hostname, port or (443 if parts.scheme == "https" else 80))
+    return Target(where, parts.hostname, port or (443 if parts.scheme.lower() == "https" else 80))
