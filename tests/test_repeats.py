@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import EXECUTABLE, ProxyFactory, read_head, send_connect
 
 FLOOD = 200
@@ -63,3 +65,43 @@ def accounted(stderr: list[str]) -> int:
             if "more like it in " in line:
                 total += int(line.split("(")[-1].split()[0]) - 1
     return total
+
+
+def test_a_run_is_per_credential_and_its_summary_names_it(module_proxy: ProxyFactory) -> None:
+    """A refusal under another key is another run: the summary cannot hide which one was used."""
+    proxy = module_proxy("--set", "sandbox_refusal_summary_seconds=2")
+    body = json.dumps(
+        {
+            "model": "m",
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "hi"}],
+            "mcp_servers": [{"type": "url", "url": "https://exfil.example/", "name": "m"}],
+        }
+    ).encode()
+    with httpx.Client(proxy=proxy.url, verify=proxy.client_context(), timeout=30) as client:
+        for key in ["sk-ant-api03-AAAA", *["sk-ant-api03-BBBB"] * 3]:
+            response = client.post(
+                "https://api.anthropic.com/v1/messages", content=body, headers={"x-api-key": key}
+            )
+            assert response.status_code == 403
+    deadline = time.monotonic() + DEADLINE
+    while not any("(2 more like it in " in line for line in proxy.stderr):
+        assert time.monotonic() < deadline, "no summary line"
+        time.sleep(0.05)
+    assert proxy.stop() == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(proxy.home)
+    shown = subprocess.run(
+        [str(EXECUTABLE), "log", "--json", "-n", "0", "--blocked"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    found = [json.loads(line) for line in shown.stdout.splitlines()]
+    refused = [r for r in found if "exfil.example" in str(r["reason"])]
+    assert len(refused) == 3  # A, B, and B's summary
+    assert all(r["fingerprint"] for r in refused)
+    assert len({r["fingerprint"] for r in refused}) == 2
+    [summary] = [r for r in refused if "more like it" in str(r["reason"])]
+    assert summary["fingerprint"] == refused[1]["fingerprint"] != refused[0]["fingerprint"]

@@ -97,6 +97,8 @@ def _summary(more: int, seconds: float, **fields: Any) -> None:
                 bytes_up=0,
                 bytes_down=0,
                 duration_ms=0,
+                organization=fields["organization"],
+                fingerprint=fields["fingerprint"],
             )
         )
 
@@ -245,18 +247,27 @@ def log_line(
     if not decision.allowed and (repeats := _repeats) is not None:
         peer = client.peername if client is not None else None
         mode = client.proxy_mode.type_name if client is not None else None
-        fields = {
-            "method": method,
+        fields = {  # each capped (printable): a run costs at most a few hundred bytes
+            "method": printable(method),
             "destination": "-" if host is None else f"{printable(host)}:{port}",
             "host": None if host is None else printable(host),
             "port": port,
-            "path": path,
+            "path": printable(path),
             "status": status,
-            "decision": decision,
+            "decision": Decision(False, printable(decision.reason), decision.rule),
             "client": str(peer[0]) if peer else None,
             "listener": LISTENERS.get(mode, mode) if mode else None,
+            "organization": printable(organization) if organization else None,
+            "fingerprint": printable(fingerprint) if fingerprint else None,
         }
-        key = (fields["client"], mode, method, host, port, path, status, decision.reason, failure)
+        key = (
+            *(fields[k] for k in ("client", "listener", "method", "destination", "path")),
+            status,
+            fields["decision"].reason,
+            printable(failure) if failure else None,
+            fields["organization"],
+            fields["fingerprint"],  # a refusal under another credential is another run
+        )
         if repeats.counted(key, now, fields):
             return
     elapsed_ms = (now - started) * 1000

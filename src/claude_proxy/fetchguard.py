@@ -39,10 +39,10 @@ class FetchGuard:
             return  # refused already, or nothing the Enforcer let through
         _, host, port = allowed
         request = flow.request
-        if request.method != "POST" or not accounts.is_anthropic_host(host):
-            return
+        if not accounts.is_anthropic_host(host) or not body_follows(flow):
+            return  # any method: an override header may make a PATCH a POST upstream
         path = request.data.path.decode("ascii", "replace")
-        if not serverfetch.checked(path) or not body_follows(flow):
+        if not serverfetch.checked(path):
             return
         if self.enforcer.policy.server_fetch_unchecked(host, port) is not None:
             return  # the user's rule says so: it streams as any request does

@@ -22,11 +22,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-# Paths (without the query) whose bodies are Messages requests, or batches of them.
-MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
-BATCH_PATHS = ("/v1/messages/batches",)
+# Every path under this one (as a server may read it: decoded, dot segments resolved, slashes
+# merged, any case) takes Messages bodies; under BATCHES, batches of them.
+MESSAGES = "/v1/messages"
+BATCHES = "/v1/messages/batches"
 WEB_FETCH_PREFIX = "web_fetch"  # tools[].type: web_fetch_20250910 and later versions
 MAX_BODY = 32 * 1024 * 1024  # the Messages API's own request limit; batches above it are refused
 
@@ -42,10 +43,29 @@ class Target:
     port: int
 
 
-def checked(path: str) -> bool:
-    """Whether a POST to `path` (query included or not) carries a body to judge."""
-    bare = path.split("?", 1)[0].rstrip("/")
-    return bare in MESSAGES_PATHS or bare in BATCH_PATHS
+def canonical(target: str) -> str:
+    """The path as the most lenient server would route it: without query, fragment and
+    parameters, percent-decoded, backslashes as slashes, dot segments resolved, empty segments
+    dropped, lower case. Spellings that a strict comparison would miss all land here."""
+    bare = re.split(r"[?#]", target, maxsplit=1)[0]
+    bare = unquote(unquote(bare)).replace("\\", "/")
+    segments: list[str] = []
+    for segment in bare.split("/"):
+        segment = segment.split(";", 1)[0].strip().lower()
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+def checked(target: str) -> bool:
+    """Whether a body sent to `target` (path and query) is a Messages request to judge: fail
+    closed, every path under /v1/messages in any spelling (`/v1/./messages`, `/V1/%6Dessages`)."""
+    return canonical(target).startswith(MESSAGES)
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -62,18 +82,56 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def targets(path: str, body: bytes) -> list[Target]:
     """Every host the body asks Anthropic's servers to reach; raises Unreadable."""
+    sources: list[dict[str, Any]] = []  # every {"type": "url", "url": …} object, wherever it is
+
+    def read_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        found = _no_repeats(pairs)
+        if found.get("type") == "url" and "url" in found:
+            sources.append(found)
+        return found
+
     try:
-        document = json.loads(body, object_pairs_hook=_no_repeats)
+        document = json.loads(body, object_pairs_hook=read_object)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise Unreadable(f"the request body is not JSON ({e.__class__.__name__})") from None
     if not isinstance(document, dict):
         raise Unreadable("the request body is not a JSON object")
-    bare = path.split("?", 1)[0].rstrip("/")
-    if bare in BATCH_PATHS:
+    found = _in_document(path, document)
+    named = {id(server) for server in _servers(document)}
+    for source in sources:  # an image or document block by URL, anywhere: Anthropic fetches it
+        if id(source) not in named:
+            url = source["url"]
+            if not isinstance(url, str):
+                raise Unreadable('a "url" source holds no URL')
+            found.append(_from_url('a {"type": "url"} source', url))
+    return found
+
+
+def _servers(document: dict[str, Any]) -> Iterator[Any]:
+    """The MCP server entries, at the top and in each batch entry, as objects (to skip them)."""
+    for request in [document, *_batch_params(document)]:
+        servers = request.get("mcp_servers")
+        if isinstance(servers, list):
+            yield from servers
+
+
+def _batch_params(document: dict[str, Any]) -> list[dict[str, Any]]:
+    requests = document.get("requests")
+    if not isinstance(requests, list):
+        return []
+    return [
+        item["params"]
+        for item in requests
+        if isinstance(item, dict) and isinstance(item.get("params"), dict)
+    ]
+
+
+def _in_document(path: str, document: dict[str, Any]) -> list[Target]:
+    if canonical(path).startswith(BATCHES):
         requests = document.get("requests")
         if not isinstance(requests, list):
-            return []  # nothing to run: Anthropic answers it with an error
-        found = []
+            return list(_in_request(document, ""))  # no batch to run: Anthropic refuses it
+        found = list(_in_request(document, ""))  # not where a batch has them: fail closed
         for i, item in enumerate(requests):
             params = item.get("params") if isinstance(item, dict) else None
             if isinstance(params, dict):
