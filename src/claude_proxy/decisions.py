@@ -247,7 +247,7 @@ def log_line(
     if not decision.allowed and (repeats := _repeats) is not None:
         peer = client.peername if client is not None else None
         mode = client.proxy_mode.type_name if client is not None else None
-        fields = {  # each capped (printable): a run costs at most a few hundred bytes
+        fields: dict[str, Any] = {  # each capped (printable): a run costs a few hundred bytes
             "method": printable(method),
             "destination": "-" if host is None else f"{printable(host)}:{port}",
             "host": None if host is None else printable(host),

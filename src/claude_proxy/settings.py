@@ -196,9 +196,9 @@ def merge(
             array.extend(copy.deepcopy(added))
             edits.append(Added(key, tuple(added)))
     for key in remove:
-        parent = _find(new, key[:-1])
-        if parent is not None and key[-1] in parent:
-            edits.append(Change(key, ABSENT, parent.pop(key[-1])))
+        holder = _find(new, key[:-1])
+        if holder is not None and key[-1] in holder:
+            edits.append(Change(key, ABSENT, holder.pop(key[-1])))
     return new, edits, created
 
 

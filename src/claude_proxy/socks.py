@@ -48,7 +48,7 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
                 # `claude-proxy status`, or one that claims to be: it must show the proof.
                 yield commands.SendData(self.context.client, bytes([5, SOCKS_PROBE_METHOD]))
                 self.buf = self.buf[2 + len(methods) :]
-                self.state = self.state_probe
+                self.state = self.state_probe  # type: ignore[method-assign]
                 yield from self.state()
                 return
         yield from super().state_greet()
@@ -66,7 +66,7 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
             yield from self.socks_err("the status probe's proof was wrong")
             return
         yield commands.SendData(self.context.client, b"\x01\x00")
-        self.state = self.state_connect
+        self.state = self.state_connect  # type: ignore[method-assign]
         yield from self.state()
 
     state = state_greet
