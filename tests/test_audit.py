@@ -242,18 +242,9 @@ def test_retention_removes_rows_older_than_the_age_limit(db: Path, start: Start)
 def test_retention_keeps_the_database_under_its_size_limit(
     db: Path, start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
-    monkeypatch.setattr(audit, "CHUNK", 200)
-    limit = 256 * 1024
-    writer = start(db, audit.Retention(max_bytes=limit))
-    total = 6000  # about 1.5 MB of rows
-    for i in range(total):
-        writer.submit(record(method="GET", path=f"/{i}/" + "x" * 200, time=NOW + i))
-    wait_until(lambda: writer.written == total, "every record")
-    with closing(audit.open_readonly(db)) as reader:
-        wait_until(lambda: audit.used_bytes(reader) <= limit, "the database to shrink")
-    writer.stop()
-    assert db.stat().st_size <= limit
+    flood_until_trimmed(db, start, monkeypatch, audit.Retention(max_bytes=TRIM_LIMIT))
+    assert db.stat().st_size <= TRIM_LIMIT
+    total = FLOOD_ROWS
     kept = rows(db)
     assert 0 < len(kept) < total
     assert kept[-1][6].startswith(f"/{total - 1}/")  # the newest stays, the oldest went
@@ -261,25 +252,49 @@ def test_retention_keeps_the_database_under_its_size_limit(
 
 
 def test_size_trimming_never_deletes_refusals_younger_than_the_age_limit(
-    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A flood (of allowed traffic, or of anything) cannot push the evidence of refusals out."""
-    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
-    monkeypatch.setattr(audit, "CHUNK", 200)
-    refusals = [refusal(f"r{i}.example", time=NOW - DAY + i) for i in range(300)]
-    fill(db, refusals)
-    limit = 256 * 1024
-    writer = start(db, audit.Retention(max_age=30 * DAY, max_bytes=limit))
-    total = 6000
-    for i in range(total):
-        writer.submit(record(method="GET", path=f"/{i}/" + "x" * 200, time=NOW + i))
-    wait_until(lambda: writer.written == total, "every record")
-    with closing(audit.open_readonly(db)) as reader:
-        wait_until(lambda: audit.used_bytes(reader) <= limit, "the database to shrink")
-    writer.stop()
+    fill(db, [refusal(f"r{i}.example", time=NOW - DAY + i) for i in range(300)])
+    retention = audit.Retention(max_age=30 * DAY, max_bytes=TRIM_LIMIT)
+    flood_until_trimmed(db, start, monkeypatch, retention)
     kept = rows(db)
     assert [r[4] for r in kept if r[7] == "block"] == [f"r{i}.example" for i in range(300)]
-    assert len([r for r in kept if r[7] == "allow"]) < total
+    assert len([r for r in kept if r[7] == "allow"]) < FLOOD_ROWS
+
+
+def test_refusals_alone_over_the_size_limit_are_kept_and_said_once(
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
+    fill(db, [refusal(f"r{i}.example", reason="x" * 300, time=NOW - i) for i in range(2000)])
+    writer = start(db, audit.Retention(max_age=30 * DAY, max_bytes=TRIM_LIMIT))
+    writer.submit(refusal("opens.example"))  # the first batch opens the database
+    said = "is over its size limit (0 MiB) with refusals younger than 30 days, which are kept"
+    wait_until(lambda: said in caplog.text, "the warning")
+    wait_until(lambda: writer.written == 1, "the record")
+    writer.stop()
+    assert caplog.text.count(said) == 1
+    assert len(rows(db)) == 2001
+
+
+TRIM_LIMIT = 256 * 1024
+FLOOD_ROWS = 6000  # about 1.5 MB of rows
+
+
+def flood_until_trimmed(
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, retention: audit.Retention
+) -> None:
+    """Write FLOOD_ROWS allowed requests; return once retention has the file under its limit."""
+    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(audit, "CHUNK", 200)
+    writer = start(db, retention)
+    for i in range(FLOOD_ROWS):
+        writer.submit(record(method="GET", path=f"/{i}/" + "x" * 200, time=NOW + i))
+    wait_until(lambda: writer.written == FLOOD_ROWS, "every record")
+    with closing(audit.open_readonly(db)) as reader:
+        wait_until(lambda: audit.used_bytes(reader) <= retention.max_bytes, "the file to shrink")
+    writer.stop()
 
 
 def test_a_slow_disk_never_holds_up_submit(

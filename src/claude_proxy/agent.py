@@ -186,18 +186,15 @@ def claude_code_settings(home: Path, project: Path, target: probes.Target) -> li
     """The settings Claude Code will apply in `project`, judged key by key (`fence.review`)."""
     from claude_proxy import fence, setup
 
-    scopes = []
-    for name, path in fence.scope_paths(home, project):
-        try:
-            _, document = setup.read(path, Path(os.path.realpath(path)))
-        except ProxyError as e:
-            return [Check(False, "Claude Code settings", str(e), f"fix {path} by hand")]
-        scopes.append(fence.Scope(name, path, document))
+    try:
+        scopes = setup.read_scopes(home, project)
+    except ProxyError as e:
+        return [Check(False, "Claude Code settings", str(e), "fix that file by hand")]
     secret = setup.private_files(home)
     review = fence.review(
         scopes, secret=secret, home=home, http_port=target.port, socks_port=target.socks_port
     )
-    checks = [Check(c.ok, f"claude-code {c.what}", c.detail, c.fix) for c in review.checks]
+    checks = [Check(c.ok, f"claude-code {c.what}", c.detail, c.fix) for c in review]
     if (step := readiness.sandbox_programs()) is not None:
         checks.append(Check(step.state == readiness.OK, "sandbox programs", step.detail))
     return checks

@@ -168,8 +168,10 @@ PROBE_REASON = "claude-proxy status probe"  # the audit row of a proven probe
 
 def proves_probe(shown: str | bytes | None) -> bool:
     """Whether `shown` (hex, or raw bytes in SOCKS) is the status probe's proof."""
+    if not shown:
+        return False  # every CONNECT but status's own: no key to read
     proof = accounts.probe_proof(paths.state_dir())
-    if shown is None or proof is None:
+    if proof is None:
         return False
     expected = proof.hex().encode() if isinstance(shown, str) else proof
     given = shown.encode("ascii", "replace") if isinstance(shown, str) else shown

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,19 +59,24 @@ class Private:
 
 def private(
     *,
-    config_dir: Path,
+    config_dirs: Sequence[Path],
     state_dir: Path,
     log_dir: Path,
-    programs: tuple[Path, ...] = (),
+    programs: Sequence[Path] = (),
     plist: Path | None = None,
 ) -> Private:
     """The CA's public certificate (and the bundle) stay readable: sandboxed tools trust them.
 
-    `programs` are the environments claude-proxy runs from when the user owns them (a `uv tool`
-    install): whoever changes their code changes the policy.
+    `config_dirs`: this environment's and the installed agent's, where they differ. `programs`
+    are the environments claude-proxy runs from when the user owns them (a `uv tool` install):
+    whoever changes their code changes the policy.
     """
-    files = (ca.key_path(config_dir), ca.p12_path(config_dir), config_dir / "config.toml")
-    folders = outermost([config_dir, state_dir, log_dir, *programs])
+    files = tuple(
+        dict.fromkeys(
+            f for c in config_dirs for f in (ca.key_path(c), ca.p12_path(c), c / "config.toml")
+        )
+    )
+    folders = outermost([*config_dirs, state_dir, log_dir, *programs])
     return Private(files, (state_dir,), folders, (plist,) if plist else ())
 
 
@@ -342,17 +347,6 @@ def _inside(path: str, folder: Path) -> bool:
     return candidate == target or target in candidate.parents or candidate in target.parents
 
 
-@dataclass
-class Review:
-    """Every row `status` shows for Claude Code's settings, and what setup would remove."""
-
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-
 def _fix(found: Found, key: Key, setup_command: str) -> str:
     if found.scope is None or found.scope.name == "managed":
         return f"`{setup_command}`" if found.scope is None else f"set it in {found.scope.path}"
@@ -370,10 +364,10 @@ def review(
     http_port: int,
     socks_port: int,
     setup_command: str = "claude-proxy setup claude-code",
-) -> Review:
+) -> list[Check]:
     """What Claude Code will apply for this folder, one row per concern; a row fails where a
     command can get around claude-proxy or the agent can reach claude-proxy's secrets."""
-    out = Review()
+    out: list[Check] = []
     rules = claude_code(
         secret, home=home, http_port=http_port, socks_port=socks_port, managed=False
     )
@@ -385,7 +379,7 @@ def review(
         if not good:
             detail += f": claude-proxy needs {show(value)}; {WHY[key]}"
         fix = "" if good else _fix(found, key, setup_command)
-        out.checks.append(Check(good, dotted(key), detail, fix))
+        out.append(Check(good, dotted(key), detail, fix))
     for opening in OPENINGS:
         found = effective(scopes, opening.key)
         if opening.array:
@@ -394,17 +388,17 @@ def review(
                 files = list(dict.fromkeys(str(s.path) for _, s in merged))
                 detail = f"{show([m for m, _ in merged])} ({', '.join(files)}): {opening.opens}"
                 fix = f"remove {dotted(opening.key)} from {' and '.join(files)}"
-                out.checks.append(Check(False, dotted(opening.key), detail, fix))
+                out.append(Check(False, dotted(opening.key), detail, fix))
         elif opening.weak(found.value):
             detail = f"{show(found.value)} ({found.where}): {opening.opens}"
             fix = _fix(found, opening.key, setup_command)
-            out.checks.append(Check(False, dotted(opening.key), detail, fix))
-    out.checks += _reopened(scopes, secret)
-    out.checks.append(_denied(scopes, rules))
-    out.checks.append(_hooks(scopes))
+            out.append(Check(False, dotted(opening.key), detail, fix))
+    out += _reopened(scopes, secret)
+    out.append(_denied(scopes, rules))
+    out.append(_hooks(scopes))
     managed = next((s for s in scopes if s.name == "managed"), None)
     if managed is not None and (check := managed_owner(managed.path)) is not None:
-        out.checks.append(check)
+        out.append(check)
     return out
 
 

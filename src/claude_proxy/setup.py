@@ -66,21 +66,12 @@ def private_files(home: Path) -> fence.Private:
             config_dirs.append(installed.config_dir)
         if installed.executable is not None:  # <env>/bin/claude-proxy, maybe a link into it
             programs.append(Path(os.path.realpath(installed.executable)).parent.parent)
-    found = [
-        fence.private(
-            config_dir=c,
-            state_dir=paths.state_dir(),
-            log_dir=paths.log_dir(),
-            programs=tuple(p for p in programs if users_own(p, home)),
-            plist=paths.plist_path(home),
-        )
-        for c in dict.fromkeys(config_dirs)
-    ]
-    return fence.Private(
-        tuple(dict.fromkeys(p for f in found for p in f.secret_files)),
-        found[0].secret_folders,
-        fence.outermost([p for f in found for p in f.guarded_folders]),
-        found[0].guarded_files,
+    return fence.private(
+        config_dirs=list(dict.fromkeys(config_dirs)),
+        state_dir=paths.state_dir(),
+        log_dir=paths.log_dir(),
+        programs=[p for p in programs if users_own(p, home)],
+        plist=paths.plist_path(home),
     )
 
 
@@ -233,12 +224,16 @@ def other_scopes(target: Target) -> list[fence.Scope]:
     as it is now); an unparsable one stops setup before anything is written."""
     if target.name != "claude-code":
         return []
-    project = target.project or Path.cwd()
-    scopes = []
-    for name, path in fence.scope_paths(target.home, project):
-        _, document = read(path, Path(os.path.realpath(path)))
-        scopes.append(fence.Scope(name, path, document))
-    return scopes
+    return read_scopes(target.home, target.project or Path.cwd())
+
+
+def read_scopes(home: Path, project: Path) -> list[fence.Scope]:
+    """Every settings file Claude Code reads for `project`, highest first; raises ProxyError
+    (with FILE:LINE:COL) for one it cannot read."""
+    return [
+        fence.Scope(name, path, read(path, Path(os.path.realpath(path)))[1])
+        for name, path in fence.scope_paths(home, project)
+    ]
 
 
 def judge(
@@ -258,7 +253,7 @@ def judge(
         socks_port=target.socks_port,
         setup_command=target.command,
     )
-    failing = [c for c in review.checks if not c.ok]
+    failing = [c for c in review if not c.ok]
     if failing:
         say("")
         say(f"Still open (what Claude Code will apply in {target.project or Path.cwd()}):")
