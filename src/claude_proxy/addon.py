@@ -219,11 +219,11 @@ class Enforcer:
         target = self.tunnels.get(context.client.id)
         if target is None:
             if len(context.layers) == 1 and type(context.layers[0]) is layers.modes.HttpProxy:
-                return limits.http_layer(context, HTTPMode.regular)
+                return limits.http_layer(context, HTTPMode.regular, self.recheck_waiting)
             return CloseTunnel(context)
         if context.client.tls:
             # Inside our TLS only HTTP goes, so that every request is checked.
-            return limits.http_layer(context, HTTPMode.transparent)
+            return limits.http_layer(context, HTTPMode.transparent, self.recheck_waiting)
         data = nextlayer.data_client()
         if len(data) < 3:
             return None  # wait for more bytes
@@ -389,6 +389,22 @@ class Enforcer:
             return None
         target = flow.request.data.path.decode("ascii", "replace")
         return self.decide_request(host, port, scheme, flow.request.method, target)
+
+    def recheck_waiting(self, flow: http.HTTPFlow) -> bool:
+        """A request that waited for its upstream connection, decided again under the policy in
+        force now: True when that refuses it (its refusal is then its response, and logged)."""
+        allowed = flow.metadata.get("claude_proxy.decision")
+        if allowed is None:
+            return False
+        _, host, port = allowed
+        again = self.recheck(flow, host, port)
+        if again is None or again.allowed:
+            return False
+        del flow.metadata["claude_proxy.decision"]
+        self.in_flight -= 1
+        reason = f"the policy changed while it waited for its connection: {again.reason}"
+        self.refuse(flow, host, port, Decision(False, reason, again.rule, origin=again.origin))
+        return True
 
     def decide(self, host: str, port: int, scheme: str = policy.HTTPS) -> Decision:
         try:

@@ -27,6 +27,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 
 from claude_proxy import held
 from claude_proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
+from claude_proxy.timeouts import Recheck
 
 logger = logging.getLogger(__name__)
 
@@ -209,11 +210,13 @@ class Limits:
             logger.exception("closing a tunnel: the ClientHello size check failed")
             nextlayer.layer = close_layer(nextlayer.context)
 
-    def http_layer(self, context: Context, mode: HTTPMode) -> layer.Layer:
+    def http_layer(
+        self, context: Context, mode: HTTPMode, recheck: Recheck | None = None
+    ) -> layer.Layer:
         self._cancel_setup(context.client.id)
         if mode is HTTPMode.regular and context.client.id in self.over_cap:
             return Overloaded(context, self.over_cap_reason())
-        return BoundedHttpLayer(context, mode, self.bounds)
+        return BoundedHttpLayer(context, mode, self.bounds, recheck)
 
     def over_cap_reason(self) -> str:
         return f"too many clients at once (at most {self.cap} for {self.fd_limit} open files)"
@@ -243,12 +246,13 @@ class Limits:
             io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
 
 
-def http_layer(context: Context, mode: HTTPMode) -> layer.Layer:
-    """The HTTP layer for a client connection (`regular`) or inside a tunnel (`transparent`)."""
+def http_layer(context: Context, mode: HTTPMode, recheck: Recheck | None = None) -> layer.Layer:
+    """The HTTP layer for a client connection (`regular`) or inside a tunnel (`transparent`);
+    `recheck` decides again a request that waited for its upstream connection."""
     limits = ctx.master.addons.get("limits")
     if limits is None:  # an Enforcer without this addon (unit tests): bounds with defaults
-        return BoundedHttpLayer(context, mode, Bounds())
-    return limits.http_layer(context, mode)
+        return BoundedHttpLayer(context, mode, Bounds(), recheck)
+    return limits.http_layer(context, mode, recheck)
 
 
 def tunnel_spliced(context: Context) -> None:
