@@ -679,7 +679,7 @@ def h2_flood(target: Target, connections: int) -> dict[str, float]:
     head = [(":method", "GET"), (":scheme", "https"), (":authority", HOST)]
     try:
         for _ in range(connections):
-            raw = socket.create_connection(("127.0.0.1", target.port), timeout=20)
+            raw = socket.create_connection(("127.0.0.1", target.port), timeout=120)
             raw.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
             assert read_head(raw).startswith(b"HTTP/1.1 200")
             context = ssl.create_default_context(cafile=str(target.trust))
@@ -715,10 +715,12 @@ def h2_flood(target: Target, connections: int) -> dict[str, float]:
 
 
 def run_flood(work: Path, upstream: Upstream, upstream_ca: Path, connections: int) -> dict:
-    """claude-proxy (its default budget) against plain mitmdump, under the same stream flood."""
+    """claude-proxy with its default memory budget against the same build with none to speak of
+    (100 GiB), under the same stream flood."""
     results: dict = {}
+    unbounded = ("--socks-port", "0", "--set", "sandbox_waiting_memory_mib=102400")
     for starter in (
-        lambda: start_mitmdump(work, upstream, upstream_ca),
+        lambda: start_claude_proxy(work, upstream, upstream_ca, name="no budget", extra=unbounded),
         lambda: start_claude_proxy(work, upstream, upstream_ca),
     ):
         target = starter()

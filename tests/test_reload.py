@@ -202,7 +202,8 @@ def test_a_request_waiting_for_its_upstream_connection_is_decided_again(
         tunnel = open_tunnel(proxy, "api.anthropic.com")
         tunnel.sendall(b"GET /secret HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
         gated.wait_accepted()  # barrier: the request waits for its upstream connection
-        text = allowing("api.anthropic.com") + '[[deny]]\nhost = "api.anthropic.com"\npaths = ["/secret"]\n'
+        deny = '[[deny]]\nhost = "api.anthropic.com"\npaths = ["/secret"]\n'
+        text = allowing("api.anthropic.com") + deny
         write_by_rename(path, text)
         wait_applied(proxy, text)
         gated.open()

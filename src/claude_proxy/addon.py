@@ -102,21 +102,29 @@ class Enforcer:
             except Exception:
                 logger.exception("closing the tunnels the new policy refuses failed")
 
-    def close_refused(self) -> None:
+    @staticmethod
+    def client_handler(client_id: str) -> Any:
+        """mitmproxy's handler of a client connection still open, or None."""
         try:
             server = ctx.master.addons.get("proxyserver")
         except (AttributeError, ValueError):
-            return  # no running master (a policy given before start, or a unit test)
-        if server is None:
-            return
+            return None  # no running master (a policy given before start, or a unit test)
+        handler = server.connections.get(client_id) if server is not None else None
+        io = handler.transports.get(handler.client) if handler is not None else None
+        return handler if io is not None and io.handler is not None else None
+
+    @staticmethod
+    def close_client(handler: Any, why: str) -> None:
+        """Close a client connection at once, as mitmproxy's own idle timeout does."""
+        handler.transports[handler.client].handler.cancel(f"claude-proxy: {why}")
+
+    def close_refused(self) -> None:
         for client_id, (host, port) in list(self.tunnels.items()):
             decision = self.decide(host, port)
             spliced = client_id in self.spliced
             if decision.allowed and decision.inspect != spliced:
                 continue
-            handler = server.connections.get(client_id)
-            io = handler.transports.get(handler.client) if handler is not None else None
-            if io is None or io.handler is None:
+            if (handler := self.client_handler(client_id)) is None:
                 continue
             why = f"closed: the policy now refuses {host}:{port}"
             if decision.allowed:  # allowed, but inspected where it was passed through, or back
@@ -132,7 +140,7 @@ class Enforcer:
                 started=time.time(),
                 client=handler.client,
             )
-            io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
+            self.close_client(handler, why)
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
