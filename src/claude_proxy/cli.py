@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # service imports mitmproxy (~0.75 s): only `run` (and making a new CA) loads it.
-from claude_proxy import accounts, ca, config, config_commands, defaults, logs, paths
+from claude_proxy import accounts, ca, config, config_commands, defaults, logs, mitm, paths
 from claude_proxy.errors import ExitCode, ProxyError
 
 COMMANDS = (
@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="claude-proxy",
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad usage/rule/option, "
-        "3 cannot listen (port in use), 4 CA unusable.",
+        "3 cannot listen (port in use), 4 CA unusable, 5 not the tested mitmproxy.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -296,6 +296,7 @@ def default_shell() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    mitm.check_version()  # before anything imports mitmproxy or patches it
     from claude_proxy import service
 
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
