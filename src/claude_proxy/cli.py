@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="claude-proxy",
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad usage/rule/option, "
-        "3 cannot listen (port in use), 4 CA unusable, 5 not the tested mitmproxy.",
+        "3 cannot listen (port in use), 4 CA unusable, 6 not the tested mitmproxy.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
