@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.conftest import ProxyProcess, open_tunnel, read_head, start_proxy
+from tests.conftest import ProxyProcess, open_tunnel, read_head, read_response, start_proxy
 from tests.test_auditlog_e2e import wait_for, wait_for_log
 from tests.upstream import Upstream
 
@@ -98,6 +98,16 @@ def read_request_then_reset(tls: ssl.SSLSocket) -> None:
     reset(tls)
 
 
+def answer_with(head: bytes) -> Callable[[ssl.SSLSocket], None]:
+    def answer(tls: ssl.SSLSocket) -> None:
+        read_head(tls)
+        tls.sendall(head)
+        while tls.recv(65536):  # until the proxy closes
+            pass
+
+    return answer
+
+
 @dataclass(frozen=True)
 class Case:
     error: str  # RFC 9209 error type
@@ -136,6 +146,17 @@ CASES = {
         "hangup.fail.example:443 closed the connection before sending a response",
         True,
     ),
+    "garbledhead": Case(
+        "http_protocol_error",
+        "garbledhead.fail.example:443 answered with a malformed response head",
+        True,
+    ),
+    "badheader": Case(
+        "http_protocol_error",
+        "badheader.fail.example:443 answered with a malformed response head "
+        "(invalid header name: b'X Bad')",
+        True,
+    ),
 }
 PROTOCOLS = ["http1.1", "http2", "socks5"]
 
@@ -156,12 +177,21 @@ def failing(
     other_name = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls_ca.issue_cert("other.example").configure_cert(other_name)
     right_name = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("hangup.fail.example").configure_cert(right_name)
+    tls_ca.issue_cert("*.fail.example").configure_cert(right_name)
     servers = {
         "wrongname": FailingUpstream(tls_server(other_name, lambda tls: None)),
         "reset": FailingUpstream(reset_in_handshake),
         "nottls": FailingUpstream(not_tls),
         "hangup": FailingUpstream(tls_server(right_name, read_request_then_reset)),
+        "garbledhead": FailingUpstream(
+            tls_server(right_name, answer_with(b"HTTP/1.1 two hundred\r\n\r\n"))
+        ),
+        "badheader": FailingUpstream(
+            tls_server(
+                right_name,
+                answer_with(b"HTTP/1.1 200 OK\r\nX Bad: 1\r\nContent-Length: 0\r\n\r\n"),
+            )
+        ),
     }
     closed = socket.socket()  # bound, never listening: every connection to it is refused
     closed.bind(("127.0.0.1", 0))
@@ -346,3 +376,17 @@ def test_a_client_that_leaves_mid_response(failing: Failing, upstream: Upstream)
         "status": 200,
         "reason": "the client left before the response ended",
     }
+
+
+def test_a_retry_on_the_same_connection_tries_the_upstream_again(failing: Failing) -> None:
+    """The answer keeps the connection open; a retry on it is a new attempt (a name may resolve
+    again, a reset may pass), not the first failure repeated at once."""
+    server = failing.servers["reset"]
+    before = server.accepted
+    with open_tunnel(failing.proxy, "reset.fail.example") as tls:
+        for attempt in (1, 2):
+            tls.sendall(b"GET /retry HTTP/1.1\r\nHost: reset.fail.example\r\n\r\n")
+            head, body = read_response(tls)
+            assert head.startswith(b"HTTP/1.1 502"), (attempt, head)
+            assert body.startswith(b"claude-proxy: reset.fail.example:443 closed the connection")
+    assert server.accepted - before == 2

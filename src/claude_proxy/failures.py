@@ -14,8 +14,10 @@ import errno
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import http
+from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy.layers.http import RequestProtocolError, ResponseProtocolError
 
 from claude_proxy.addresses import NOT_RESOLVED
@@ -23,6 +25,7 @@ from claude_proxy.decisions import printable, proxy_answer
 
 REFUSED = "claude-proxy: "  # starts a refusal made on the way upstream (addon, addresses, held)
 KILLED = "Connection killed: "  # mitmproxy's prefix when a server_connect hook refused
+CLIENT_LEFT = "client disconnected"  # mitmproxy cancels an upstream connect with it
 UPSTREAM_ERROR = "upstream-error"  # X-Claude-Proxy on an answer for an upstream that failed
 
 # errno of a failed connect → RFC 9209 error type (others: destination_unavailable)
@@ -107,12 +110,30 @@ def upstream_failure(message: str, host: str, port: int, responded: bool = False
         how = "reset the stream" if message.startswith("stream") else "ended the HTTP/2 connection"
         return Failure(f"{where} {how} {when}", "connection_terminated")
     if message.startswith(("Cannot parse HTTP response", "unexpected server response")):
-        return Failure(f"{where} answered with a malformed response head", "http_protocol_error")
+        return malformed_response(host, port)
     if codes := [int(n) for n in ERRNO.findall(message)]:
         return _connect_failure(where, codes)
     return Failure(
         f"the exchange with {where} failed: {printable(message)}", "destination_unavailable"
     )
+
+
+def malformed_response(host: str, port: int, problem: str | None = None) -> Failure:
+    why = f" ({printable(problem)})" if problem else ""
+    where = printable(f"{host}:{port}")
+    return Failure(f"{where} answered with a malformed response head{why}", "http_protocol_error")
+
+
+def invalid_head(flow: http.HTTPFlow, options: Any) -> str | None:
+    """What is wrong with the upstream's response head, where mitmproxy's check (the option
+    validate_inbound_headers, always on here) would refuse it; None when it is well-formed."""
+    if flow.response is None or not getattr(options, "validate_inbound_headers", True):
+        return None
+    try:
+        validate_headers(flow.response)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _connect_failure(where: str, codes: list[int]) -> Failure:
@@ -131,7 +152,7 @@ def of_event(event: RequestProtocolError | ResponseProtocolError, flow: http.HTT
     """What a stream's protocol error means. On the client's side there is no one to answer:
     its `error` is empty."""
     responded = flow.response is not None
-    if isinstance(event, ResponseProtocolError):
+    if isinstance(event, ResponseProtocolError) and event.message != CLIENT_LEFT:
         return upstream_failure(event.message, flow.request.host, flow.request.port, responded)
     return Failure(client_failure(event.message, responded), "")
 
@@ -141,7 +162,7 @@ def client_failure(message: str, responded: bool) -> str:
     when = "before the response ended" if responded else "before the response began"
     if message.startswith("stream reset by client"):  # HTTP/2: "… (CANCEL)"
         return f"the client reset the stream {when} {printable(message.rpartition(' ')[2])}"
-    if message == "Client disconnected." or "closed connection" in message:
+    if message in ("Client disconnected.", CLIENT_LEFT) or "closed connection" in message:
         return f"the client left {when}"
     return f"the client's side failed {when}: {printable(message)}"
 

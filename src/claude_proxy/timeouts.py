@@ -261,6 +261,15 @@ class TimedHttpStream(HttpStream):
             # Only the stream knows whether a body follows the head (HTTP/2 says so in its frames,
             # not in a header): the Enforcer reads it from the flow.
             self.flow.metadata[BODY_FOLLOWS] = self.body_follows
+        elif problem := failures.invalid_head(self.flow, self.context.options):
+            # mitmproxy would refuse it with its own 502 (HTML, or an HTTP/2 reset): ours instead.
+            yield commands.CloseConnection(self.flow.server_conn)
+            req = self.flow.request
+            failure = failures.malformed_response(req.host, req.port, problem)
+            yield from self._answer(
+                failures.answer(req.method, req.host, req.port, failure), failure.what
+            )
+            return True
         return (yield from super().check_invalid(request))
 
     def handle_protocol_error(
