@@ -390,3 +390,24 @@ def test_a_retry_on_the_same_connection_tries_the_upstream_again(failing: Failin
             assert head.startswith(b"HTTP/1.1 502"), (attempt, head)
             assert body.startswith(b"claude-proxy: reset.fail.example:443 closed the connection")
     assert server.accepted - before == 2
+
+
+@pytest.mark.parametrize("protocol", ["http1.1", "http2"])
+def test_an_upload_to_an_unreachable_upstream(
+    failing: Failing, tmp_path: Path, protocol: str
+) -> None:
+    """A request body the upstream will never get: the answer comes, the upload ends."""
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"x" * (2 << 20))
+    heads, body = tmp_path / "heads", tmp_path / "body"
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", str(CLIENT_SECONDS), "--cacert", str(failing.proxy.ca_cert),
+         "--proxy", failing.proxy.url, f"--{protocol}", "--data-binary", f"@{upload}",
+         "-D", str(heads), "-o", str(body), f"https://refused.fail.example/upload-{protocol}"],
+        capture_output=True, text=True, timeout=CLIENT_SECONDS + 10,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert last_head(heads).split()[1] == "502"
+    assert body.read_text().startswith(f"claude-proxy: {CASES['refused'].what}.\n")
+    [row] = wait_for(failing.proxy, "path = ?", (f"/upload-{protocol}",))
+    assert row == row | {"method": "POST", "status": 502, "reason": CASES["refused"].what}

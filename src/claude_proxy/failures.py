@@ -43,7 +43,8 @@ HINTS = {
     "dns_error": "Check this machine's network and DNS settings.",
     "tls_certificate_error": (
         "The proxy checks upstream certificates against the system's trust roots; a network "
-        "that intercepts TLS needs its CA in the option ssl_verify_upstream_trusted_ca."
+        "that intercepts TLS needs its CA given to the proxy "
+        "(claude-proxy run --set ssl_verify_upstream_trusted_ca=CA.pem)."
     ),
     "tls_protocol_error": "Something on the network may be answering in the upstream's place.",
     "tls_alert_received": "Something on the network may be answering in the upstream's place.",
@@ -179,8 +180,8 @@ def answer(method: str, host: str, port: int, failure: Failure) -> http.Response
         hint = HINTS.get(failure.error, "Check this machine's network, or try again later.")
         body = (
             f"claude-proxy: {failure.what}.\n"
-            "The policy allowed this request; the upstream could not be reached or did not "
-            f"answer: a network or upstream fault, not the sandbox's policy. {hint}\n"
+            "The policy allowed this request, but the upstream could not be reached or did not "
+            f"answer properly: a network or upstream fault, not the sandbox's policy. {hint}\n"
         )
         kind = UPSTREAM_ERROR
     return proxy_answer(
