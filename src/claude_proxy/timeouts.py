@@ -298,11 +298,12 @@ class TimedHttpStream(HttpStream):
     def check_killed(self, emit_error_hook: bool) -> layer.CommandGenerator[bool]:
         # mitmproxy fails a flow whose client left while the stream waited here (the error is
         # queued): the error hook records why.
-        for event in self._paused_event_queue:
-            if isinstance(event, RequestProtocolError):
-                failure = failures.of_event(event, self.flow)
-                self.flow.metadata.setdefault(FAILURE, failure.what)
-                break
+        left = [e for e in self._paused_event_queue if isinstance(e, RequestProtocolError)]
+        if left:
+            try:
+                self.flow.metadata.setdefault(FAILURE, failures.of_event(left[0], self.flow).what)
+            except Exception:
+                logger.exception("describing why a client left failed")
         return (yield from super().check_killed(emit_error_hook))
 
     def _can_answer(self, event: RequestProtocolError | ResponseProtocolError) -> bool:
