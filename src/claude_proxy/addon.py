@@ -22,8 +22,10 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from claude_proxy import limits, passthrough, policy, wellformed
+from claude_proxy import failures, limits, passthrough, policy, wellformed
 from claude_proxy.decisions import (
+    FAILURE,
+    REFUSED,
     SENT_DOWN,
     SENT_UP,
     count_body,
@@ -68,7 +70,6 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "must be TLS1_2 or TLS1_3",
     ),
 }
-REFUSAL_PREFIX = "claude-proxy: "  # starts every refusal made on the way upstream
 PASS = "PASS"  # how pass-through tunnels appear in the decision log
 GENERATION = "claude_proxy.generation"  # flow.metadata: (policy generation, scheme) of a decision
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
@@ -368,15 +369,22 @@ class Enforcer:
         flow.response.stream = count_body(flow, SENT_DOWN)  # SSE and large bodies pass as they come
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, flow.response.status_code if flow.response else None)
+        # The proxy's own answer to a refusal on the way upstream carries why (failures.py).
+        refused = flow.metadata.pop(REFUSED, None)
+        status = flow.response.status_code if flow.response else None
+        self._finish(flow, status, Decision(False, refused) if refused else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        """The exchange ended without a whole response: the client left, the upstream broke off,
+        or a refusal on the way upstream (a forbidden address, the backstop) that the client
+        could not be told. The row says which, with the status the client got, if any."""
         message = flow.error.msg if flow.error else ""
-        # A refusal on the way upstream (a forbidden address, the backstop) is the decision.
-        refused = message.startswith(REFUSAL_PREFIX)
-        self._finish(
-            flow, None, Decision(False, message.removeprefix(REFUSAL_PREFIX)) if refused else None
-        )
+        refused = flow.metadata.pop(REFUSED, None) or failures.refusal(message)
+        if refused is None:
+            flow.metadata.setdefault(FAILURE, printable(message or "the exchange failed"))
+        # Every allowed response streams: once it has come, its head has gone to the client.
+        status = flow.response.status_code if flow.response else None
+        self._finish(flow, status, Decision(False, refused) if refused else None)
 
     def _finish(
         self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
@@ -385,6 +393,9 @@ class Enforcer:
         if allowed is not None:
             self.in_flight -= 1
             decision, host, port = allowed
+            if not decision.allowed:  # refused since (a switch to raw bytes): nothing was sent
+                status = None
+                flow.metadata.pop(FAILURE, None)
             log_decision(flow, refused or decision, host=host, port=port, status=status)
 
     # Helpers

@@ -45,10 +45,11 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
-from claude_proxy import held
+from claude_proxy import failures, held
 from claude_proxy.deadline import Deadline
 from claude_proxy.decisions import (
     FAILURE,
+    REFUSED,
     log_decision,
     log_line,
     loggable_path,
@@ -194,9 +195,10 @@ class TimedHttpLayer(layers.HttpLayer):
 
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
         yield from super().register_connection(command)
-        if command.err and command.connection in self.expired:
+        if command.err:
             # mitmproxy fails every later request on a failed connection at once; a timeout may
-            # pass, so a retry on this client connection gets a new upstream connection instead.
+            # pass, a name resolve again, so a retry on this client connection (kept alive after
+            # the answer) gets a new upstream connection instead.
             self.expired.discard(command.connection)
             self.connections.pop(command.connection, None)
 
@@ -369,6 +371,15 @@ class TimedHttpStream(HttpStream):
             # Only the stream knows whether a body follows the head (HTTP/2 says so in its frames,
             # not in a header): the Enforcer reads it from the flow.
             self.flow.metadata[BODY_FOLLOWS] = self.body_follows
+        elif problem := failures.invalid_head(self.flow, self.context.options):
+            # mitmproxy would refuse it with its own 502 (HTML, or an HTTP/2 reset): ours instead.
+            yield commands.CloseConnection(self.flow.server_conn)
+            req = self.flow.request
+            failure = failures.malformed_response(req.host, req.port, problem)
+            yield from self._answer(
+                failures.answer(req.method, req.host, req.port, failure), failure.what
+            )
+            return True
         return (yield from super().check_invalid(request))
 
     def handle_protocol_error(
@@ -376,11 +387,49 @@ class TimedHttpStream(HttpStream):
     ) -> layer.CommandGenerator[None]:
         # A connection we closed on a timeout fails like any other: answer with the reason.
         if self.timed_out and isinstance(event, ResponseProtocolError):
-            yield from self._answer()
-        elif self.refused and isinstance(event, ResponseProtocolError):
-            yield from self._send_answer()
-        else:
-            yield from super().handle_protocol_error(event)
+            step, reason = self.timed_out
+            response = timeout_response(self.flow.request.method, step, reason)
+            yield from self._answer(response, reason)
+            return
+        if self.refused and isinstance(event, ResponseProtocolError):
+            yield from self._send_answer()  # the refusal the Enforcer made when the wait ended
+            return
+        try:
+            failure = failures.of_event(event, self.flow)
+        except Exception:
+            logger.exception("describing an upstream failure failed")
+            failure = None
+        if failure is not None and failure.error and self._can_answer(event):
+            request = self.flow.request
+            response = failures.answer(request.method, request.host, request.port, failure)
+            yield from self._answer(response, failure.what, refused=failure.refused)
+            return
+        if failure is not None:  # the error hook records why
+            self.flow.metadata[REFUSED if failure.refused else FAILURE] = failure.what
+        yield from super().handle_protocol_error(event)
+
+    def check_killed(self, emit_error_hook: bool) -> layer.CommandGenerator[bool]:
+        # mitmproxy fails a flow whose client left while the stream waited here (the error is
+        # queued): the error hook records why.
+        left = [e for e in self._paused_event_queue if isinstance(e, RequestProtocolError)]
+        if left:
+            try:
+                self.flow.metadata.setdefault(FAILURE, failures.of_event(left[0], self.flow).what)
+            except Exception:
+                logger.exception("describing why a client left failed")
+        return (yield from super().check_killed(emit_error_hook))
+
+    def _can_answer(self, event: RequestProtocolError | ResponseProtocolError) -> bool:
+        """Whether the client can still get an answer of ours: nothing of a response has gone
+        to it, and it has not left (mitmproxy's check_killed looks at the same queue)."""
+        return (
+            isinstance(event, ResponseProtocolError)
+            and event.code.http_status_code() is not None
+            and self.flow.response is None
+            and self.flow.error is None
+            and self.client_state != self.state_errored
+            and not any(isinstance(e, RequestProtocolError) for e in self._paused_event_queue)
+        )
 
     def _waiting_for(self) -> str | None:
         if self.timed_out:
@@ -475,11 +524,13 @@ class TimedHttpStream(HttpStream):
         assert isinstance(asked, GetHttpConnection)
         yield from super().handle_event(GetHttpConnectionCompleted(asked, (None, reason)))
 
-    def _answer(self) -> layer.CommandGenerator[None]:
-        assert self.timed_out is not None
-        step, reason = self.timed_out
-        self.flow.response = timeout_response(self.flow.request.method, step, reason)
-        self.flow.metadata[FAILURE] = reason
+    def _answer(
+        self, response: http.Response, reason: str, refused: bool = False
+    ) -> layer.CommandGenerator[None]:
+        """Answer the client ourselves (the upstream gave no response head), as mitmproxy would
+        answer a response: its hook first, where the decision is logged with `reason`."""
+        self.flow.response = response
+        self.flow.metadata[REFUSED if refused else FAILURE] = reason
         yield from self._send_answer()
 
     def _send_answer(self) -> layer.CommandGenerator[None]:
