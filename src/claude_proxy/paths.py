@@ -13,7 +13,8 @@ from platformdirs.unix import Unix
 APP = "claude-proxy"
 LABEL = "local.claude-proxy"  # the launchd agent's label
 LOG_FILE = "claude-proxy.log"
-PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")  # shipped inside the package
+# launchd/local.claude-proxy.plist, through a link in the package: the wheel carries its bytes.
+PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")
 AUDIT_FILE = "audit.db"
 CONFIG_FILE = "config.toml"
 
