@@ -539,6 +539,7 @@ class TimedHttpStream(HttpStream):
         self.server_state = self.client_state = self.state_errored
         yield HttpResponseHook(self.flow)  # addons see it as any answer (the decision log does)
         response = self.flow.response
+        assert response is not None  # made here; a response hook may replace it, not remove it
         yield SendHttp(
             ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
         )
