@@ -144,7 +144,7 @@ class BoundedHttp1Server(Http1Server):
     def __init__(self, context: Context, bounds: Bounds) -> None:
         super().__init__(context)
         self.bounds = bounds
-        self.buf = BoundedReceiveBuffer(bounds)
+        self.buf: BoundedReceiveBuffer = BoundedReceiveBuffer(bounds)
         self.deadline = Deadline()
         self.phase: Phase = None
         self.head_started = time.monotonic()
