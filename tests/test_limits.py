@@ -911,3 +911,39 @@ def test_an_http2_client_may_open_a_hundred_streams_at_once(
         h2.errors.ErrorCodes.PROTOCOL_ERROR,
         h2.errors.ErrorCodes.REFUSED_STREAM,
     )
+
+
+@pytest.mark.parametrize("kind", ["invalid-scheme", "killed"])
+def test_http2_streams_that_end_in_odd_ways_give_their_budget_back(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, kind: str
+) -> None:
+    """A stream mitmproxy ends without dropping it (an invalid request; a flow the Enforcer kills)
+    must not keep what it counted: a hundred of them, on a 1 MiB budget, leave the next request
+    served, not refused for "too many requests waiting"."""
+    proxy = start_proxy(home, upstream, upstream_ca_file, "--set", "sandbox_waiting_memory_mib=1")
+    tls, conn, events = h2_session(proxy)
+    try:
+        for _ in range(100):
+            sid = conn.get_next_available_stream_id()
+            if kind == "invalid-scheme":  # mitmproxy's own check fails it: "Invalid request scheme"
+                head = get_head("/odd")
+                head[1] = (":scheme", "ftp")
+                conn.send_headers(sid, head, end_stream=True)
+            else:  # refused with a body of unknown length: the Enforcer kills the flow
+                head = get_head("/odd")
+                head[0], head[2] = (":method", "POST"), (":authority", "other.example")
+                conn.send_headers(sid, head)
+                conn.send_data(sid, b"", end_stream=True)
+            tls.sendall(conn.data_to_send())
+            if sid % 20 == 19:
+                responses_now(tls, conn, events)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, get_head("/after"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        answered: dict[int, tuple[int, bytes]] = {}
+        while sid not in answered:  # answers to the earlier streams may still come first
+            answered.update(responses(events, 1))
+        assert answered[sid][0] == 200
+    finally:
+        tls.close()
+        proxy.stop()

@@ -22,6 +22,7 @@ from tests.conftest import (
     curl,
     open_tunnel,
     read_head,
+    read_response,
     read_until_closed,
     start_proxy,
 )
@@ -215,6 +216,31 @@ def test_a_request_waiting_for_its_upstream_connection_is_decided_again(
         proxy.stop()
         gated.close()
     assert [r[1] for r in upstream.seen.requests] == ["/other"]
+
+
+def test_a_messages_body_held_whole_is_decided_again_once_it_has_arrived(
+    running: ProxyProcess, upstream: Upstream
+) -> None:
+    """A Messages body is read whole before it moves (the server-fetch check); on a kept-alive
+    connection its upstream connection is already there. A rule added while the body arrived
+    refuses it when the body is complete, and nothing of it is sent."""
+    tunnel = open_tunnel(running, "api.anthropic.com")
+    tunnel.sendall(b"GET /warm HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+    assert read_response(tunnel)[0].startswith(b"HTTP/1.1 200")  # the upstream connection is open
+    body = json.dumps({"model": "m", "max_tokens": 1, "messages": [], "pad": "x" * 5000}).encode()
+    tunnel.sendall(
+        b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    assert read_head(tunnel).startswith(b"HTTP/1.1 100")  # barrier: decided under the old policy
+    deny = '[[deny]]\nhost = "api.anthropic.com"\npaths = ["/v1/messages"]\n'
+    text = allowing("api.anthropic.com") + deny
+    write_by_rename(config_file(running.home), text)
+    wait_applied(running, text)
+    tunnel.sendall(body)
+    assert read_head(tunnel).startswith(b"HTTP/1.1 403")
+    tunnel.close()
+    assert [r[1] for r in upstream.seen.requests] == ["/warm"]
 
 
 def test_a_broken_edit_changes_nothing(running: ProxyProcess, upstream: Upstream) -> None:

@@ -221,13 +221,25 @@ class TimedHttpStream(HttpStream):
         self.held = 0  # request-body bytes queued while paused, counted in held.HELD
         self.cost = 0  # what this HTTP/2 stream itself holds, counted in held.HELD
         self.refused = False  # refused when its upstream connection came: it has its answer
+        self.dropped = False  # the HTTP layer has forgotten this stream
         self.ended = False  # ended for holding too much: every later event is dropped
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         for command in self._handle(event):
             if isinstance(command, DropStream) and command.stream_id == self.stream_id:
+                self.dropped = True
                 self._release()
             yield command
+        if (
+            not self.dropped
+            and self.client_state == self.state_errored
+            and self.server_state == self.state_errored
+        ):
+            # mitmproxy ends some streams without dropping them (an invalid request, a killed
+            # flow): each would stay, with its flow and what it counts, until the client leaves.
+            self.dropped = True
+            self._release()
+            yield DropStream(self.stream_id)
 
     def _release(self) -> None:
         if self.cost or self.held:
