@@ -807,6 +807,9 @@ def test_a_stream_waiting_for_a_free_upstream_connection_gets_504_in_time(
             assert b"waiting for a free connection to api.anthropic.com:443" in body
         upstream.gate("slots").set()
         assert {status for status, _ in responses(events, len(busy)).values()} == {200}
+        # The connection opened for a stream that gave up carries nothing: it is closed when it
+        # opens, not kept holding one of the five slots (five of them would block the client).
+        upstream.wait_idle()
         tls.close()
     finally:
         upstream.gate("slots").set()
@@ -947,3 +950,36 @@ def test_http2_streams_that_end_in_odd_ways_give_their_budget_back(
     finally:
         tls.close()
         proxy.stop()
+
+
+def test_a_stream_cancelled_while_it_waits_for_a_connection_is_never_sent(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    try:
+        tls, conn, events = h2_session(proxy)
+        busy = []
+        for _ in range(5):  # every slot taken
+            busy.append(sid := conn.get_next_available_stream_id())
+            conn.send_headers(sid, get_head("/hang?gate=cancel&bound=30"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while len(upstream.record.requests) < 5:  # barrier: the five hold their connections
+            assert time.monotonic() < deadline, "the five requests never reached the upstream"
+            time.sleep(0.02)
+        cancelled = conn.get_next_available_stream_id()
+        conn.send_headers(cancelled, get_head("/cancelled"), end_stream=True)
+        waiting = conn.get_next_available_stream_id()
+        conn.send_headers(waiting, get_head("/waiting"), end_stream=True)
+        conn.reset_stream(cancelled)  # the client gives up on it while it waits ...
+        conn.reset_stream(busy[0])  # ... and frees a slot
+        tls.sendall(conn.data_to_send())
+        answered: dict[int, tuple[int, bytes]] = {}
+        while waiting not in answered:
+            answered.update(responses(events, 1))
+        assert answered[waiting][0] == 200
+        tls.close()
+    finally:
+        upstream.gate("cancel").set()
+        proxy.stop()
+    assert "/cancelled" not in [path for _, path, _ in upstream.seen.requests]
