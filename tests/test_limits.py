@@ -33,7 +33,7 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
-from tests.upstream import PeakRss, SilentUpstream, SlowConnect, Upstream
+from tests.upstream import CountingRelay, PeakRss, SilentUpstream, SlowConnect, Upstream
 
 MIB = 1024 * 1024
 OFFERED = 40 * MIB  # what a hostile client offers; the proxy must stop taking it long before
@@ -983,3 +983,36 @@ def test_a_stream_cancelled_while_it_waits_for_a_connection_is_never_sent(
         upstream.gate("cancel").set()
         proxy.stop()
     assert "/cancelled" not in [path for _, path, _ in upstream.seen.requests]
+
+
+def test_an_http2_client_that_stops_reading_makes_the_proxy_stop_reading_its_upstream(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """A 96 MiB download to an HTTP/2 client that takes its first 64 KiB and then nothing: the
+    proxy reads only a few MiB of it from the upstream and holds no more than that; once the
+    client reads again, all of it arrives."""
+    size = 96 * MIB
+    relay = CountingRelay(upstream.port)
+    proxy = start_proxy(home, relay, upstream_ca_file)  # type: ignore[arg-type]
+    try:
+        tls, conn, events = h2_session(proxy)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, get_head(f"/bytes?size={size}"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+        with PeakRss(proxy.proc.pid) as memory:  # the client reads no more from here on
+            relayed = relay.wait_stalled()
+        assert relayed < 32 * MIB, f"the proxy read {relayed // MIB} MiB of the response"
+        assert memory.growth < 32 * MIB, f"grew {memory.growth // MIB} MiB"
+        received = 0
+        for event in events:  # read on, acknowledging each piece: the window opens again
+            if isinstance(event, h2.events.DataReceived):
+                received += len(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, sid)
+            elif isinstance(event, h2.events.StreamEnded):
+                break
+        assert received == size
+        tls.close()
+    finally:
+        proxy.stop()
+        relay.close()
