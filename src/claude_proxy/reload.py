@@ -146,9 +146,10 @@ class ConfigWatcher:
                 self.fail(f"{self.path} is gone")
             self.signature = None
             return
+        came_back = self.signature is None  # it was gone: read it again, whatever it holds
         self.signature = before
         digest = hashlib.sha256(data).hexdigest()
-        if digest == self.seen and not forced:
+        if digest == self.seen and not forced and not came_back:
             return
         self.seen = digest
         try:
@@ -160,7 +161,10 @@ class ConfigWatcher:
         self.enforcer.use_policy(new)
         self.last_failure, self.loaded_at = None, time.time()
         warnings = f", {len(loaded.warnings)} warning(s)" if loaded.warnings else ""
-        logger.info("policy reloaded from %s: %d rules%s", self.path, len(new.rules), warnings)
+        back = f"{self.path} is back; " if came_back else ""
+        logger.info(
+            "%spolicy reloaded from %s: %d rules%s", back, self.path, len(new.rules), warnings
+        )
         if loaded.listen != previous.listen:
             logger.warning("[listen] changed in %s: it applies at the next start", self.path)
         if loaded.log_level != previous.log_level:
