@@ -7,12 +7,14 @@ sandbox into them. Such addresses are refused unless a rule names the IP literal
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # asyncio costs a command that needs no proxy ~40 ms to import
+    import asyncio
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-
 from claude_proxy.errors import ExitCode, ProxyError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +77,10 @@ def ensure_ca(confdir: Path) -> CertificateAuthority:
 
 
 def load_ca(confdir: Path) -> CertificateAuthority:
+    # Only here: commands that merely name the CA's files (env, check, --help) start faster.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
     key_file, cert_file = key_path(confdir), cert_path(confdir)
     try:
         for private in (key_file, confdir / f"{BASENAME}-ca.p12"):

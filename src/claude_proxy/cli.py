@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import shlex
 import sys
@@ -13,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # service imports mitmproxy (~0.75 s): only `run` (and making a new CA) loads it.
-from claude_proxy import accounts, ca, config, config_commands, defaults, logs, paths
+# Nor do the others import anything a command does not need: `env` runs in every new shell.
+from claude_proxy import defaults, paths
 from claude_proxy.errors import ExitCode, ProxyError
 
 COMMANDS = (
@@ -296,7 +295,10 @@ def default_shell() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from claude_proxy import service
+    import asyncio
+    import logging
+
+    from claude_proxy import ca, config, config_commands, logs, service
 
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
     confdir = args.config_dir.absolute() if args.config_dir else paths.config_dir()
@@ -330,6 +332,8 @@ def first(*values: int | None) -> int:
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
+    from claude_proxy import ca
+
     confdir = paths.config_dir()
     authority = ca.ensure_ca(confdir)
     if args.bundle is not None:
@@ -351,6 +355,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from claude_proxy import ca
+
     proxy = f"http://{args.host}:{args.port}"
     cert = ca.cert_path(paths.config_dir())
     if not cert.exists():
@@ -380,12 +386,16 @@ def export_line(shell: str, name: str, value: str) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from claude_proxy import config_commands
+
     return config_commands.cmd_decide(
         paths.config_file(), args.allow, args.destination, args.request
     )
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from claude_proxy import config_commands
+
     path = paths.config_file()
     if args.action == "path":
         return config_commands.cmd_path(path)
@@ -450,7 +460,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_paths(args: argparse.Namespace) -> int:
     """What the install scripts need, computed here only: `eval "$(claude-proxy paths)"`."""
-    from claude_proxy import agent
+    from claude_proxy import agent, ca
 
     home = Path.home()
     confdir, port_number, socks_port = (
@@ -525,6 +535,8 @@ def cmd_setup_undo_all(args: argparse.Namespace) -> int:
 
 
 def cmd_orgs(args: argparse.Namespace) -> int:
+    from claude_proxy import accounts
+
     state = paths.state_dir()
     try:
         pin, ledger = accounts.load_pin(state), accounts.load_ledger(state)
@@ -560,6 +572,8 @@ def cmd_orgs(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
+    from claude_proxy import accounts
+
     state = paths.state_dir()
     if args.off:
         pin, done = None, "pin lifted: credentials of every organization reach Anthropic"
