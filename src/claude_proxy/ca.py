@@ -193,9 +193,13 @@ def _restrict(path: Path) -> None:
 
 
 def _damaged(confdir: Path, why: str) -> ProxyError:
+    import shlex
+
+    present = [name for name in CA_FILES if (confdir / name).exists()] or list(CA_FILES)
+    aside = f"cd {shlex.quote(str(confdir))} && mkdir -p old-ca && mv {' '.join(present)} old-ca/"
     return ProxyError(
         f"the CA in {confdir} is unusable: {why}. It is never replaced automatically, because "
-        "clients trust it; restore it, or move the folder aside to make a new CA (then trust the "
-        "new one again)",
+        f"clients trust it; restore it, or move its files aside to make a new CA ({aside}; "
+        "config.toml stays), then trust the new one again",
         ExitCode.CA,
     )

@@ -319,6 +319,11 @@ class _Validator:
                 self.error(self.lines.key(start, key), f"{key} must be a port number, 0-65535")
                 value = None
             ports[key] = value
+        if ports["port"] and ports["port"] == ports["socks_port"]:
+            self.error(
+                self.lines.key(start, "socks_port"),
+                f"socks_port must differ from port (both are {ports['port']})",
+            )
         return Listen(tuple(hosts) if hosts else None, ports["port"], ports["socks_port"])
 
     def _table_line(self, name: str) -> int | None:

@@ -64,6 +64,7 @@ class ConfigWatcher:
         )
         self.loaded_at = time.time()
         self.port = 0
+        self.socks_port: int | None = None
         self.forced = False
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
@@ -73,9 +74,12 @@ class ConfigWatcher:
 
     def running(self) -> None:
         for instance in ctx.master.addons.get("proxyserver").servers:
-            if instance.mode.type_name != "socks5" and instance.listen_addrs:
+            if not instance.listen_addrs:
+                continue
+            if instance.mode.type_name == "socks5":
+                self.socks_port = self.socks_port or instance.listen_addrs[0][1]
+            elif not self.port:
                 self.port = instance.listen_addrs[0][1]
-                break
         # From here on a change is seen; one made since the policy was read is applied now.
         self.signature = signature(self.path)
         with contextlib.suppress(OSError):
@@ -194,6 +198,7 @@ class ConfigWatcher:
                     rules=len(self.enforcer.policy.rules),
                     error=self.last_failure,
                     flags=list(self.flags),
+                    socks_port=self.socks_port,
                 )
             )
         except OSError as e:

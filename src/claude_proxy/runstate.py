@@ -25,6 +25,7 @@ class RunState:
     rules: int  # how many rules the policy has, defaults and flags included
     error: str | None = None  # why the last reload failed (FILE:LINE: …), None if it did not
     flags: list[str] = field(default_factory=list)  # the --allow rules the proxy was given
+    socks_port: int | None = None  # where its SOCKS5 listener is (None: none, or an older proxy)
 
     def alive(self) -> bool:
         """Whether the process that wrote this still runs (a crash leaves the file behind)."""
@@ -55,6 +56,17 @@ def read(port: int, state_dir: Path | None = None) -> RunState | None:
     except (OSError, ValueError, TypeError):
         return None
     return state if state.alive() else None
+
+
+def running(state_dir: Path | None = None) -> list[RunState]:
+    """Every proxy that published its state and still runs."""
+    folder = state_dir or paths.state_dir()
+    found = []
+    for path in sorted(folder.glob("proxy-*.json")):
+        port = path.stem.removeprefix("proxy-")
+        if port.isdigit() and (state := read(int(port), folder)) is not None:
+            found.append(state)
+    return found
 
 
 def remove(port: int, state_dir: Path | None = None) -> None:
