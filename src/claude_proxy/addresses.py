@@ -8,15 +8,22 @@ sandbox into them. Such addresses are refused unless a rule names the IP literal
 from __future__ import annotations
 
 import ipaddress
-import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # asyncio costs a command that needs no proxy ~40 ms to import
     import asyncio
+    import logging
 
-logger = logging.getLogger(__name__)
+
+def logger() -> logging.Logger:
+    """This module's logger; logging is imported only when there is something to say (the
+    commands that merely name these files start faster without it)."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -125,7 +132,7 @@ def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
             try:
                 check_resolved(name, infos)
             except ForbiddenAddress as e:
-                logger.warning(
+                logger().warning(
                     "BLOCK upstream connection: %s", str(e).removeprefix("claude-proxy: ")
                 )
                 raise

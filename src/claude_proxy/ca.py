@@ -7,16 +7,25 @@ unreadable CA is an error that names the files, not a reason to make a new one.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from claude_proxy.errors import ExitCode, ProxyError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+
+
+def logger() -> logging.Logger:
+    """This module's logger; logging is imported only when there is something to say (the
+    commands that merely name these files start faster without it)."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 BASENAME = "mitmproxy"  # mitmproxy's tlsconfig addon looks for <confdir>/mitmproxy-ca.pem
 KEY_SIZE = 2048
@@ -114,6 +123,8 @@ def _create(confdir: Path) -> None:
     certificate; so an interrupted creation (a full disk, a kill) leaves only the staging folder
     and perhaps some public files, which the next start recognises and clears.
     """
+    import shutil
+
     from mitmproxy import certs  # only here: commands that find a CA need no mitmproxy
 
     staging = confdir / STAGING
@@ -135,16 +146,18 @@ def _create(confdir: Path) -> None:
     with contextlib.suppress(OSError):
         _sync(confdir)
     shutil.rmtree(staging, ignore_errors=True)  # if it stays, the next start removes it
-    logger.info("created a new CA in %s", confdir)
+    logger().info("created a new CA in %s", confdir)
 
 
 def _finish_or_clear(confdir: Path) -> None:
     """A staging folder is left: the last creation was interrupted, before or after its end."""
+    import shutil
+
     if key_path(confdir).exists():  # the key was moved in: the creation had finished
         shutil.rmtree(confdir / STAGING, ignore_errors=True)
         return
     removed = _clear(confdir)
-    logger.warning(
+    logger().warning(
         "removed what an unfinished CA creation left in %s (%s); no certificate of it was ever "
         "used; making a new CA",
         confdir,
@@ -158,6 +171,8 @@ def _clear(confdir: Path) -> list[str]:
     Called only while the key is not in place: creation starts only when no CA file is there,
     so any CA file beside the staging folder comes from it.
     """
+    import shutil
+
     removed, stuck = [], False
     if not key_path(confdir).exists():
         for name in CA_FILES:
@@ -189,7 +204,7 @@ def _restrict(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         os.chmod(path, 0o600)
-        logger.warning("%s was readable by others (mode %o); set it to 0600", path, mode)
+        logger().warning("%s was readable by others (mode %o); set it to 0600", path, mode)
 
 
 def _damaged(confdir: Path, why: str) -> ProxyError:

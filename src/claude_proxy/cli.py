@@ -112,14 +112,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"{argv[0]!r} is not a command{hint} (`claude-proxy --help` lists them)",
             ExitCode.USAGE,
         )
-    return build_parser().parse_args(argv)
+    return build_parser(only=argv[0] if argv[0] in COMMANDS else "").parse_args(argv)
+
+
+class Unbuilt:
+    """Stands for the parser of a command that is not run: its arguments are not built (building
+    them all costs every command several milliseconds; `env` runs in every new shell)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
 
 
 def command(
-    sub: argparse._SubParsersAction[Parser], name: str, summary: str, description: str,
-    *examples: str,
+    sub: argparse._SubParsersAction[Parser], only: str | None, name: str, summary: str,
+    description: str, *examples: str,
 ) -> Parser:  # fmt: skip
-    """A subcommand with its one-line summary, a description, and examples under its help."""
+    """A subcommand with its one-line summary, a description, and examples under its help.
+
+    With `only` set, the other commands get their summary alone (for `--help`)."""
+    if only is not None and name != only:
+        sub.add_parser(name, help=summary)
+        unbuilt: Any = Unbuilt()
+        return unbuilt  # type: ignore[no-any-return]
     shown = "\n".join(f"  {e}" for e in examples)
     label = "example" if len(examples) == 1 else "examples"
     parser: Parser = sub.add_parser(
@@ -137,7 +151,8 @@ def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentPa
     raise KeyError(name)
 
 
-def build_parser() -> Parser:
+def build_parser(only: str | None = None) -> Parser:
+    """The whole parser; with `only`, just that command's arguments (the others unbuilt)."""
     parser = Parser(
         prog="claude-proxy",
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts. "
@@ -153,7 +168,7 @@ def build_parser() -> Parser:
     )  # fmt: skip
 
     run = command(
-        sub, "run", "run the proxy (the default)",
+        sub, only, "run", "run the proxy (the default)",
         "Run the proxy in the foreground until SIGTERM or Ctrl-C; SIGHUP reads config.toml "
         "again. It listens on 127.0.0.1 and ::1, HTTP and SOCKS5.",
         "claude-proxy run --port 19051 --socks-port 19052",
@@ -202,7 +217,7 @@ def build_parser() -> Parser:
     run.set_defaults(func=cmd_run)
 
     ca_cmd = command(
-        sub, "ca", "make the CA if missing; print its path and fingerprints",
+        sub, only, "ca", "make the CA if missing; print its path and fingerprints",
         "Make the proxy's certificate authority if there is none, then print where it is and "
         "its fingerprints. A damaged CA is never replaced: the message says what to do.",
         "claude-proxy ca --bundle",
@@ -220,7 +235,7 @@ def build_parser() -> Parser:
     ca_cmd.set_defaults(func=cmd_ca)
 
     env = command(
-        sub, "env", "print the environment Claude Code needs to use the proxy",
+        sub, only, "env", "print the environment Claude Code needs to use the proxy",
         "Print shell lines that point HTTPS_PROXY and HTTP_PROXY at the proxy, trust its CA "
         "(NODE_EXTRA_CA_CERTS) and clear NO_PROXY, so that nothing inherited bypasses it. "
         "The port is --port, else the running proxy's, else the installed agent's, else "
@@ -254,7 +269,7 @@ def build_parser() -> Parser:
     env.set_defaults(func=cmd_env)
 
     check = command(
-        sub, "check", "say whether a host, request or URL would be allowed, and why",
+        sub, only, "check", "say whether a host, request or URL would be allowed, and why",
         "Decide as the running proxy would, from config.toml and the defaults: a destination "
         "(HOST[:PORT]), a request to it (HOST[:PORT] METHOD PATH), or a URL ([METHOD] URL; "
         "GET unless named). Exit 0 when allowed, 1 when refused.",
@@ -270,7 +285,7 @@ def build_parser() -> Parser:
     check.set_defaults(func=cmd_check)
 
     config_cmd = command(
-        sub, "config", "the policy file: path, edit, check, show",
+        sub, only, "config", "the policy file: path, edit, check, show",
         "The policy file, config.toml beside the CA: print its path, edit it safely, check it, "
         "or show the rules in force with their origins.",
         "claude-proxy config show",
@@ -308,7 +323,7 @@ def build_parser() -> Parser:
     config_cmd.set_defaults(func=cmd_config)
 
     plist = command(
-        sub, "plist", "render the launchd agent's plist from its template",
+        sub, only, "plist", "render the launchd agent's plist from its template",
         "Render the launchd agent's plist (absolute paths, ports, config folder) from the "
         "template in the package; scripts/install-agent.sh uses it.",
         "claude-proxy plist --output ~/Library/LaunchAgents/local.claude-proxy.plist",
@@ -336,7 +351,7 @@ def build_parser() -> Parser:
     plist.set_defaults(func=cmd_plist)
 
     status = command(
-        sub, "status", "would Claude Code work through the proxy? (exit 0 only then)",
+        sub, only, "status", "would Claude Code work through the proxy? (exit 0 only then)",
         "Check, row by row, what Claude Code needs: the agent (macOS), the CA, both listeners "
         "(a real TLS handshake through each), the keychain (macOS), the policy, the logs and "
         "the Claude Code settings that apply here. Exit 0 only when every row is ok.",
@@ -364,7 +379,7 @@ def build_parser() -> Parser:
     status.set_defaults(func=cmd_status)
 
     paths_cmd = command(
-        sub, "paths", "print the agent's names, paths and ports as shell assignments",
+        sub, only, "paths", "print the agent's names, paths and ports as shell assignments",
         "Print the agent's label, paths and ports as shell assignments: the install scripts "
         "take them from here rather than computing them again.",
         'eval "$(claude-proxy paths)"; echo "$CA_CERT"',
@@ -377,7 +392,7 @@ def build_parser() -> Parser:
     paths_cmd.set_defaults(func=cmd_paths)
 
     log = command(
-        sub, "log", "what the proxy decided, from its audit database",
+        sub, only, "log", "what the proxy decided, from its audit database",
         "What the proxy decided, from its audit database: a table, JSON lines, a summary of "
         "refusals, or [[allow]] rules that would allow what was refused.",
         "claude-proxy log --blocked --since 1h",
@@ -400,7 +415,8 @@ def build_parser() -> Parser:
     log.set_defaults(func=cmd_log)
 
     setup = command(
-        sub, "setup", "fence Claude Code's sandbox (or srt) onto claude-proxy; or take it back",
+        sub, only, "setup",
+        "fence Claude Code's sandbox (or srt) onto claude-proxy; or take it back",
         "Write the settings that lock Claude Code's sandbox (or srt's) onto claude-proxy's "
         "ports, showing the change first; --undo takes back exactly what setup changed.",
         "claude-proxy setup claude-code --dry-run",
@@ -455,7 +471,7 @@ def build_parser() -> Parser:
     undo_all.set_defaults(func=cmd_setup_undo_all)
 
     orgs = command(
-        sub, "orgs", "organizations seen in Anthropic's answers, per credential",
+        sub, only, "orgs", "organizations seen in Anthropic's answers, per credential",
         "The Anthropic organizations seen in answers through the proxy, per credential "
         "(a fingerprint, never the key), and the pin.",
         "claude-proxy orgs --json",
@@ -464,7 +480,7 @@ def build_parser() -> Parser:
     orgs.set_defaults(func=cmd_orgs)
 
     pin = command(
-        sub, "pin", "let only one organization's credentials reach Anthropic",
+        sub, only, "pin", "let only one organization's credentials reach Anthropic",
         "Let only one organization's credentials reach Anthropic: a request with any other "
         "credential is refused before its body moves. A running proxy applies it at once.",
         "claude-proxy pin --first-seen",
@@ -480,7 +496,7 @@ def build_parser() -> Parser:
     pin.set_defaults(func=cmd_pin)
 
     completion = command(
-        sub, "completion", "print a shell completion script (bash, zsh or fish)",
+        sub, only, "completion", "print a shell completion script (bash, zsh or fish)",
         "Print a completion script for bash, zsh or fish, generated from these commands.",
         'eval "$(claude-proxy completion bash)"    # in ~/.bashrc; zsh alike in ~/.zshrc',
         "claude-proxy completion fish > ~/.config/fish/completions/claude-proxy.fish",

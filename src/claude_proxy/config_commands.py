@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +278,9 @@ def editor_missing(e: OSError) -> ProxyError:
 def cmd_edit(path: Path) -> int:
     """Edit a copy; install it only if it is valid. Asks what to do about an invalid one when
     there is a terminal; without one, an invalid edit is discarded (exit 2)."""
+    import subprocess
+    import tempfile
+
     config.ensure_file(path)
     original = path.read_bytes()
     mode = files.mode_of(path)
