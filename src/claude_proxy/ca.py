@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from claude_proxy.errors import ExitCode, ProxyError
 
@@ -41,8 +40,7 @@ CA_FILES = (
 STAGING = ".new-ca"  # a CA is made here, inside the config folder, then moved into place
 
 
-@dataclass(frozen=True, slots=True)
-class CertificateAuthority:
+class CertificateAuthority(NamedTuple):  # not a dataclass: that import is slow
     key_path: Path  # private key and certificate, 0600
     cert_path: Path  # the certificate alone: what clients trust
     sha1: str  # hex, uppercase, no colons (what `security -Z` takes)

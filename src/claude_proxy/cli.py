@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING
 
 # service imports mitmproxy (~0.75 s): only `run` (and making a new CA) loads it.
 # Nor do the others import anything a command does not need: `env` runs in every new shell.
 from claude_proxy import defaults, paths
 from claude_proxy.errors import ExitCode, ProxyError
+
+if TYPE_CHECKING:  # typing costs every command a few milliseconds to import
+    from typing import Any, NoReturn
 
 COMMANDS = (
     "run", "ca", "env", "check", "config", "plist", "status", "paths", "setup", "orgs", "pin",
@@ -131,7 +133,8 @@ def command(
 
     With `only` set, the other commands get their summary alone (for `--help`)."""
     if only is not None and name != only:
-        sub.add_parser(name, help=summary)
+        if not only:  # `claude-proxy --help` lists every command
+            sub.add_parser(name, help=summary)
         unbuilt: Any = Unbuilt()
         return unbuilt  # type: ignore[no-any-return]
     shown = "\n".join(f"  {e}" for e in examples)
@@ -246,8 +249,8 @@ def build_parser(only: str | None = None) -> Parser:
         "--shell", choices=SHELLS, help="the shell to write for (default: the one $SHELL names)"
     )
     env.add_argument(
-        "--host", type=client_host, default=defaults.DEFAULT_HOST,
-        help="the proxy's address as clients reach it: an IP or name (%(default)s)",
+        "--host", type=client_host,
+        help=f"the proxy's address as clients reach it: an IP or name ({defaults.DEFAULT_HOST})",
     )  # fmt: skip
     env.add_argument(
         "--port", type=fixed_port, help="the proxy's HTTP port, 1-65535 " +
@@ -702,7 +705,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     shell = args.shell or default_shell()
     found = ports.resolve(args.port)
-    proxy = f"http://{url_host(args.host)}:{found.port}"
+    proxy = f"http://{url_host(args.host or defaults.DEFAULT_HOST)}:{found.port}"
     confdir = paths.config_dir()
     cert = ca.cert_path(confdir)
     if args.tools:
@@ -831,6 +834,8 @@ def cmd_plist(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
     from claude_proxy import agent, ports
 
     found = ports.resolve(args.port, args.socks_port)
@@ -934,6 +939,8 @@ def cmd_setup_undo_all(args: argparse.Namespace) -> int:
 
 
 def cmd_orgs(args: argparse.Namespace) -> int:
+    import json
+
     from claude_proxy import accounts
 
     state = paths.state_dir()

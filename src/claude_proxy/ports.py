@@ -9,8 +9,8 @@ must differ. Pure Python and light: `env` runs in every new shell.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from claude_proxy import defaults, paths, runstate
 from claude_proxy.errors import ExitCode, ProxyError
@@ -19,8 +19,7 @@ FLAGS = "--port/--socks-port"
 DEFAULTS = "the defaults"
 
 
-@dataclass(frozen=True)
-class Ports:
+class Ports(NamedTuple):  # not a dataclass: `env` needs this, and dataclasses is slow to import
     port: int
     socks_port: int
     source: str  # where the HTTP port came from, for the user
@@ -122,11 +121,17 @@ def installed_agent_ports(home: Path) -> tuple[int | None, int | None]:
 def listen_ports(config_file: Path) -> tuple[int | None, int | None]:
     """`[listen] port` and `socks_port` in config.toml, read lightly (a broken file names none:
     the commands that judge the file say what is wrong with it)."""
+    try:
+        text = config_file.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    if "listen" not in text:  # most files: no need to import tomllib to know
+        return None, None
     import tomllib
 
     try:
-        listen = tomllib.loads(config_file.read_text()).get("listen", {})
-    except (OSError, ValueError, UnicodeDecodeError):
+        listen = tomllib.loads(text).get("listen", {})
+    except ValueError:
         return None, None
     if not isinstance(listen, dict):
         return None, None

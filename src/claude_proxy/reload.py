@@ -197,7 +197,7 @@ class ConfigWatcher:
                     loaded_at=self.loaded_at,
                     rules=len(self.enforcer.policy.rules),
                     error=self.last_failure,
-                    flags=list(self.flags),
+                    flags=self.flags,
                     socks_port=self.socks_port,
                 )
             )
