@@ -92,6 +92,7 @@ def test_every_command_finds_the_running_proxy(
         ["setup", "srt", "--dry-run", "--port", "9052"],  # the default SOCKS port
         ["env", "--port", "9052"],
         ["run", "--port", "9052"],
+        ["plist", "--port", "9052"],
     ],
 )
 def test_the_http_port_and_the_socks_port_must_differ(home: Path, args: list[str]) -> None:

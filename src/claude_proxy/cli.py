@@ -805,6 +805,12 @@ def cmd_plist(args: argparse.Namespace) -> int:
         template = (args.template or paths.PLIST_TEMPLATE).read_bytes()
     except OSError as e:
         raise ProxyError(f"cannot read the plist template: {e}", ExitCode.USAGE) from e
+    if args.port == args.socks_port:
+        raise ProxyError(
+            f"the HTTP and the SOCKS port are both {args.port}: they must differ; pass --port "
+            "or --socks-port",
+            ExitCode.USAGE,
+        )
     executable = args.executable.absolute() if args.executable else agent.console_script()
     if executable.name.endswith(".py") or not os.access(executable, os.X_OK):
         raise ProxyError(
