@@ -64,8 +64,9 @@ def test_env_bash_is_a_shell_and_its_lines_run_in_bash(ca_home: Path) -> None:
     assert out.stdout.split() == ["http://127.0.0.1:9999", *str(cert(ca_home)).split()]
 
 
-def test_env_follows_bash_in_shell(ca_home: Path) -> None:
-    result = cli(ca_home, "env", env={"SHELL": "/usr/local/bin/bash"})
+@pytest.mark.parametrize("shell", ["/usr/local/bin/bash", "/bin/dash", "/bin/ksh"])
+def test_env_follows_a_posix_shell_in_shell(ca_home: Path, shell: str) -> None:
+    result = cli(ca_home, "env", env={"SHELL": shell})
     assert result.returncode == 0 and "export HTTPS_PROXY=" in result.stdout
 
 

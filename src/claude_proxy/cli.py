@@ -24,6 +24,7 @@ COMMANDS = (
     "log", "completion",
 )  # fmt: skip
 SHELLS = ("sh", "bash", "zsh", "fish", "nu")
+POSIX_SHELLS = ("dash", "ash", "ksh", "mksh", "oksh", "yash", "busybox")  # they take sh's lines
 TOOL_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool whose reader went away exits with
 PORT_HELP = (
@@ -160,8 +161,8 @@ def build_parser(only: str | None = None) -> Parser:
         prog="claude-proxy",
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts. "
         "With no command, or with run's options, it runs the proxy.",
-        epilog="Exit codes: 0 ok, 1 failure (the message names the fix), 2 bad usage, rule or "
-        "option, 3 cannot listen (port in use), 4 CA unusable, 141 output pipe closed.\n"
+        epilog="exit codes:\n  0 ok, 1 failure (the message names the fix), 2 bad usage, rule or "
+        "option,\n  3 cannot listen (port in use), 4 CA unusable, 141 the output pipe closed\n"
         "example:\n  claude-proxy status",
     )
     parser.add_argument("--version", action=Version)
@@ -584,7 +585,7 @@ def default_shell() -> str:
     """The shell $SHELL names; sh when it names none. One env cannot write for is an error."""
     shell = os.environ.get("SHELL", "")
     name = os.path.basename(shell)
-    if not name:
+    if not name or name in POSIX_SHELLS:
         return "sh"
     if name not in SHELLS:
         raise ProxyError(
