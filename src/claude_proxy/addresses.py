@@ -8,7 +8,6 @@ sandbox into them. Such addresses are refused unless a rule names the IP literal
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +87,8 @@ def forbidden(ip: IPAddress) -> str | None:
 
 def is_this_machine(ip: IPAddress) -> bool:
     """Whether `ip` is an address of this machine: only a local address can be bound."""
+    import socket  # here: `check` and `env` need no socket module
+
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
@@ -122,6 +123,8 @@ def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
     leaves no second lookup to rebind. Lookups for listening (AI_PASSIVE) are left alone; IP
     literals never reach the resolver (and pass only where a rule names them).
     """
+    import socket
+
     resolve: Callable[..., Awaitable[list[Any]]] = loop.getaddrinfo
 
     async def checked_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:

@@ -6,7 +6,6 @@ file (atomically, keeping its mode) only when it is valid.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -75,6 +74,8 @@ def cmd_check(path: Path) -> int:
 
 
 def cmd_show(path: Path, flags: Sequence[str], port: int | None, *, as_json: bool = False) -> int:
+    import json
+
     from claude_proxy import ports
 
     loaded = load(path)
@@ -215,6 +216,8 @@ def valid_host(host: str) -> str:
 
 def cmd_decide(path: Path, flags: Sequence[str], words: Sequence[str], as_json: bool) -> int:
     """`check`: what the proxy would do, and which rule says so."""
+    import json
+
     asked = question(words)
     built = policy_for(path, flags)
     decision = built.decide(asked.host, asked.port, asked.scheme)
