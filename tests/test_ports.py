@@ -67,10 +67,16 @@ def test_setup_keeps_the_ports_config_toml_names(home: Path) -> None:
 def test_every_command_finds_the_running_proxy(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:
-    write_listen(home, free_port(), free_port())  # the proxy below runs on other ports
+    listen = free_port()
+    write_listen(home, listen, free_port())  # the proxy below runs on other ports
     proxy = start_proxy(home, upstream, upstream_ca_file, "--socks-port", "0")
     try:
         assert env_proxy(home) == f"http://127.0.0.1:{proxy.port}"
+        env = run_cli(home, "env", "--shell", "sh")
+        assert f"[listen] in {home}/.config/claude-proxy/config.toml says HTTP {listen}" in (
+            env.stderr
+        )
+        assert "applies at its next start" in env.stderr
         status = run_cli(home, "status")
         assert f"ok   proxy on 127.0.0.1:{proxy.port}:" in status.stdout, status.stdout
         assert f"ok   SOCKS5 on 127.0.0.1:{proxy.socks_port}:" in status.stdout

@@ -706,6 +706,8 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     shell = args.shell or default_shell()
     found = ports.resolve(args.port)
+    if note := ports.pending(found):
+        print(f"claude-proxy: {note}", file=sys.stderr)
     proxy = f"http://{url_host(args.host or defaults.DEFAULT_HOST)}:{found.port}"
     confdir = paths.config_dir()
     cert = ca.cert_path(confdir)
@@ -852,7 +854,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         port=found.port,
         socks_port=found.socks_port,
         project=args.project or Path.cwd(),
-        ports_from=found.describe(),
+        ports_from="; ".join(filter(None, (found.describe(), ports.pending(found)))),
     )
     ok = all(c.ok for c in checks)
     if args.json:

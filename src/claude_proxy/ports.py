@@ -81,6 +81,24 @@ def resolve(
     return found
 
 
+def pending(found: Ports, config_dir: Path | None = None) -> str | None:
+    """When the running proxy's ports are not the ones [listen] names (a change that applies at
+    its next start), a sentence saying so; else None."""
+    if found.running is None or found.source != found.socks_source:
+        return None
+    config_file = paths.config_file(config_dir)
+    listen = dict(zip(("HTTP", "SOCKS"), listen_ports(config_file), strict=True))
+    running = {"HTTP": found.port, "SOCKS": found.socks_port}
+    differ = [f"{kind} {listen[kind]}" for kind in running
+              if listen[kind] not in (None, 0, running[kind])]  # fmt: skip
+    if not differ:
+        return None
+    return (
+        f"{found.source} listens on HTTP {found.port}, SOCKS {found.socks_port}; [listen] in "
+        f"{config_file} says {', '.join(differ)}, which applies at its next start"
+    )
+
+
 def check_distinct(found: Ports) -> None:
     if found.port == found.socks_port and found.port != 0:
         raise ProxyError(
