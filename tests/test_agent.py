@@ -669,7 +669,7 @@ def test_agent_as_launchd_runs_it(home: Path) -> None:
     document = plistlib.loads(rendered.stdout.encode())
     status = run_cli(home, "status", "--port", str(port), "--socks-port", str(socks_port))
     assert status.returncode == 1
-    assert "FAIL agent: not installed" in status.stdout
+    assert "ok   agent: not macOS: no launchd agent" in status.stdout
     assert "FAIL proxy on 127.0.0.1" in status.stdout
     installed = paths.plist_path(home)
     installed.parent.mkdir(parents=True)

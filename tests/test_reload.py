@@ -286,3 +286,30 @@ def test_a_hundred_rapid_edits_end_on_the_last_valid_one(
     assert status_of(running, "statsig.anthropic.com") == ("200", "200")
     assert status_of(running, "claude.ai") == ("403", "000")
     assert [r[2] for r in upstream.seen.requests] == ["statsig.anthropic.com"]
+
+
+@pytest.mark.parametrize("how", ["moved back", "copied in, same bytes", "copied in, new rules"])
+def test_a_file_that_goes_and_comes_back_is_read_again(
+    running: ProxyProcess, upstream: Upstream, how: str
+) -> None:
+    path = config_file(running.home)
+    good = path.read_text()
+    aside = path.with_name("config.toml.aside")
+    path.rename(aside)
+    gone = wait_state(running, lambda s: s["error"] is not None)
+    assert "is gone" in str(gone["error"])
+    text = good
+    if how == "moved back":
+        aside.rename(path)
+    elif how == "copied in, same bytes":
+        write_by_rename(path, good)
+    else:
+        text = allowing("api.anthropic.com", "claude.ai")
+        write_by_rename(path, text)
+    wait_applied(running, text)  # the failure clears
+    back = [line for line in running.stderr if f"{path} is back" in line]
+    assert len(back) == 1, running.stderr
+    expected = ("200", "200") if how == "copied in, new rules" else ("403", "000")
+    assert status_of(running, "claude.ai") == expected
+    status = run_cli(running.home, "status", "--port", str(running.port))
+    assert "ok   config:" in status.stdout
