@@ -105,7 +105,7 @@ class ForbiddenAddress(OSError):
 NOT_RESOLVED = "name not resolved: "  # starts the message of every failed upstream name lookup
 
 
-class NameNotResolved(socket.gaierror):
+class NameNotResolved(OSError):  # as socket.gaierror is; socket loads only when used
     """An upstream name lookup failed. mitmproxy keeps only an error's message, and the platform's
     own (`[Errno 8] …` on macOS) cannot be told from a connect error's: this one says what it is."""
 
