@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from claude_proxy import overlaps, policy
 from claude_proxy.policy import ALLOW, DENY, HTTP, HTTPS, NAME, WILDCARD, Policy, Rule
@@ -73,8 +72,7 @@ defaults = true
 """
 
 
-@dataclass(frozen=True)
-class Diagnostic:
+class Diagnostic(NamedTuple):
     path: Path
     line: int | None
     message: str
@@ -100,20 +98,18 @@ class ConfigError(ValueError):
         self.warnings = tuple(warnings)
 
 
-@dataclass(frozen=True)
-class Listen:
+class Listen(NamedTuple):
     hosts: tuple[str, ...] | None = None
     port: int | None = None
     socks_port: int | None = None
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     path: Path
     exists: bool = False
     defaults: bool = True
     rules: tuple[Rule, ...] = ()
-    listen: Listen = field(default_factory=Listen)
+    listen: Listen = Listen()
     log_level: str | None = None
     warnings: tuple[Diagnostic, ...] = ()
     digest: str = ""  # SHA-256 of the bytes read; "" when there is no file

@@ -10,9 +10,8 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from claude_proxy import config, files, policy, runstate
 from claude_proxy.config import Config, ConfigError, Diagnostic
@@ -135,8 +134,7 @@ def cmd_show(path: Path, flags: Sequence[str], port: int | None, *, as_json: boo
 USAGE = "HOST[:PORT], HOST[:PORT] METHOD PATH, or [METHOD] URL"
 
 
-@dataclass(frozen=True)
-class Question:
+class Question(NamedTuple):
     """What `check` is asked: a destination, and perhaps one request to it."""
 
     host: str

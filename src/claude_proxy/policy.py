@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from claude_proxy import urlpaths
 from claude_proxy.addresses import embedded_ipv4
@@ -44,8 +44,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     """One allow or deny rule: a destination, and optionally the requests it is about.
 
     The destination is an exact host name, `*.domain` (strict subdomains), an IP literal or a
@@ -67,7 +66,7 @@ class Rule:
     # False: a Messages request to this destination may send Anthropic's servers anywhere
     check_server_fetch: bool = True
     comment: str = ""
-    network: IPNetwork | None = field(default=None, compare=False)
+    network: IPNetwork | None = None  # follows from `host`: comparing it changes nothing
 
     @property
     def wildcard(self) -> bool:
@@ -118,8 +117,7 @@ class Rule:
         return " ".join(words)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     allowed: bool
     reason: str
     rule: str | None = None  # the rule that decided, as logs name it

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 # RFC 3986 §2.3: decoding these never changes what a URI means.
@@ -78,18 +78,23 @@ def normalize(target: str) -> str:
     return normalized
 
 
-@dataclass(frozen=True, slots=True)
-class PathPattern:
-    """A path prefix (`/v1/`, segment by segment) or a glob (`*` in a segment, `**` across)."""
+class PathPattern(NamedTuple):
+    """A path prefix (`/v1/`, segment by segment) or a glob (`*` in a segment, `**` across).
+
+    A NamedTuple, not a dataclass: `check` and `env` start without importing dataclasses. The
+    expressions follow from `text` and `glob`, so comparing them too changes no comparison."""
 
     text: str
     glob: bool
-    _exact: re.Pattern[str] = field(repr=False, compare=False)
-    _folded: re.Pattern[str] = field(repr=False, compare=False)
+    exact: re.Pattern[str]
+    folded: re.Pattern[str]
+
+    def __repr__(self) -> str:
+        return f"PathPattern({self.text!r}, glob={self.glob})"
 
     def matches(self, path: str, *, ignore_case: bool = False) -> bool:
         """Whether the normalized `path` matches; `ignore_case` for deny rules (fail closed)."""
-        return (self._folded if ignore_case else self._exact).fullmatch(path) is not None
+        return (self.folded if ignore_case else self.exact).fullmatch(path) is not None
 
     def covers(self, other: PathPattern, *, ignore_case: bool) -> bool:
         """Whether every path `other` matches, this one matches too (`ignore_case`: as a deny)."""
