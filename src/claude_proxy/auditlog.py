@@ -45,7 +45,8 @@ class Selection:
     host: str | None = None  # a shell-style glob, case-insensitive
 
     def where(self) -> tuple[str, list[object]]:
-        clauses, args = ["1"], []
+        clauses: list[str] = ["1"]
+        args: list[object] = []
         if self.blocked:
             clauses.append("decision = 'block'")
         if self.since is not None:

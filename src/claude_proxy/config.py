@@ -141,7 +141,8 @@ def parse(path: Path, data: bytes) -> Config:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         message = str(e)
-        line = column = None
+        line: int | None = None
+        column: int | None = None
         if found := _TOML_POSITION.search(message):
             line, column = int(found[1]), int(found[2])
             message = message[: found.start()].rstrip()
