@@ -17,7 +17,7 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
-from claude_proxy import addresses, closing, framing, hookcache, listeners, paths, socks
+from claude_proxy import addresses, closing, crashguard, framing, hookcache, listeners, paths, socks
 from claude_proxy.addon import Enforcer
 from claude_proxy.config import Config
 from claude_proxy.decisions import AuditLog
@@ -155,6 +155,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     check_option_names(settings.mitmproxy_options)
     framing.install()
     closing.install()
+    crashguard.install()
     socks.install()
     try:
         modes = listeners.mode_specs(

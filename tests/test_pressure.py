@@ -1,0 +1,112 @@
+"""Under pressure the proxy answers everyone, crashes nowhere and gives its memory back.
+
+The real proxy under a low open-files limit (`prlimit`, as a macOS terminal's 256), bursts of
+real clients bounded in count and time; proofs are what each client received, the proxy's log
+and what it holds (/proc).
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import conftest
+from tests.conftest import ProxyProcess, start_proxy
+from tests.upstream import Upstream
+
+DESCRIPTOR_LIMIT = 256  # a macOS terminal's soft limit, and launchd's default
+BURST = 500  # clients at once: about twice the descriptors the proxy may open
+ANSWER_SECONDS = 20  # bound on the whole burst; running into it fails the test
+CONNECT = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
+SOCKS_GREETING = b"\x05\x01\x00"
+SOCKS_CONNECT = b"\x05\x01\x00\x03\x11api.anthropic.com\x01\xbb"
+
+
+@pytest.fixture
+def limited_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start proxies under an open-files limit, as a terminal or launchd does."""
+    wrapper = tmp_path / "limited-claude-proxy"
+    limit = f"{DESCRIPTOR_LIMIT}:{DESCRIPTOR_LIMIT}"
+    wrapper.write_text(f'#!/bin/sh\nexec prlimit --nofile={limit} "{conftest.EXECUTABLE}" "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(conftest, "EXECUTABLE", wrapper)
+
+
+def burst(port: int, first: bytes, complete: bytes) -> list[bytes]:
+    """BURST clients connect at once and send `first`; each reads until its answer holds
+    `complete` or the proxy closes. Every client keeps its socket until all are answered (as
+    clients that read a refusal do not close at once). A client with neither: b"" after the
+    deadline, which fails the caller."""
+    selector = selectors.DefaultSelector()
+    clients: list[socket.socket] = []
+    answers: dict[int, bytes] = {}
+    try:
+        for i in range(BURST):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            clients.append(sock)
+            selector.register(sock, selectors.EVENT_WRITE, i)
+        open_ = set(range(BURST))
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while open_ and time.monotonic() < deadline:
+            for key, events in selector.select(timeout=0.5):
+                i, sock = key.data, clients[key.data]
+                if events & selectors.EVENT_WRITE:
+                    try:
+                        sock.send(first)
+                    except OSError:
+                        answers[i] = answers.get(i, b"")
+                        open_.discard(i)
+                        selector.unregister(sock)
+                        continue
+                    selector.modify(sock, selectors.EVENT_READ, i)
+                    continue
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    data = b""
+                answers[i] = answers.get(i, b"") + data
+                if not data or complete in answers[i]:
+                    open_.discard(i)
+                    selector.unregister(sock)
+        return [answers.get(i, b"") if i not in open_ else b"<no answer>" for i in range(BURST)]
+    finally:
+        selector.close()
+        for sock in clients:
+            sock.close()
+
+
+def log_file(proxy: ProxyProcess) -> str:
+    return (proxy.home / ".local/state/claude-proxy/log/claude-proxy.log").read_text()
+
+
+@pytest.mark.usefixtures("limited_descriptors")
+@pytest.mark.parametrize("listener", ["http", "socks"])
+def test_a_first_burst_past_the_descriptor_limit_is_answered(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, listener: str
+) -> None:
+    """Five hundred clients at once against a fresh proxy with 256 descriptors: each is
+    admitted (200, or SOCKS 05 00) or refused (503, or 05 FF), none waits for an accept retry,
+    and the proxy never runs out of descriptors nor crashes."""
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    if listener == "http":
+        answers = burst(proxy.port, CONNECT, b"\r\n\r\n")
+        admitted = [a for a in answers if a.startswith(b"HTTP/1.1 200")]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    else:
+        answers = burst(proxy.socks_port, SOCKS_GREETING, b"\x05")
+        admitted = [a for a in answers if a.startswith(b"\x05\x00")]
+        refused = [a for a in answers if a.startswith(b"\x05\xff")]
+    others = [a for a in answers if a not in admitted and a not in refused]
+    assert others == [], f"{len(others)} clients got {sorted(set(others))[:5]}"
+    assert admitted and refused
+    log = log_file(proxy)
+    assert "cannot accept connections" not in log
+    assert "Traceback" not in log and "crashed" not in log
+    assert proxy.stop() == 0
