@@ -8,15 +8,24 @@ and what it holds (/proc).
 from __future__ import annotations
 
 import selectors
+import signal
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import conftest
-from tests.conftest import ProxyProcess, start_proxy
+from tests.conftest import (
+    ProxyProcess,
+    curl,
+    read_head,
+    read_until_closed,
+    send_connect,
+    start_proxy,
+)
 from tests.upstream import Upstream
 
 DESCRIPTOR_LIMIT = 256  # a macOS terminal's soft limit, and launchd's default
@@ -109,4 +118,93 @@ def test_a_first_burst_past_the_descriptor_limit_is_answered(
     log = log_file(proxy)
     assert "cannot accept connections" not in log
     assert "Traceback" not in log and "crashed" not in log
+    assert proxy.stop() == 0
+
+
+def test_serving_clients_imports_nothing(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, tmp_path: Path
+) -> None:
+    """An import opens files: one that happens while a burst holds every descriptor crashes the
+    client that needed it. Every path a client takes is loaded before the first one."""
+    report = tmp_path / "modules"
+    proxy = start_proxy(
+        home,
+        upstream,
+        upstream_ca_file,
+        scripts=("route_to_upstream.py", "new_modules.py"),
+        env={"CLAUDE_PROXY_TEST_MODULES": str(report)},
+    )
+    socks = f"socks5h://127.0.0.1:{proxy.socks_port}"
+    for args in (
+        ["https://api.anthropic.com/h1", "--http1.1"],
+        ["https://api.anthropic.com/h2", "--http2"],
+        ["https://evil.example/"],
+        ["http://api.anthropic.com/plain"],
+        ["--proxy", socks, "https://api.anthropic.com/socks"],
+        ["--proxy", socks, "https://evil.example/"],
+    ):
+        curl(proxy, *args)
+    assert [r[1] for r in upstream.seen.requests] == ["/h1", "/h2", "/socks"]
+    proxy.proc.send_signal(signal.SIGUSR2)
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while not report.exists():
+        assert time.monotonic() < deadline, "the proxy did not report its modules"
+        time.sleep(0.02)
+    assert report.read_text().split() == []
+    assert proxy.stop() == 0
+
+
+def test_a_client_whose_handling_fails_is_closed(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """A layer that raises (here: parsing the CONNECT authority runs out of descriptors) closes
+    its client at once, with one line for the lot and no traceback; the proxy serves on."""
+    proxy = start_proxy(
+        home, upstream, upstream_ca_file, scripts=("route_to_upstream.py", "broken_authority.py")
+    )
+    for _ in range(3):
+        sock = send_connect(proxy, b"api.anthropic.com:443")
+        sock.settimeout(ANSWER_SECONDS)
+        try:
+            answer = read_until_closed(sock)
+        except TimeoutError:
+            pytest.fail("the client got neither an answer nor a close")
+        finally:
+            sock.close()
+        assert answer == b""
+    with socket.create_connection(("127.0.0.1", proxy.socks_port), ANSWER_SECONDS) as sock:
+        sock.sendall(SOCKS_GREETING)
+        assert sock.recv(2) == b"\x05\x00"  # another client is served
+    log = log_file(proxy)
+    assert "Traceback" not in log and "crashed" not in log
+    assert log.count("handling it failed: OSError(24, 'Too many open files (simulated)')") == 1
+    assert proxy.stop() == 0
+
+
+def test_the_cap_follows_the_limit_in_force(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """The open-files limit is lowered while the proxy runs: clients past the new cap get a 503
+    that names the limit in force, not the one read at start."""
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    limit = f"{DESCRIPTOR_LIMIT}:{DESCRIPTOR_LIMIT}"
+    subprocess.run(["prlimit", f"--pid={proxy.proc.pid}", f"--nofile={limit}"], check=True)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(DESCRIPTOR_LIMIT):
+            sock = send_connect(proxy, b"api.anthropic.com:443")
+            held.append(sock)
+            sock.settimeout(ANSWER_SECONDS)
+            try:
+                head = read_head(sock)
+            except TimeoutError:
+                pytest.fail(f"client {len(held)} got no answer")
+            if not head.startswith(b"HTTP/1.1 200"):
+                break
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert f"for {DESCRIPTOR_LIMIT} open files".encode() in head + sock.recv(4096)
+    finally:
+        for sock in held:
+            sock.close()
+    assert f"for {DESCRIPTOR_LIMIT} open files" in log_file(proxy)
     assert proxy.stop() == 0

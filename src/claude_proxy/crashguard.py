@@ -3,7 +3,7 @@
 mitmproxy 12.3 catches an exception raised while a connection's layers handle an event, logs
 "mitmproxy has crashed!" with its traceback, and carries on: the layers are left half-way, the
 client gets neither an answer nor a close, and every deadline those layers kept is gone with them.
-`install` wraps each connection's top layer: after an exception, the client is closed and every
+`install` wraps each connection's top layer as it is set: after an exception, the client is closed and every
 later event ignored; one line says so (at most one per LOG_EVERY seconds, with how many more).
 """
 
@@ -19,7 +19,6 @@ from claude_proxy.limits import Throttle
 
 logger = logging.getLogger(__name__)
 
-_init = server.ConnectionHandler.__init__
 CRASHES = Throttle()
 
 
@@ -53,10 +52,14 @@ class CrashGuard:
             yield commands.CloseConnection(client)
 
 
-def guarded_init(self: server.ConnectionHandler, *args: Any, **kwargs: Any) -> None:
-    _init(self, *args, **kwargs)
-    self.layer = CrashGuard(self.layer)  # type: ignore[assignment]
+def _get_layer(handler: server.ConnectionHandler) -> Any:
+    return handler.__dict__["_guarded_layer"]
+
+
+def _set_layer(handler: server.ConnectionHandler, top: layer.Layer) -> None:
+    """The handler sets its first layer, then the listener replaces it with its own."""
+    handler.__dict__["_guarded_layer"] = top if isinstance(top, CrashGuard) else CrashGuard(top)
 
 
 def install() -> None:
-    server.ConnectionHandler.__init__ = guarded_init  # type: ignore[method-assign]
+    server.ConnectionHandler.layer = property(_get_layer, _set_layer)  # type: ignore[assignment]
