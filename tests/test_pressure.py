@@ -7,6 +7,7 @@ and what it holds (/proc).
 
 from __future__ import annotations
 
+import json
 import selectors
 import signal
 import socket
@@ -207,4 +208,61 @@ def test_the_cap_follows_the_limit_in_force(
         for sock in held:
             sock.close()
     assert f"for {DESCRIPTOR_LIMIT} open files" in log_file(proxy)
+    assert proxy.stop() == 0
+
+
+CHURN = 300  # tunnels opened, used and closed, one after another
+
+
+def pending(proxy: ProxyProcess, report: Path) -> dict[str, int]:
+    """What the proxy holds for connections, once none is open any more (barrier: its count)."""
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while True:
+        report.unlink(missing_ok=True)
+        proxy.proc.send_signal(signal.SIGUSR2)
+        while not report.exists():
+            assert time.monotonic() < deadline, "the proxy did not report"
+            time.sleep(0.02)
+        counts = json.loads(report.read_text())
+        if counts["connections"] == 0:
+            return counts
+        assert time.monotonic() < deadline, f"connections still open: {counts}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("listener", ["http", "socks"])
+def test_closed_tunnels_leave_nothing_pending(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, tmp_path: Path, listener: str
+) -> None:
+    """A closed connection leaves no wakeup timer and no handler behind (each held ~250 KB for
+    30 s: memory followed connection churn, not live clients)."""
+    report = tmp_path / "pending.json"
+    proxy = start_proxy(
+        home,
+        upstream,
+        upstream_ca_file,
+        scripts=("route_to_upstream.py", "pending.py"),
+        env={"CLAUDE_PROXY_TEST_PENDING": str(report)},
+    )
+    idle = pending(proxy, report)
+    context = proxy.client_context()
+    context.set_alpn_protocols(["http/1.1"])
+    for _ in range(CHURN):
+        if listener == "http":
+            sock = send_connect(proxy, b"api.anthropic.com:443")
+            assert read_head(sock).startswith(b"HTTP/1.1 200")
+        else:
+            sock = socket.create_connection(("127.0.0.1", proxy.socks_port), ANSWER_SECONDS)
+            sock.sendall(SOCKS_GREETING)
+            assert sock.recv(2) == b"\x05\x00"
+            sock.sendall(SOCKS_CONNECT)
+            assert sock.recv(10).startswith(b"\x05\x00")
+        with context.wrap_socket(sock, server_hostname="api.anthropic.com") as tls:
+            tls.sendall(b"GET /churn HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+            assert read_head(tls).startswith(b"HTTP/1.1 200")
+    after = pending(proxy, report)
+    assert len(upstream.seen.requests) == CHURN
+    assert after["wakeups"] == 0, after
+    assert after["handlers"] == 0, after
+    assert after["tasks"] <= idle["tasks"], (idle, after)
     assert proxy.stop() == 0

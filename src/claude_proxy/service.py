@@ -17,7 +17,17 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
-from claude_proxy import addresses, closing, crashguard, framing, hookcache, listeners, paths, socks
+from claude_proxy import (
+    addresses,
+    closing,
+    crashguard,
+    framing,
+    hookcache,
+    listeners,
+    paths,
+    socks,
+    wakeups,
+)
 from claude_proxy.addon import Enforcer
 from claude_proxy.config import Config
 from claude_proxy.decisions import AuditLog
@@ -156,6 +166,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     framing.install()
     closing.install()
     crashguard.install()
+    wakeups.install()
     socks.install()
     try:
         modes = listeners.mode_specs(
