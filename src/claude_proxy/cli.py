@@ -33,6 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.exit_code)
     except KeyboardInterrupt:
         return int(ExitCode.OK)
+    except OSError as e:  # a file or folder no check foresaw: one line, never a traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"claude-proxy: cannot go on:{where}: {e.strerror or e}; check that it can be read "
+            "and written (permissions, a read-only or full disk)",
+            file=sys.stderr,
+        )
+        return int(ExitCode.STATE)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -43,7 +51,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="claude-proxy",
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad usage/rule/option, "
-        "3 cannot listen (port in use), 4 CA unusable.",
+        "3 cannot listen (port in use), 4 CA unusable, 5 a folder cannot be written.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -304,6 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = config_commands.load(path)  # a bad file or rule stops us before anything
     config_commands.policy_for(path, args.allow)
     verbose = args.verbose or loaded.log_level == "debug"
+    state_ready(paths.state_dir())  # before the log file: a start that cannot go on is one line
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=verbose, quiet=args.quiet)
     ca.ensure_ca(confdir)
     if config.ensure_file(path):  # where the user will look for it; never rewritten
@@ -323,6 +332,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     asyncio.run(service.serve(settings))
     return ExitCode.OK
+
+
+def state_ready(state: Path) -> None:
+    """The fingerprint key, which the proxy cannot start without, exists or can be made."""
+    from claude_proxy import accounts
+
+    try:
+        accounts.load_key(state)
+    except accounts.StateError as e:
+        fix = "; the state folder must be writable (or set XDG_STATE_HOME to one that is)"
+        fix = fix if str(e).startswith("cannot") else ""  # a damaged key says its own fix
+        raise ProxyError(f"cannot start: {e}{fix}", ExitCode.STATE) from None
 
 
 def first(*values: int | None) -> int:

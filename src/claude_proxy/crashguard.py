@@ -3,8 +3,9 @@
 mitmproxy 12.3 catches an exception raised while a connection's layers handle an event, logs
 "mitmproxy has crashed!" with its traceback, and carries on: the layers are left half-way, the
 client gets neither an answer nor a close, and every deadline those layers kept is gone with them.
-`install` wraps each connection's top layer as it is set: after an exception, the client is closed and every
-later event ignored; one line says so (at most one per LOG_EVERY seconds, with how many more).
+`install` wraps each connection's top layer as it is set: after an exception, the client is
+closed and every later event ignored; one line says so (one per LOG_EVERY seconds at most, with
+how many more).
 """
 
 from __future__ import annotations
