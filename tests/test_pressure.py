@@ -7,6 +7,7 @@ and what it holds (/proc).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import selectors
 import signal
@@ -22,6 +23,7 @@ from tests import conftest
 from tests.conftest import (
     ProxyProcess,
     curl,
+    open_tunnel,
     read_head,
     read_until_closed,
     send_connect,
@@ -265,4 +267,53 @@ def test_closed_tunnels_leave_nothing_pending(
     assert after["wakeups"] == 0, after
     assert after["handlers"] == 0, after
     assert after["tasks"] <= idle["tasks"], (idle, after)
+    assert proxy.stop() == 0
+
+
+WAVE = 600  # idle tunnels opened together, then closed together
+MIB = 1024 * 1024
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+def sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += fd.readlink().name.startswith("socket:")
+    return count
+
+
+def test_memory_goes_back_after_a_wave_of_idle_tunnels(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Six hundred idle TLS tunnels open, then close: the proxy's RSS comes back most of the way
+    to its idle figure (it stayed at its peak: the allocator kept the freed pages)."""
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    pid = proxy.proc.pid
+    with open_tunnel(proxy, "api.anthropic.com"):  # certificates made before the idle figure
+        pass
+    idle_sockets = sockets(pid)
+    idle = rss(pid)
+    tunnels = [open_tunnel(proxy, "api.anthropic.com") for _ in range(WAVE)]
+    peak = rss(pid)
+    for tunnel in tunnels:
+        tunnel.close()
+    assert peak - idle > 20 * MIB, "the wave did not cost the memory it should"
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while sockets(pid) > idle_sockets:  # barrier: the proxy has closed every tunnel
+        assert time.monotonic() < deadline, f"{sockets(pid)} sockets still open"
+        time.sleep(0.05)
+    deadline = time.monotonic() + ANSWER_SECONDS
+    while (now := rss(pid)) > idle + (peak - idle) // 2:
+        assert time.monotonic() < deadline, (
+            f"idle {idle // MIB} MiB, with the tunnels {peak // MIB} MiB, "
+            f"after they closed {now // MIB} MiB"
+        )
+        time.sleep(0.1)
     assert proxy.stop() == 0

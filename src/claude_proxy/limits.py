@@ -23,7 +23,7 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from claude_proxy import held
+from claude_proxy import held, memory
 from claude_proxy.acceptgate import AcceptGate, descriptors_in_use, open_files_limit
 from claude_proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
 
@@ -106,6 +106,8 @@ class Limits:
         self.errors = Throttle()
         self.accept_failures = 0
         self.gate = AcceptGate(lambda: open_files_limit() - SPARE_FDS)
+        self.waves = memory.Waves()
+        self.release_at: asyncio.TimerHandle | None = None  # a memory release is due
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -148,6 +150,8 @@ class Limits:
 
     def done(self) -> None:
         held.HELD.flow_control = None
+        if self.release_at is not None:
+            self.release_at.cancel()
 
     async def _servers_changed(self) -> None:
         self._listeners_changed(ctx.master.addons.get("proxyserver"))
@@ -162,6 +166,7 @@ class Limits:
     def client_connected(self, client: connection.Client) -> None:
         self.clients += 1
         self.gate.client_connected()
+        self.waves.count(self.clients)
         try:
             self._admit(client)
         except Exception as e:  # fail closed: a client we cannot account for is refused
@@ -200,6 +205,10 @@ class Limits:
     def client_disconnected(self, client: connection.Client) -> None:
         self.clients -= 1
         self.gate.client_disconnected()
+        if self.waves.count(self.clients) and self.release_at is None:
+            # Memory follows the clients open, not the most there ever were.
+            loop = asyncio.get_running_loop()
+            self.release_at = loop.call_later(memory.DELAY, self._release, loop)
         self.over_cap.discard(client.id)
         held.HELD.disconnected(client.id)  # its streams, if paused still, will never go on
         self._cancel_setup(client.id)
@@ -213,6 +222,14 @@ class Limits:
         except Exception as e:
             if self.errors.allow() is not None:
                 logger.error("could not close a client's socket: %r", e)
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_in_executor(None, memory.release).add_done_callback(self._released)
+
+    def _released(self, done: asyncio.Future[None]) -> None:
+        self.release_at = None
+        if (e := done.exception()) is not None and self.errors.allow() is not None:
+            logger.error("could not give memory back: %r", e)
 
     def server_connected(self, data: Any) -> None:
         self.gate.upstream_connected()
