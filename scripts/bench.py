@@ -7,6 +7,7 @@ then claude-proxy with a 200-rule config.toml against its default policy, and a 
     uv run python scripts/bench.py --before OLD/claude-proxy [--versions-only]
         # also an earlier build: both running, measured in alternating rounds, and on its own
     uv run python scripts/bench.py --fetch-only     # the server-fetch check on vs off
+    uv run python scripts/bench.py --flood-only     # RSS under an HTTP/2 stream flood
     uv run python scripts/bench.py --pressure-only [--churn-seconds 30] [--before OLD/claude-proxy]
         # RSS after churn and after 2000 idle tunnels close, against idle; 503s under a burst
 
@@ -663,6 +664,81 @@ class _AllowAll:
     enforcer = _Enforcer()
 
 
+FLOOD_STREAMS = 100  # per connection: the most the proxy lets one open at once
+FLOOD_HEAD = 60_000  # bytes of header value per stream (the head limit is 64 KiB)
+
+
+def h2_flood(target: Target, connections: int) -> dict[str, float]:
+    """`connections` HTTP/2 connections, each with FLOOD_STREAMS streams whose 60 KB heads wait
+    on a hung upstream; the proxy's RSS growth at its peak, and how many streams were answered
+    503 (refused past the memory budget) within a second of the last one sent."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    assert target.port is not None and target.process is not None
+    before = target.rss_kb() or 0
+    peak, refused, sockets = before, 0, []
+    head = [(":method", "GET"), (":scheme", "https"), (":authority", HOST)]
+    try:
+        for _ in range(connections):
+            raw = socket.create_connection(("127.0.0.1", target.port), timeout=120)
+            raw.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+            assert read_head(raw).startswith(b"HTTP/1.1 200")
+            context = ssl.create_default_context(cafile=str(target.trust))
+            context.set_alpn_protocols(["h2"])
+            tls = context.wrap_socket(raw, server_hostname=HOST)
+            sockets.append(tls)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.encoder.encode = functools.partial(conn.encoder.encode, huffman=False)  # type: ignore[method-assign]
+            conn.initiate_connection()
+            for _ in range(FLOOD_STREAMS):
+                sid = conn.get_next_available_stream_id()
+                path = "/hang?gate=flood&bound=600"
+                fields = [*head, (":path", path), ("x-pad", "p" * FLOOD_HEAD)]
+                conn.send_headers(sid, fields, end_stream=True)
+                tls.sendall(conn.data_to_send())
+            tls.settimeout(1)
+            try:
+                while data := tls.recv(1 << 20):
+                    for event in conn.receive_data(data):
+                        refused += isinstance(event, h2.events.ResponseReceived)
+                    tls.sendall(conn.data_to_send())
+            except TimeoutError:
+                pass  # a second with nothing more to read: the refusals have come
+            peak = max(peak, target.rss_kb() or 0)
+    finally:
+        for tls in sockets:
+            tls.close()
+    return {
+        "streams": connections * FLOOD_STREAMS,
+        "rss_growth_mb": round((peak - before) / 1024, 1),
+        "refused_503": refused,
+    }
+
+
+def run_flood(work: Path, upstream: Upstream, upstream_ca: Path, connections: int) -> dict:
+    """claude-proxy with its default memory budget against the same build with none to speak of
+    (100 GiB), under the same stream flood."""
+    results: dict = {}
+    unbounded = ("--socks-port", "0", "--set", "sandbox_waiting_memory_mib=102400")
+    for starter in (
+        lambda: start_claude_proxy(work, upstream, upstream_ca, name="no budget", extra=unbounded),
+        lambda: start_claude_proxy(work, upstream, upstream_ca),
+    ):
+        target = starter()
+        try:
+            results[target.name] = h2_flood(target, connections)
+        finally:
+            upstream.gate("flood").set()
+            assert target.process is not None
+            target.process.terminate()
+            target.process.wait(30)
+            upstream.reset()
+    print(json.dumps(results, indent=2))
+    return results
+
+
 def decision_cost() -> dict[str, dict[str, float]]:
     """Microseconds per decision, in process: the policy's own cost, without the network's."""
     from claude_proxy import config, policy
@@ -804,6 +880,12 @@ def main() -> int:
         "--fetch-only", action="store_true", help="only the server-fetch check on vs off"
     )
     parser.add_argument(
+        "--flood-only", action="store_true", help="only RSS under an HTTP/2 stream flood"
+    )
+    parser.add_argument(
+        "--flood-connections", type=int, default=30, help="HTTP/2 connections in the flood"
+    )
+    parser.add_argument(
         "--pressure-only", action="store_true", help="only memory after churn, and a burst"
     )
     parser.add_argument("--churn-seconds", type=float, default=30.0, help="of churn, for RSS")
@@ -819,6 +901,10 @@ def main() -> int:
         upstream = Upstream(context)
         upstream.serve_in_background()
 
+        if args.flood_only:
+            run_flood(work, upstream, upstream_ca, args.flood_connections)
+            upstream.shutdown()
+            return 0
         if args.fetch_only:
             run_fetch_check(work, upstream, upstream_ca, args.seconds)
             upstream.shutdown()

@@ -59,10 +59,27 @@ parse_args() {
   done
 }
 
+# The versions the suite ran on: `uv tool install` does not read uv.lock, so it is given the lock's
+# versions as constraints (the proxy refuses to start on any mitmproxy but the tested one).
 install_tool() {
-  say "installing the claude-proxy tool from ${REPO} (uv tool install)"
-  change direct uv tool install --reinstall "${REPO}" ||
+  say "installing the claude-proxy tool from ${REPO} with uv.lock's versions (uv tool install)"
+  if [ "${DRY_RUN}" -eq 1 ]; then
+    say "would run: uv export --frozen (uv.lock's versions) > CONSTRAINTS"
+    say "would run: uv tool install --reinstall --constraints CONSTRAINTS ${REPO}"
+    return 0
+  fi
+  constraints=$(mktemp "${TMPDIR:-/tmp}/claude-proxy-constraints.XXXXXX") ||
+    err "cannot make a temporary file (mktemp): check \$TMPDIR and run this again"
+  if ! direct uv export --quiet --frozen --no-dev --no-hashes --no-emit-project --no-header \
+    --project "${REPO}" --output-file "${constraints}" >/dev/null; then
+    rm -f "${constraints}"
+    err "uv export failed: uv.lock is missing or out of date in ${REPO}; run 'uv lock' there and run this again"
+  fi
+  if ! direct uv tool install --reinstall --constraints "${constraints}" "${REPO}"; then
+    rm -f "${constraints}"
     err "uv tool install failed: see its output above; fix it and run this script again"
+  fi
+  rm -f "${constraints}"
 }
 
 make_ca() {

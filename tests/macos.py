@@ -46,15 +46,17 @@ def tool_env(tools: Path) -> dict[str, str]:
 
 
 def build_tool(tools: Path) -> Path:
-    """The real `uv tool install --reinstall` of this checkout, as install-agent.sh runs it."""
-    result = subprocess.run(
-        ["uv", "tool", "install", "--reinstall", str(ROOT)],
-        env={**tool_env(tools), "PATH": os.pathsep.join([uv_dir(), os.environ["PATH"]])},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    """The real `uv tool install --reinstall` of this checkout with uv.lock's versions as
+    constraints, as install-agent.sh runs it."""
+    env = {**tool_env(tools), "PATH": os.pathsep.join([uv_dir(), os.environ["PATH"]])}
+    constraints = tools / "constraints.txt"
+    for command in (
+        ["uv", "export", "--quiet", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
+         "--no-header", "--project", str(ROOT), "--output-file", str(constraints)],
+        ["uv", "tool", "install", "--reinstall", "--constraints", str(constraints), str(ROOT)],
+    ):  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
     return tools / "bin" / "claude-proxy"
 
 
@@ -81,6 +83,7 @@ class Mac:
             "PATH": os.pathsep.join([str(self.bin), "/usr/bin", "/bin"]),
             "FAKE_STATE": str(self.state),
             "FAKE_BUILT_TOOL": str(built),
+            "FAKE_REAL_UV": str(Path(uv_dir()) / "uv"),
             "CLAUDE_PROXY_WAIT_SECONDS": "20",
         }
         self.uid = os.getuid()
@@ -133,7 +136,8 @@ class Mac:
     def tidy(self, line: str) -> str:
         """Calls with the fake HOME as ~, the checkout as <repo>, a temporary file as <tmp>."""
         words = line.replace(str(self.home), "~").replace(str(ROOT), "<repo>").split(" ")
-        return " ".join("<tmp>" if "claude-proxy-trust" in w else w for w in words)
+        temporary = ("claude-proxy-trust", "claude-proxy-constraints")
+        return " ".join("<tmp>" if any(t in w for t in temporary) else w for w in words)
 
     # The keychain
 

@@ -298,7 +298,13 @@ def uv(args: list[str]) -> int:
     if args == ["tool", "dir", "--bin"]:
         print(bin_dir)
         return 0
-    if args[:3] == ["tool", "install", "--reinstall"] and len(args) == 4:
+    if args[:1] == ["export"]:  # uv.lock's versions: the real uv reads the real lock
+        os.execv(os.environ["FAKE_REAL_UV"], ["uv", *args])
+    if args[:4] == ["tool", "install", "--reinstall", "--constraints"] and len(args) == 6:
+        pins = Path(args[4]).read_text()  # the build the session made used the same constraints
+        if "\nmitmproxy==" not in "\n" + pins:
+            print(f"uv stand-in: no mitmproxy pin in {args[4]}", file=sys.stderr)
+            return 64
         bin_dir.mkdir(parents=True, exist_ok=True)
         exe.unlink(missing_ok=True)
         exe.symlink_to(built)

@@ -121,9 +121,10 @@ def test_allowed_name_resolving_to_a_forbidden_address_is_refused(
     assert statuses == ["200", "502"], result.stdout  # the CONNECT, then the request
     forbidden = RESOLVES[name].split(",")[-1]
     assert f"{name} resolves to {forbidden}" in result.stdout
+    assert "proxy-status: claude-proxy; error=destination_ip_prohibited;" in result.stdout.lower()
     log = fenced.log_text()
     assert f"BLOCK upstream connection: {name} resolves to {forbidden}" in log
-    assert f'BLOCK GET {name}:443 / - "{name} resolves to {forbidden}' in log
+    assert f'BLOCK GET {name}:443 / 502 "{name} resolves to {forbidden}' in log
     assert upstream.seen.connections == 0
 
 

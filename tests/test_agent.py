@@ -268,7 +268,12 @@ def test_install(mac: Mac) -> None:
     result = mac.run("install-agent.sh", *ports())
     assert result.returncode == 0, result.stderr
     assert mac.calls() == install_calls(mac)
-    assert mac.calls("uv") == ["uv tool dir --bin", "uv tool install --reinstall <repo>"]
+    assert mac.calls("uv") == [
+        "uv tool dir --bin",
+        "uv export --quiet --frozen --no-dev --no-hashes --no-emit-project --no-header "
+        "--project <repo> --output-file <tmp>",
+        "uv tool install --reinstall --constraints <tmp> <repo>",
+    ]
     assert stat.S_IMODE(mac.plist.stat().st_mode) == 0o644
     document = plistlib.loads(mac.plist.read_bytes())
     port = int(document["ProgramArguments"][3])
@@ -398,7 +403,7 @@ def test_install_clears_proxy_variables_for_its_own_network_steps(mac: Mac) -> N
     result = mac.run("install-agent.sh", *ports(), "--no-keychain", HTTPS_PROXY=proxy,
                      HTTP_PROXY=proxy, https_proxy=proxy, ALL_PROXY=proxy)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "uv tool install --reinstall <repo>" in mac.calls("uv")
+    assert "uv tool install --reinstall --constraints <tmp> <repo>" in mac.calls("uv")
 
 
 def tree_hashes(*roots: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ the client received, and the proxy's own memory (VmRSS) and log."""
 
 from __future__ import annotations
 
+import functools
 import select
 import signal
 import socket
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.settings
 import pytest
 
 from claude_proxy.held import PAUSE, PER_CLIENT
@@ -749,3 +752,162 @@ def test_uploads_through_a_prompt_upstream_still_pass(
         assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
     upstream.wait_idle()
     assert [len(b) for b in upstream.seen.bodies] == [size, 2 * 1024]
+
+
+def get_head(path: str, pad: int = 0) -> list[tuple[str, str]]:
+    head = [(":method", "GET"), (":scheme", "https"), (":authority", "api.anthropic.com")]
+    return [*head, (":path", path), *([("x-pad", "p" * pad)] if pad else [])]
+
+
+def responses(events: Iterator[h2.events.Event], count: int) -> dict[int, tuple[int, bytes]]:
+    """The next `count` answers (status and body) on an HTTP/2 connection, by stream id."""
+    heads: dict[int, int] = {}
+    bodies: dict[int, bytes] = {}
+    done: dict[int, tuple[int, bytes]] = {}
+    while len(done) < count:
+        event = next(events)  # fails the test if the proxy neither answers nor closes in time
+        if isinstance(event, h2.events.ResponseReceived):
+            heads[event.stream_id] = int(dict(event.headers)[b":status"])
+        elif isinstance(event, h2.events.DataReceived):
+            bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+        elif isinstance(event, h2.events.StreamReset):
+            done[event.stream_id] = (0, b"reset")
+        if isinstance(event, h2.events.StreamEnded) and event.stream_id in heads:
+            done[event.stream_id] = (heads[event.stream_id], bodies.get(event.stream_id, b""))
+    return done
+
+
+def test_a_stream_waiting_for_a_free_upstream_connection_gets_504_in_time(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """An HTTP/2 client's streams to an HTTP/1 upstream each take a connection of their own, five
+    at once: the others wait for a free one, within the connect limit, then get 504."""
+    proxy = start_proxy(home, upstream, upstream_ca_file, "--set", "sandbox_connect_timeout=1")
+    try:
+        tls, conn, events = h2_session(proxy)
+        busy = [conn.get_next_available_stream_id()]
+        conn.send_headers(busy[0], get_head("/hang?gate=slots&bound=30"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while not upstream.record.requests:  # barrier: the first connection is open and used
+            assert time.monotonic() < deadline, "the first request never reached the upstream"
+            time.sleep(0.02)
+        for _ in range(4):  # four more busy connections: all five slots are taken
+            busy.append(sid := conn.get_next_available_stream_id())
+            conn.send_headers(sid, get_head("/hang?gate=slots&bound=30"), end_stream=True)
+        waiting = []
+        for i in range(2):
+            waiting.append(sid := conn.get_next_available_stream_id())
+            conn.send_headers(sid, get_head(f"/waits/{i}"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        answered = responses(events, len(waiting))
+        assert set(answered) == set(waiting)
+        for status, body in answered.values():
+            assert status == 504
+            assert b"waiting for a free connection to api.anthropic.com:443" in body
+        upstream.gate("slots").set()
+        assert {status for status, _ in responses(events, len(busy)).values()} == {200}
+        tls.close()
+    finally:
+        upstream.gate("slots").set()
+        proxy.stop()
+    assert not [r for r in upstream.seen.requests if r[1].startswith("/waits/")]
+
+
+def test_an_http2_stream_flood_is_held_within_the_memory_budget(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Streams waiting on their upstream count against a budget (here 8 MiB): the ones past it
+    get a 503 of the proxy's own at once, and the proxy grows by about the budget, not by the
+    flood (each stream would hold its 60 KB head, 83 KiB in all, for the connect limit)."""
+    budget, pad, connections, per_connection = 8, 60_000, 4, 100
+    proxy = start_proxy(
+        home, upstream, upstream_ca_file, "--set", f"sandbox_waiting_memory_mib={budget}"
+    )
+    sessions: list[H2Session] = []
+    try:
+        warm_up(proxy)
+        with PeakRss(proxy.proc.pid) as memory:
+            for _ in range(connections):
+                tls, conn, events = h2_session(proxy)
+                # hpack's Huffman coder in pure Python would take minutes over 24 MB of heads.
+                conn.encoder.encode = functools.partial(conn.encoder.encode, huffman=False)
+                for _ in range(per_connection):
+                    sid = conn.get_next_available_stream_id()
+                    conn.send_headers(sid, get_head("/hang?gate=flood&bound=30", pad), True)
+                    tls.sendall(conn.data_to_send())
+                sessions.append((tls, conn, events))
+            refused = [
+                answer
+                for tls, conn, events in sessions
+                for answer in responses_now(tls, conn, events).values()
+            ]
+        streams = connections * per_connection
+        admitted = streams - len(refused)
+        assert all(status == 503 for status, _ in refused)
+        assert all(b"too many requests waiting at once" in body for _, body in refused)
+        assert admitted <= budget * MIB // pad  # what the budget holds of 60 KB heads, at most
+        assert admitted >= budget * MIB // (pad + 24 * 1024)  # ... and it is used, not refused
+        assert memory.growth < 3 * budget * MIB, f"grew {memory.growth // MIB} MiB"
+    finally:
+        upstream.gate("flood").set()
+        for tls, *_ in sessions:
+            tls.close()
+        proxy.stop()
+
+
+def responses_now(
+    tls: ssl.SSLSocket, conn: h2.connection.H2Connection, events: Iterator[h2.events.Event]
+) -> dict[int, tuple[int, bytes]]:
+    """The answers the proxy has made so far on a connection. Barrier: a PING sent once an earlier
+    one is acknowledged reaches the proxy after everything sent before, in a read of its own, so
+    every answer to what came before is written ahead of its ack (the first ack alone could share
+    a write with, and come ahead of, answers to frames that arrived with its PING)."""
+    heads: dict[int, int] = {}
+    bodies: dict[int, bytes] = {}
+    done: dict[int, tuple[int, bytes]] = {}
+    conn.ping(b"barrier1")
+    tls.sendall(conn.data_to_send())
+    for event in events:
+        if isinstance(event, h2.events.PingAckReceived) and event.ping_data == b"barrier1":
+            conn.ping(b"barrier2")
+            tls.sendall(conn.data_to_send())
+        elif isinstance(event, h2.events.PingAckReceived):
+            return done
+        if isinstance(event, h2.events.ResponseReceived):
+            heads[event.stream_id] = int(dict(event.headers)[b":status"])
+        elif isinstance(event, h2.events.DataReceived):
+            bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+        elif isinstance(event, h2.events.StreamEnded) and event.stream_id in heads:
+            done[event.stream_id] = (heads[event.stream_id], bodies.get(event.stream_id, b""))
+    pytest.fail("the proxy closed the connection")
+
+
+def test_an_http2_client_may_open_a_hundred_streams_at_once(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The proxy says so in its SETTINGS; a client that opens one more is refused."""
+    tls, conn, events = h2_session(proxy)
+    limit = next(e for e in events if isinstance(e, h2.events.RemoteSettingsChanged))
+    code = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+    assert limit.changed_settings[code].new_value == 100
+    conn.remote_settings[code] = 1000  # a client that does not listen
+    conn.remote_settings.acknowledge()
+    for _ in range(101):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, get_head("/hang?gate=streams"), end_stream=True)
+    tls.sendall(conn.data_to_send())
+    try:
+        ended = next(
+            e
+            for e in events
+            if isinstance(e, h2.events.ConnectionTerminated)
+            or (isinstance(e, h2.events.StreamReset) and e.stream_id == sid)
+        )
+    finally:
+        upstream.gate("streams").set()
+        tls.close()
+    assert ended.error_code in (
+        h2.errors.ErrorCodes.PROTOCOL_ERROR,
+        h2.errors.ErrorCodes.REFUSED_STREAM,
+    )

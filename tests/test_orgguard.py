@@ -269,6 +269,56 @@ def test_pin_while_running_changes_the_next_request(
     assert [p for _, p, _ in upstream.seen.requests] == ["/v1/x"] * 3
 
 
+def upload_started(proxy: ProxyProcess, upstream: Upstream, key: str) -> ssl.SSLSocket:
+    """A chunked upload with `key`, its first chunk arrived upstream (the barrier)."""
+    tunnel = open_tunnel(proxy, "api.anthropic.com")
+    marker = f"EARLY-{key[-4:]}".encode()
+    tunnel.sendall(
+        b"POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n"
+        + f"x-api-key: {key}\r\n\r\n{len(marker):x}\r\n".encode()
+        + marker
+        + b"\r\n"
+    )
+    deadline = time.monotonic() + 10
+    while marker not in bytes(upstream.seen.raw):
+        assert time.monotonic() < deadline, "the first chunk never reached the upstream"
+        time.sleep(0.02)
+    return tunnel
+
+
+def test_a_pin_closes_what_an_open_connection_carries_for_another_organization(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Two uploads stream when the user pins A: B's connection is closed at once and nothing
+    more of it reaches Anthropic; A's goes on to its end."""
+    play_anthropic(upstream)
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    try:
+        with client(proxy) as c:  # both organizations are known from their answers
+            for key in (KEY_A, KEY_B):
+                assert c.get(
+                    "https://api.anthropic.com/v1/x", headers={"x-api-key": key}
+                ).is_success
+        ours = upload_started(proxy, upstream, KEY_A)
+        theirs = upload_started(proxy, upstream, KEY_B)
+        before = count_lines(proxy, f"organization pin: {ORG_A}")
+        assert cli(home, "pin", ORG_A).returncode == 0
+        wait_for_line(proxy, f"organization pin: {ORG_A}", before)
+        with contextlib.suppress(OSError):
+            theirs.sendall(b"9\r\nLATE-4444\r\n0\r\n\r\n")
+        assert read_until_closed(theirs) == b""
+        ours.sendall(b"9\r\nLATE-3333\r\n0\r\n\r\n")
+        assert read_head(ours).startswith(b"HTTP/1.1 200")
+        ours.close()
+        theirs.close()
+    finally:
+        proxy.stop()
+    upstream.wait_idle()
+    assert b"LATE-3333" in bytes(upstream.seen.raw)
+    assert b"LATE-4444" not in bytes(upstream.seen.raw)
+    assert "the pin now refuses it: credential" in proxy.log_text()
+
+
 def test_first_seen_pins_the_next_answers_organization(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:

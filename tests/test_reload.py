@@ -26,7 +26,7 @@ from tests.conftest import (
     start_proxy,
 )
 from tests.test_service import run_cli
-from tests.upstream import Upstream
+from tests.upstream import GatedConnect, Upstream
 
 STATE_WAIT = 15  # seconds: generous on a loaded machine; a reload takes well under one
 
@@ -185,6 +185,36 @@ def test_an_upload_still_streaming_is_cut_when_its_host_is_removed(
     tunnel.close()
     upstream.wait_idle()
     assert b"LATE" not in bytes(upstream.seen.raw)
+
+
+def test_a_request_waiting_for_its_upstream_connection_is_decided_again(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """The host stays allowed, so the tunnel stays open; a rule added while the request waited
+    for its upstream connection refuses it when the connection comes, before a byte is sent."""
+    path = config_file(home)
+    path.parent.mkdir(parents=True)
+    path.write_text(allowing("api.anthropic.com"))
+    gated = GatedConnect(upstream.port)
+    proxy = start_proxy(home, gated, upstream_ca_file)  # type: ignore[arg-type]
+    try:
+        wait_applied(proxy, path.read_text())
+        tunnel = open_tunnel(proxy, "api.anthropic.com")
+        tunnel.sendall(b"GET /secret HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+        gated.wait_accepted()  # barrier: the request waits for its upstream connection
+        deny = '[[deny]]\nhost = "api.anthropic.com"\npaths = ["/secret"]\n'
+        text = allowing("api.anthropic.com") + deny
+        write_by_rename(path, text)
+        wait_applied(proxy, text)
+        gated.open()
+        head = read_head(tunnel)
+        assert head.startswith(b"HTTP/1.1 403"), head
+        tunnel.close()
+        assert status_of(proxy, "api.anthropic.com", "/other") == ("200", "200")
+    finally:
+        proxy.stop()
+        gated.close()
+    assert [r[1] for r in upstream.seen.requests] == ["/other"]
 
 
 def test_a_broken_edit_changes_nothing(running: ProxyProcess, upstream: Upstream) -> None:

@@ -100,8 +100,8 @@ class Upstream(ThreadingHTTPServer):
         with self.lock:
             return self.gates.setdefault(name, threading.Event())
 
-    def wait_gate(self, name: str) -> None:
-        opened = self.gate(name).wait(timeout=GATE_SECONDS)
+    def wait_gate(self, name: str, seconds: float = GATE_SECONDS) -> None:
+        opened = self.gate(name).wait(timeout=seconds)
         with self.lock:
             self.record.gate_waits.append(opened)
 
@@ -244,7 +244,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/bytes":
             return self._bytes(int(query["size"]), query.get("gate", ""))
         if url.path == "/hang":
-            return self._hang(query["gate"])
+            return self._hang(query["gate"], float(query.get("bound", GATE_SECONDS)))
         body = b"hello from upstream\n"
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -308,9 +308,10 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.close_connection = True
 
-    def _hang(self, gate: str) -> None:
-        """No response head until the test opens the gate (by then the client has given up)."""
-        self.server.wait_gate(gate)
+    def _hang(self, gate: str, bound: float) -> None:
+        """No response head until the test opens the gate (by then the client has given up), or
+        `bound` seconds have passed."""
+        self.server.wait_gate(gate, bound)
         try:
             self.send_response(200)
             self.send_header("Content-Length", "0")
@@ -485,6 +486,35 @@ class SlowConnect(SilentUpstream):
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+
+class GatedConnect(SlowConnect):
+    """A TCP relay to a port that reaches it only once `open()` is called: an upstream connection
+    the proxy has begun, and waits on, for as long as a test needs. `accepted_count` says how many
+    connections the proxy has begun."""
+
+    def __init__(self, port: int) -> None:
+        self.gate = threading.Event()
+        self.count = threading.Semaphore(0)
+        super().__init__(port, 0)
+
+    def accepted(self, conn: socket.socket) -> None:
+        self.count.release()
+        super().accepted(conn)
+
+    def wait_accepted(self, timeout: float = 10) -> None:
+        """Barrier: the proxy has begun one more connection."""
+        if not self.count.acquire(timeout=timeout):
+            raise AssertionError("the proxy never connected to the upstream")
+
+    def _relay(self, client: socket.socket) -> None:
+        if not self.gate.wait(30):  # a bound only: the test opens it long before
+            client.close()
+            return
+        super()._relay(client)
+
+    def open(self) -> None:
+        self.gate.set()
 
 
 class PeakRss:

@@ -22,8 +22,10 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from claude_proxy import limits, passthrough, policy, wellformed
+from claude_proxy import failures, limits, passthrough, policy, wellformed
 from claude_proxy.decisions import (
+    FAILURE,
+    REFUSED,
     SENT_DOWN,
     SENT_UP,
     count_body,
@@ -68,7 +70,6 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "must be TLS1_2 or TLS1_3",
     ),
 }
-REFUSAL_PREFIX = "claude-proxy: "  # starts every refusal made on the way upstream
 PASS = "PASS"  # how pass-through tunnels appear in the decision log
 GENERATION = "claude_proxy.generation"  # flow.metadata: (policy generation, scheme) of a decision
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
@@ -102,21 +103,29 @@ class Enforcer:
             except Exception:
                 logger.exception("closing the tunnels the new policy refuses failed")
 
-    def close_refused(self) -> None:
+    @staticmethod
+    def client_handler(client_id: str) -> Any:
+        """mitmproxy's handler of a client connection still open, or None."""
         try:
             server = ctx.master.addons.get("proxyserver")
         except (AttributeError, ValueError):
-            return  # no running master (a policy given before start, or a unit test)
-        if server is None:
-            return
+            return None  # no running master (a policy given before start, or a unit test)
+        handler = server.connections.get(client_id) if server is not None else None
+        io = handler.transports.get(handler.client) if handler is not None else None
+        return handler if io is not None and io.handler is not None else None
+
+    @staticmethod
+    def close_client(handler: Any, why: str) -> None:
+        """Close a client connection at once, as mitmproxy's own idle timeout does."""
+        handler.transports[handler.client].handler.cancel(f"claude-proxy: {why}")
+
+    def close_refused(self) -> None:
         for client_id, (host, port) in list(self.tunnels.items()):
             decision = self.decide(host, port)
             spliced = client_id in self.spliced
             if decision.allowed and decision.inspect != spliced:
                 continue
-            handler = server.connections.get(client_id)
-            io = handler.transports.get(handler.client) if handler is not None else None
-            if io is None or io.handler is None:
+            if (handler := self.client_handler(client_id)) is None:
                 continue
             why = f"closed: the policy now refuses {host}:{port}"
             if decision.allowed:  # allowed, but inspected where it was passed through, or back
@@ -132,7 +141,7 @@ class Enforcer:
                 started=time.time(),
                 client=handler.client,
             )
-            io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
+            self.close_client(handler, why)
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -219,11 +228,11 @@ class Enforcer:
         target = self.tunnels.get(context.client.id)
         if target is None:
             if len(context.layers) == 1 and type(context.layers[0]) is layers.modes.HttpProxy:
-                return limits.http_layer(context, HTTPMode.regular)
+                return limits.http_layer(context, HTTPMode.regular, self.recheck_waiting)
             return CloseTunnel(context)
         if context.client.tls:
             # Inside our TLS only HTTP goes, so that every request is checked.
-            return limits.http_layer(context, HTTPMode.transparent)
+            return limits.http_layer(context, HTTPMode.transparent, self.recheck_waiting)
         data = nextlayer.data_client()
         if len(data) < 3:
             return None  # wait for more bytes
@@ -360,15 +369,22 @@ class Enforcer:
         flow.response.stream = count_body(flow, SENT_DOWN)  # SSE and large bodies pass as they come
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finish(flow, flow.response.status_code if flow.response else None)
+        # The proxy's own answer to a refusal on the way upstream carries why (failures.py).
+        refused = flow.metadata.pop(REFUSED, None)
+        status = flow.response.status_code if flow.response else None
+        self._finish(flow, status, Decision(False, refused) if refused else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        """The exchange ended without a whole response: the client left, the upstream broke off,
+        or a refusal on the way upstream (a forbidden address, the backstop) that the client
+        could not be told. The row says which, with the status the client got, if any."""
         message = flow.error.msg if flow.error else ""
-        # A refusal on the way upstream (a forbidden address, the backstop) is the decision.
-        refused = message.startswith(REFUSAL_PREFIX)
-        self._finish(
-            flow, None, Decision(False, message.removeprefix(REFUSAL_PREFIX)) if refused else None
-        )
+        refused = flow.metadata.pop(REFUSED, None) or failures.refusal(message)
+        if refused is None:
+            flow.metadata.setdefault(FAILURE, printable(message or "the exchange failed"))
+        # Every allowed response streams: once it has come, its head has gone to the client.
+        status = flow.response.status_code if flow.response else None
+        self._finish(flow, status, Decision(False, refused) if refused else None)
 
     def _finish(
         self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
@@ -377,6 +393,9 @@ class Enforcer:
         if allowed is not None:
             self.in_flight -= 1
             decision, host, port = allowed
+            if not decision.allowed:  # refused since (a switch to raw bytes): nothing was sent
+                status = None
+                flow.metadata.pop(FAILURE, None)
             log_decision(flow, refused or decision, host=host, port=port, status=status)
 
     # Helpers
@@ -389,6 +408,22 @@ class Enforcer:
             return None
         target = flow.request.data.path.decode("ascii", "replace")
         return self.decide_request(host, port, scheme, flow.request.method, target)
+
+    def recheck_waiting(self, flow: http.HTTPFlow) -> bool:
+        """A request that waited for its upstream connection, decided again under the policy in
+        force now: True when that refuses it (its refusal is then its response, and logged)."""
+        allowed = flow.metadata.get("claude_proxy.decision")
+        if allowed is None:
+            return False
+        _, host, port = allowed
+        again = self.recheck(flow, host, port)
+        if again is None or again.allowed:
+            return False
+        del flow.metadata["claude_proxy.decision"]
+        self.in_flight -= 1
+        reason = f"the policy changed while it waited for its connection: {again.reason}"
+        self.refuse(flow, host, port, Decision(False, reason, again.rule, origin=again.origin))
+        return True
 
     def decide(self, host: str, port: int, scheme: str = policy.HTTPS) -> Decision:
         try:

@@ -92,6 +92,14 @@ class ForbiddenAddress(OSError):
     """A name resolved to an address the proxy must not connect to."""
 
 
+NOT_RESOLVED = "name not resolved: "  # starts the message of every failed upstream name lookup
+
+
+class NameNotResolved(socket.gaierror):
+    """An upstream name lookup failed. mitmproxy keeps only an error's message, and the platform's
+    own (`[Errno 8] …` on macOS) cannot be told from a connect error's: this one says what it is."""
+
+
 def check_resolved(host: str, infos: list[Any]) -> None:
     """Raise ForbiddenAddress when any address `host` resolved to is forbidden."""
     for *_, sockaddr in infos:
@@ -116,10 +124,16 @@ def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
     resolve: Callable[..., Awaitable[list[Any]]] = loop.getaddrinfo
 
     async def checked_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
-        infos = await resolve(host, port, *args, **kwargs)
         flags = kwargs.get("flags", args[3] if len(args) > 3 else 0)
-        if host is not None and not flags & socket.AI_PASSIVE:
-            name = host.decode() if isinstance(host, bytes) else str(host)
+        outbound = host is not None and not flags & socket.AI_PASSIVE
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        try:
+            infos = await resolve(host, port, *args, **kwargs)
+        except socket.gaierror as e:
+            if not outbound:
+                raise
+            raise NameNotResolved(f"{NOT_RESOLVED}{name} ({e.strerror or e})") from e
+        if outbound:
             try:
                 check_resolved(name, infos)
             except ForbiddenAddress as e:

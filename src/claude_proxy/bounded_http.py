@@ -32,10 +32,11 @@ from mitmproxy.proxy.layers.http._http2 import Http2Server
 from claude_proxy.deadline import Deadline
 from claude_proxy.decisions import log_line, printable, proxy_answer
 from claude_proxy.policy import Decision
-from claude_proxy.timeouts import TimedHttpLayer
+from claude_proxy.timeouts import Recheck, TimedHttpLayer
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
+MAX_STREAMS = 100  # HTTP/2 streams open at once on one client connection
 PROXY_STATUS_ERRORS = {503: "connection_limit_reached"}  # else http_request_error (RFC 9209)
 Phase = Literal["head", "idle"] | None
 
@@ -275,6 +276,10 @@ class BoundedHttp2Server(Http2Server):
     def __init__(self, context: Context, bounds: Bounds) -> None:
         super().__init__(context)
         self.bounds = bounds
+        # Streams at once, as the RFC recommends at the least (RFC 9113 §6.5.2): with the head
+        # limit, what one connection's streams can hold is bounded before any budget applies.
+        self.h2_conn.local_settings.max_concurrent_streams = MAX_STREAMS
+        self.h2_conn.local_settings.acknowledge()  # sent with the preface, as mitmproxy's own are
         self.frames = FrameGuard(self.h2_conn.max_inbound_frame_size, bounds.max_head)
         self.deadline = Deadline()
         self.phase: Phase = None
@@ -346,8 +351,10 @@ class BoundedHttp2Server(Http2Server):
 class BoundedHttpLayer(TimedHttpLayer):
     """The HTTP layer with bounded servers for the client connection (and timed upstream waits)."""
 
-    def __init__(self, context: Context, mode: HTTPMode, bounds: Bounds) -> None:
-        super().__init__(context, mode)
+    def __init__(
+        self, context: Context, mode: HTTPMode, bounds: Bounds, recheck: Recheck | None = None
+    ) -> None:
+        super().__init__(context, mode, recheck)
         self.bounds = bounds
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:

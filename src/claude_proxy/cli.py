@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # service imports mitmproxy (~0.75 s): only `run` (and making a new CA) loads it.
-from claude_proxy import accounts, ca, config, config_commands, defaults, logs, paths
+from claude_proxy import accounts, ca, config, config_commands, defaults, logs, mitm, paths
 from claude_proxy.errors import ExitCode, ProxyError
 
 COMMANDS = (
@@ -51,7 +51,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="claude-proxy",
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts.",
         epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad usage/rule/option, "
-        "3 cannot listen (port in use), 4 CA unusable, 5 a folder cannot be written.",
+        "3 cannot listen (port in use), 4 CA unusable, 5 a folder cannot be written, "
+        "6 not the tested mitmproxy.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -304,6 +305,7 @@ def default_shell() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    mitm.check_version()  # before anything imports mitmproxy or patches it
     from claude_proxy import service
 
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone

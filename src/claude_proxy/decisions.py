@@ -24,6 +24,7 @@ logger = logging.getLogger("claude_proxy.decisions")
 
 MAX_FIELD = 200
 FAILURE = "claude_proxy.failure"  # flow.metadata: why an allowed request got no upstream answer
+REFUSED = "claude_proxy.refused"  # flow.metadata: why an allowed request was refused on its way up
 SENT_UP = "claude_proxy.bytes_up"  # flow.metadata: the request body's BodyCount
 SENT_DOWN = "claude_proxy.bytes_down"  # flow.metadata: the response body's BodyCount
 FINGERPRINTS = "claude_proxy.fingerprints"  # flow.metadata: the credentials' (OrgGuard's)

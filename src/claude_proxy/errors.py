@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     ADDRESS = 3  # cannot listen: port in use, address not available, or not allowed
     CA = 4  # the CA is missing, unreadable or damaged
     STATE = 5  # a folder the proxy must write (state, logs) cannot be written
+    MITMPROXY = 6  # not the mitmproxy version claude-proxy is tested with
 
 
 class ProxyError(Exception):

@@ -26,6 +26,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from claude_proxy import held, memory
 from claude_proxy.acceptgate import AcceptGate, descriptors_in_use, open_files_limit
 from claude_proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
+from claude_proxy.timeouts import Recheck
 
 logger = logging.getLogger(__name__)
 
@@ -273,11 +274,13 @@ class Limits:
             logger.exception("closing a tunnel: the ClientHello size check failed")
             nextlayer.layer = close_layer(nextlayer.context)
 
-    def http_layer(self, context: Context, mode: HTTPMode) -> layer.Layer:
+    def http_layer(
+        self, context: Context, mode: HTTPMode, recheck: Recheck | None = None
+    ) -> layer.Layer:
         if mode is HTTPMode.regular and context.client.id in self.over_cap:
             # Its deadline stays: a refused client that never reads is still closed in time.
             return Overloaded(context, self.over_cap_reason(), at_once=self.refusals_pressed())
-        built = BoundedHttpLayer(context, mode, self.bounds)
+        built = BoundedHttpLayer(context, mode, self.bounds, recheck)
         self._cancel_setup(context.client.id)  # only once its own deadlines have taken over
         return built
 
@@ -309,12 +312,13 @@ class Limits:
             io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
 
 
-def http_layer(context: Context, mode: HTTPMode) -> layer.Layer:
-    """The HTTP layer for a client connection (`regular`) or inside a tunnel (`transparent`)."""
+def http_layer(context: Context, mode: HTTPMode, recheck: Recheck | None = None) -> layer.Layer:
+    """The HTTP layer for a client connection (`regular`) or inside a tunnel (`transparent`);
+    `recheck` decides again a request that waited for its upstream connection."""
     limits = ctx.master.addons.get("limits")
     if limits is None:  # an Enforcer without this addon (unit tests): bounds with defaults
-        return BoundedHttpLayer(context, mode, Bounds())
-    return limits.http_layer(context, mode)
+        return BoundedHttpLayer(context, mode, Bounds(), recheck)
+    return limits.http_layer(context, mode, recheck)
 
 
 def tunnel_spliced(context: Context) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 
 from claude_proxy import accounts, probe, wellformed
 from claude_proxy.accounts import Credential, Pin, StateError, short
@@ -82,6 +82,9 @@ class OrgGuard:
         self.tls: tuple[tuple[str | None, str | None], ssl.SSLContext] | None = None
         self.errors_logged_at = -ERROR_LOG_SECONDS
         self.errors_suppressed = 0
+        # Allowed flows with a credential (or a cookie) still open: a new pin is held against
+        # them too. flow id → (flow, host, port)
+        self.carrying: dict[str, tuple[http.HTTPFlow, str, int]] = {}
 
     def load(self, loader: object) -> None:
         loader.add_option(  # type: ignore[attr-defined]
@@ -120,7 +123,13 @@ class OrgGuard:
         except Exception:
             self.internal_error("checking the organization of a request")
             reason = "internal error in the organization check"
-        if reason is None or flow.error is not None:  # error: the client left meanwhile
+        if reason is None and flow.error is None:
+            if FINGERPRINTS in flow.metadata or accounts.carries_cookie(
+                flow.request.headers.items(multi=True)
+            ):
+                self.carrying[flow.id] = (flow, host, port)
+            return
+        if flow.error is not None:  # the client left meanwhile
             return
         try:
             self.refuse(flow, host, port, reason)
@@ -187,6 +196,53 @@ class OrgGuard:
             )
         flow.response = response
         log_decision(flow, decision, host=host, port=port, status=403)
+
+    # Open connections under a new pin
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:  # a WebSocket carries on until its end
+            self.carrying.pop(flow.id, None)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.carrying.pop(flow.id, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.carrying.pop(flow.id, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        if self.carrying:
+            for flow_id, (flow, _, _) in list(self.carrying.items()):
+                if flow.client_conn.id == client.id:
+                    del self.carrying[flow_id]
+
+    def close_refused(self) -> None:
+        """Close every client connection whose open request or WebSocket the pin now refuses."""
+        for flow_id, (flow, host, port) in list(self.carrying.items()):
+            if (reason := self.refused_now(flow)) is None:
+                continue
+            del self.carrying[flow_id]
+            why = f"closed: the pin now refuses it: {reason}"
+            if flow.metadata.pop(DECISION, None) is not None:
+                self.enforcer.in_flight -= 1  # ended here: the Enforcer will not finish it
+                log_decision(flow, Decision(False, why), host=host, port=port, status=None)
+            if (handler := self.enforcer.client_handler(flow.client_conn.id)) is not None:
+                self.enforcer.close_client(handler, why)
+
+    def refused_now(self, flow: http.HTTPFlow) -> str | None:
+        """Why the pin in force refuses a request it let through before, from what is known."""
+        pinned = self.pin.organization if self.pin else None
+        if pinned is None and self.pin_problem is None:
+            return None
+        if self.pin_problem is not None:
+            return self.pin_problem
+        if accounts.carries_cookie(flow.request.headers.items(multi=True)):
+            return COOKIE_REASON
+        for fp in flow.metadata.get(FINGERPRINTS, ()):
+            org = self.ledger.organization_of(fp)
+            if org != pinned:
+                org = org or "not verified"
+                return f"credential {short(fp)} is of organization {org}, not the pinned {pinned}"
+        return None
 
     # Learning
 
@@ -316,6 +372,7 @@ class OrgGuard:
             try:
                 if self.reload_pin():
                     logger.info("organization pin: %s", self.describe_pin())
+                    self.close_refused()
                 self.save_ledger()
             except Exception:
                 self.internal_error("reloading the pin")

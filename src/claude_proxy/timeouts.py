@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, exceptions, flow, http
@@ -29,6 +29,7 @@ from mitmproxy.proxy.layers.http import (
     DropStream,
     ErrorCode,
     GetHttpConnection,
+    GetHttpConnectionCompleted,
     HttpErrorHook,
     HTTPMode,
     HttpResponseHook,
@@ -44,9 +45,17 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
-from claude_proxy import held
+from claude_proxy import failures, held
 from claude_proxy.deadline import Deadline
-from claude_proxy.decisions import FAILURE, log_decision, printable, proxy_answer
+from claude_proxy.decisions import (
+    FAILURE,
+    REFUSED,
+    log_decision,
+    log_line,
+    loggable_path,
+    printable,
+    proxy_answer,
+)
 from claude_proxy.policy import Decision
 from claude_proxy.wellformed import BODY_FOLLOWS
 
@@ -90,6 +99,27 @@ RESPONSE = Step(
     "the anthropic SDK allows such a call up to an hour. Never applies once a response has begun.",
 )
 STEPS = (CONNECT, TLS, RESPONSE)
+# mitmproxy opens at most five connections at once to one destination for one client connection
+# (an HTTP/2 client's streams to an HTTP/1 upstream each need their own); a stream waits for a free
+# one for at most the connect limit, counted from when it began to wait.
+SLOT = Step(
+    CONNECT.option,
+    CONNECT.default,
+    "waiting for a free connection to {} (at most 5 at once for one client connection)",
+    "connection_timeout",
+    CONNECT.help,
+)
+
+# What an HTTP/2 stream costs while it lives, counted in held.HELD with the bodies: its head and
+# its own objects. Measured (1,000 streams waiting): 18.5 KiB each with an empty head, 83 KiB with
+# a 60 KB one.
+STREAM_OVERHEAD = 20 * 1024
+HELD_OPTION = "sandbox_waiting_memory_mib"
+
+REFUSED_ON_WAIT = "refused by the policy in force when its upstream connection came"
+# Decides again a request that waited for its upstream connection, under the policy in force
+# now: True when that refuses it (the flow then has its refusal as its response).
+Recheck = Callable[[http.HTTPFlow], bool]
 
 
 class Timeouts:
@@ -98,18 +128,36 @@ class Timeouts:
     def load(self, loader: object) -> None:
         for step in STEPS:
             loader.add_option(step.option, int, step.default, step.help)  # type: ignore[attr-defined]
+        loader.add_option(  # type: ignore[attr-defined]
+            HELD_OPTION,
+            int,
+            held.TOTAL // held.MIB,
+            "MiB that requests waiting on the upstream may hold in all: bodies queued while "
+            "their connection opens, and every open HTTP/2 stream (its head and state). A request "
+            "that would go over it is refused (HTTP/2: 503). One client connection holds at most "
+            f"{held.PER_CLIENT // held.MIB} MiB of it.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         for step in STEPS:
             if step.option in updated and getattr(ctx.options, step.option) < 1:
                 raise exceptions.OptionsError(f"{step.option} must be at least 1 (seconds)")
+        if HELD_OPTION in updated:
+            if (mib := getattr(ctx.options, HELD_OPTION)) < 1:
+                raise exceptions.OptionsError(f"{HELD_OPTION} must be at least 1 (MiB)")
+            held.HELD.total = mib * held.MIB
+            held.HELD.per_client = min(held.PER_CLIENT, held.HELD.total)
+            held.HELD.pause = min(held.PAUSE, held.HELD.per_client // 2)
 
 
 class TimedHttpLayer(layers.HttpLayer):
     """mitmproxy's HTTP layer, whose streams bound their waits on the upstream."""
 
-    def __init__(self, context: context.Context, mode: HTTPMode) -> None:
+    def __init__(
+        self, context: context.Context, mode: HTTPMode, recheck: Recheck | None = None
+    ) -> None:
         super().__init__(context, mode)
+        self.recheck = recheck
         self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
         self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (monotonic)
         self.earliest: float | None = None  # no later than the earliest check; may be stale
@@ -147,9 +195,10 @@ class TimedHttpLayer(layers.HttpLayer):
 
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
         yield from super().register_connection(command)
-        if command.err and command.connection in self.expired:
+        if command.err:
             # mitmproxy fails every later request on a failed connection at once; a timeout may
-            # pass, so a retry on this client connection gets a new upstream connection instead.
+            # pass, a name resolve again, so a retry on this client connection (kept alive after
+            # the answer) gets a new upstream connection instead.
             self.expired.discard(command.connection)
             self.connections.pop(command.connection, None)
 
@@ -170,13 +219,43 @@ class TimedHttpStream(HttpStream):
         self.since = 0.0
         self.timed_out: tuple[Step, str] | None = None
         self.held = 0  # request-body bytes queued while paused, counted in held.HELD
+        self.cost = 0  # what this HTTP/2 stream itself holds, counted in held.HELD
+        self.refused = False  # refused when its upstream connection came: it has its answer
         self.ended = False  # ended for holding too much: every later event is dropped
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        for command in self._handle(event):
+            if isinstance(command, DropStream) and command.stream_id == self.stream_id:
+                self._release()
+            yield command
+
+    def _release(self) -> None:
+        if self.cost or self.held:
+            held.HELD.release(self.context.client.id, self.cost + self.held)
+            self.cost = self.held = 0
+
+    def _handle(self, event: events.Event) -> layer.CommandGenerator[None]:
         if self.ended:
             return
         if isinstance(event, RequestHeaders):
             self.body_follows = not event.end_stream
+            if self.context.client.alpn == b"h2":
+                cost = stream_cost(event.request)
+                if too_much := held.HELD.add(self.context.client.id, cost, pausable=False):
+                    yield from self._refuse_stream(event, too_much)
+                    return
+                self.cost = cost
+        if (
+            isinstance(event, GetHttpConnectionCompleted)
+            and self.waiting == "connection"
+            and event.reply[0] is not None
+            and self.clock.recheck is not None
+            and self.clock.recheck(self.flow)
+        ):
+            # The policy changed while it waited and now refuses it (the flow has its refusal):
+            # fail the wait, so that it answers inside mitmproxy's own event handling.
+            self.refused = True
+            event = GetHttpConnectionCompleted(event.command, (None, REFUSED_ON_WAIT))
         if isinstance(event, CheckDue):  # the layer has forgotten this check already
             yield from self._guarded(self._expire())
             return
@@ -238,6 +317,38 @@ class TimedHttpStream(HttpStream):
         )
         yield DropStream(self.stream_id)
 
+    def _refuse_stream(self, event: RequestHeaders, too_much: str) -> layer.CommandGenerator[None]:
+        """Answer 503 to a stream that would hold more than the limits, and forget it."""
+        self.ended = True
+        request = event.request
+        reason = f"too many requests waiting at once: {too_much}"
+        log_line(
+            request.method,
+            request.host,
+            request.port,
+            loggable_path(request.path),
+            503,
+            Decision(False, reason),
+            started=time.time(),
+            client=self.context.client,
+        )
+        body = (
+            f"claude-proxy refused this request: {printable(reason)}.\n"
+            "This is a limit of the sandbox's proxy, not a network fault: send fewer requests "
+            "at once.\n"
+        )
+        response = proxy_answer(
+            503, request.method, body, kind="refused", error="connection_limit_reached",
+            details=reason,
+        )  # fmt: skip
+        yield SendHttp(
+            ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
+        )
+        if response.raw_content:
+            yield SendHttp(ResponseData(self.stream_id, response.raw_content), self.context.client)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+        yield DropStream(self.stream_id)
+
     def _guarded(self, steps: Iterator[commands.Command]) -> layer.CommandGenerator[None]:
         """A bug here must not break the stream (mitmproxy would log a traceback per event)."""
         if self.broken:
@@ -260,6 +371,15 @@ class TimedHttpStream(HttpStream):
             # Only the stream knows whether a body follows the head (HTTP/2 says so in its frames,
             # not in a header): the Enforcer reads it from the flow.
             self.flow.metadata[BODY_FOLLOWS] = self.body_follows
+        elif problem := failures.invalid_head(self.flow, self.context.options):
+            # mitmproxy would refuse it with its own 502 (HTML, or an HTTP/2 reset): ours instead.
+            yield commands.CloseConnection(self.flow.server_conn)
+            req = self.flow.request
+            failure = failures.malformed_response(req.host, req.port, problem)
+            yield from self._answer(
+                failures.answer(req.method, req.host, req.port, failure), failure.what
+            )
+            return True
         return (yield from super().check_invalid(request))
 
     def handle_protocol_error(
@@ -267,9 +387,49 @@ class TimedHttpStream(HttpStream):
     ) -> layer.CommandGenerator[None]:
         # A connection we closed on a timeout fails like any other: answer with the reason.
         if self.timed_out and isinstance(event, ResponseProtocolError):
-            yield from self._answer()
-        else:
-            yield from super().handle_protocol_error(event)
+            step, reason = self.timed_out
+            response = timeout_response(self.flow.request.method, step, reason)
+            yield from self._answer(response, reason)
+            return
+        if self.refused and isinstance(event, ResponseProtocolError):
+            yield from self._send_answer()  # the refusal the Enforcer made when the wait ended
+            return
+        try:
+            failure = failures.of_event(event, self.flow)
+        except Exception:
+            logger.exception("describing an upstream failure failed")
+            failure = None
+        if failure is not None and failure.error and self._can_answer(event):
+            request = self.flow.request
+            response = failures.answer(request.method, request.host, request.port, failure)
+            yield from self._answer(response, failure.what, refused=failure.refused)
+            return
+        if failure is not None:  # the error hook records why
+            self.flow.metadata[REFUSED if failure.refused else FAILURE] = failure.what
+        yield from super().handle_protocol_error(event)
+
+    def check_killed(self, emit_error_hook: bool) -> layer.CommandGenerator[bool]:
+        # mitmproxy fails a flow whose client left while the stream waited here (the error is
+        # queued): the error hook records why.
+        left = [e for e in self._paused_event_queue if isinstance(e, RequestProtocolError)]
+        if left:
+            try:
+                self.flow.metadata.setdefault(FAILURE, failures.of_event(left[0], self.flow).what)
+            except Exception:
+                logger.exception("describing why a client left failed")
+        return (yield from super().check_killed(emit_error_hook))
+
+    def _can_answer(self, event: RequestProtocolError | ResponseProtocolError) -> bool:
+        """Whether the client can still get an answer of ours: nothing of a response has gone
+        to it, and it has not left (mitmproxy's check_killed looks at the same queue)."""
+        return (
+            isinstance(event, ResponseProtocolError)
+            and event.code.http_status_code() is not None
+            and self.flow.response is None
+            and self.flow.error is None
+            and self.client_state != self.state_errored
+            and not any(isinstance(e, RequestProtocolError) for e in self._paused_event_queue)
+        )
 
     def _waiting_for(self) -> str | None:
         if self.timed_out:
@@ -314,16 +474,16 @@ class TimedHttpStream(HttpStream):
                 step, since = TLS, server.timestamp_tcp_setup
             elif server.timestamp_start is not None:
                 step, since = CONNECT, server.timestamp_start
-            else:  # mitmproxy has not started connecting yet (hooks, or a free connection slot)
-                step, since = CONNECT, now
+            else:  # mitmproxy has not started connecting: it waits for a free connection slot
+                step, since = SLOT, self.since
         else:
             step, since = RESPONSE, self.since
         seconds = limit(self.context, step)
         if (remaining := since + seconds - now) > EXPIRED:
-            # While it connects, its TLS step may begin at any moment and end before this one.
-            self._check_in(
-                min(remaining, limit(self.context, TLS)) if step is CONNECT else remaining
-            )
+            # While it connects (or waits to), its next step may begin at any moment and end
+            # before this one.
+            soonest = min(limit(self.context, TLS), limit(self.context, CONNECT))
+            self._check_in(min(remaining, soonest) if step in (CONNECT, SLOT) else remaining)
             return
         if server is None:
             reason = timed_out(step, self.flow.request.host, self.flow.request.port, seconds)
@@ -338,17 +498,45 @@ class TimedHttpStream(HttpStream):
             yield from super().handle_event(failed)
             return
         host, port = server.address or ("?", 0)
+        if step is SLOT:
+            yield from self._give_up_waiting(server, timed_out(step, host, port, seconds))
+            return
         self._http_layer().expired.add(server)
         for stream in self._streams_waiting_on(server):  # they all share this connection's fate
             stream.timed_out = (step, timed_out(step, host, port, seconds))
         yield commands.CloseConnection(server)
 
-    def _answer(self) -> layer.CommandGenerator[None]:
-        assert self.timed_out is not None
-        step, reason = self.timed_out
+    def _give_up_waiting(
+        self, server: connection.Server, reason: str
+    ) -> layer.CommandGenerator[None]:
+        """Stop waiting for a connection that has not begun, and answer 504.
+
+        The connection stays (others may wait on it, and mitmproxy cannot cancel one still waiting
+        for its slot); this stream leaves its list, so that it is never sent when it opens.
+        """
+        assert self._paused is not None
+        asked = self._paused.command
+        parent = self._http_layer()
+        waiting = parent.waiting_for_establishment.get(server, [])
+        waiting[:] = [command for command in waiting if command is not asked]
+        parent.command_sources.pop(asked, None)
+        self.timed_out = (SLOT, reason)
+        assert isinstance(asked, GetHttpConnection)
+        yield from super().handle_event(GetHttpConnectionCompleted(asked, (None, reason)))
+
+    def _answer(
+        self, response: http.Response, reason: str, refused: bool = False
+    ) -> layer.CommandGenerator[None]:
+        """Answer the client ourselves (the upstream gave no response head), as mitmproxy would
+        answer a response: its hook first, where the decision is logged with `reason`."""
+        self.flow.response = response
+        self.flow.metadata[REFUSED if refused else FAILURE] = reason
+        yield from self._send_answer()
+
+    def _send_answer(self) -> layer.CommandGenerator[None]:
+        """Send the flow's response, made here, in place of the upstream's, and end the stream."""
+        self._stop_checking()
         self.server_state = self.client_state = self.state_errored
-        self.flow.response = timeout_response(self.flow.request.method, step, reason)
-        self.flow.metadata[FAILURE] = reason
         yield HttpResponseHook(self.flow)  # addons see it as any answer (the decision log does)
         response = self.flow.response
         yield SendHttp(
@@ -378,6 +566,12 @@ class TimedHttpStream(HttpStream):
         for command in parent.waiting_for_establishment.get(server, ()):
             if isinstance(stream := parent.command_sources.get(command), TimedHttpStream):
                 yield stream
+
+
+def stream_cost(request: http.Request) -> int:
+    head = len(request.data.method) + len(request.data.path) + len(request.data.authority)
+    head += sum(len(name) + len(value) for name, value in request.headers.fields)
+    return head + STREAM_OVERHEAD
 
 
 def limit(context: context.Context, step: Step) -> int:

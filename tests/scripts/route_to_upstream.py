@@ -1,10 +1,12 @@
 """Test-only mitmproxy script: names resolve to made-up public addresses, sockets go upstream.
 
 Like an /etc/hosts entry for every name: every name resolves (through the system resolver the
-proxy checks) to 203.0.113.10, or to what CLAUDE_PROXY_TEST_RESOLVE says (`name=ip;name=ip,ip`);
-then every upstream TCP connection goes to the local test upstream. The proxy keeps the real
-destination everywhere (its checks, SNI, Host, logs); only the socket connects to 127.0.0.1.
-Routing every host here means a leak to any host would be counted by the upstream.
+proxy checks) to 203.0.113.10, or to what CLAUDE_PROXY_TEST_RESOLVE says (`name=ip;name=ip,ip`;
+`name=` alone: the name does not resolve); then every upstream TCP connection goes to the local
+test upstream, or to the loopback port CLAUDE_PROXY_TEST_ROUTE names for its host
+(`name=port;name=port`). The proxy keeps the real destination everywhere (its checks, SNI, Host,
+logs); only the socket connects to 127.0.0.1. Routing every host here means a leak to any host
+would be counted by the upstream.
 """
 
 import asyncio
@@ -25,6 +27,14 @@ RESOLVE = {
         if entry
     )
 }
+ROUTES = {
+    name: int(port)
+    for name, _, port in (
+        entry.partition("=")
+        for entry in os.environ.get("CLAUDE_PROXY_TEST_ROUTE", "").split(";")
+        if entry
+    )
+}
 _open_connection = asyncio.open_connection
 _getaddrinfo = socket.getaddrinfo
 
@@ -34,6 +44,8 @@ def _fake_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
     if name is None or _is_ip(name) or kwargs.get("flags", 0) & socket.AI_PASSIVE:
         return _getaddrinfo(host, port, *args, **kwargs)
     result = []
+    if RESOLVE.get(name) == [""]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     for address in RESOLVE.get(name, [PUBLIC]):
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sockaddr = (address, int(port or 0), 0, 0) if ":" in address else (address, int(port or 0))
@@ -55,7 +67,7 @@ async def _to_upstream(host: Any = None, port: Any = None, **kwargs: Any) -> Any
     if not _is_ip(str(host)):
         # Resolve as asyncio would before connecting: the proxy's check of the addresses runs here.
         await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return await _open_connection(*UPSTREAM, **kwargs)
+    return await _open_connection("127.0.0.1", ROUTES.get(str(host), UPSTREAM[1]), **kwargs)
 
 
 def running() -> None:
