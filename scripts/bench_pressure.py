@@ -23,6 +23,7 @@ IDLE_TUNNELS = 2000
 BURST = 500
 BURST_LIMIT = 256  # the open-files limit of the proxy the burst is aimed at
 SETTLE_SECONDS = 60  # bound on the wait for the proxy to close what the clients closed
+AFTER_SECONDS = 5  # RSS is read this long after the proxy has closed the last client
 CONNECT = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
 
 
@@ -52,6 +53,13 @@ def settle(pid: int, idle_fds: int) -> float:
             raise RuntimeError(f"the proxy still holds {descriptors(pid)} sockets")
         time.sleep(0.05)
     return round(time.monotonic() - began, 2)
+
+
+def rss_after(pid: int) -> float:
+    """RSS AFTER_SECONDS after the last client closed: the same moment for every build (the
+    proxy gives memory back about a second after a wave of clients has gone)."""
+    time.sleep(AFTER_SECONDS)
+    return rss_mb(pid)
 
 
 def churn(connect: Callable[[], object], use: Callable[[object], None], seconds: float) -> int:
@@ -91,13 +99,13 @@ def memory(
     idle = rss_mb(pid)
     made = churn(connect, use, seconds)
     churn_settle = settle(pid, idle_fds)
-    after_churn = rss_mb(pid)
+    after_churn = rss_after(pid)
     tunnels = [handshake() for _ in range(IDLE_TUNNELS)]
     with_tunnels = rss_mb(pid)
     for tunnel in tunnels:
         tunnel.close()  # type: ignore[attr-defined]
     tunnels_settle = settle(pid, idle_fds)
-    after_tunnels = rss_mb(pid)
+    after_tunnels = rss_after(pid)
     return {
         "idle_rss_mb": idle,
         "churn_connections_per_s": round(made / seconds, 1),
