@@ -8,6 +8,7 @@ then claude-proxy with a 200-rule config.toml against its default policy, and a 
         # also an earlier build: both running, measured in alternating rounds, and on its own
     uv run python scripts/bench.py --fetch-only     # the server-fetch check on vs off
     uv run python scripts/bench.py --flood-only     # RSS under an HTTP/2 stream flood
+    uv run python scripts/bench.py --startup-only   # env, check, --help against `python -c pass`
     uv run python scripts/bench.py --pressure-only [--churn-seconds 30] [--before OLD/claude-proxy]
         # RSS after churn and after 2000 idle tunnels close, against idle; 503s under a burst
 
@@ -853,6 +854,44 @@ def run_pressure(
     return results
 
 
+STARTUP_ROUNDS = 31  # every command once per round, alternately; medians reported
+STARTUP_COMMANDS = {
+    "env": ["env", "--shell", "sh"],
+    "check": ["check", "api.anthropic.com"],
+    "--help": ["--help"],
+}
+
+
+def startup_times(rounds: int = STARTUP_ROUNDS) -> dict[str, float]:
+    """Wall time of the commands that need no proxy, against `python -c pass` with the same
+    interpreter, measured in alternating rounds (the machine is shared: same-run ratios count).
+
+    Bytecode is written and used, as in an installed tool (one warm-up run of each first), and
+    HOME is a fresh one with a CA, as after `claude-proxy ca`.
+    """
+    executable = BIN / "claude-proxy"
+    python = BIN / "python"
+    with tempfile.TemporaryDirectory() as home:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "PYTHON"))}
+        env["HOME"] = home
+        subprocess.run([executable, "ca"], env=env, check=True, capture_output=True)
+        commands = {"python -c pass": [python, "-c", "pass"]}
+        commands |= {name: [executable, *words] for name, words in STARTUP_COMMANDS.items()}
+        samples: dict[str, list[float]] = {name: [] for name in commands}
+        for round_ in range(rounds + 1):
+            for name, words in commands.items():
+                began = time.perf_counter()
+                subprocess.run(words, env=env, check=False, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+                if round_:  # the first round is the warm-up: it writes the bytecode
+                    samples[name].append(time.perf_counter() - began)
+    medians = {name: statistics.median(values) * 1000 for name, values in samples.items()}
+    base = medians["python -c pass"]
+    found: dict[str, float] = {f"{name}_ms": round(ms, 1) for name, ms in medians.items()}
+    found |= {f"{name}_ratio": round(medians[name] / base, 2) for name in STARTUP_COMMANDS}
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput measurement")
@@ -886,10 +925,18 @@ def main() -> int:
         "--flood-connections", type=int, default=30, help="HTTP/2 connections in the flood"
     )
     parser.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the start-up of env, check and --help against `python -c pass`",
+    )
+    parser.add_argument(
         "--pressure-only", action="store_true", help="only memory after churn, and a burst"
     )
     parser.add_argument("--churn-seconds", type=float, default=30.0, help="of churn, for RSS")
     args = parser.parse_args()
+    if args.startup_only:
+        print(json.dumps({"startup": startup_times()}, indent=2))
+        return 0
 
     ca = trustme.CA()
     with tempfile.TemporaryDirectory() as tmp:
@@ -962,10 +1009,12 @@ def main() -> int:
         if not args.pin_only:
             results["audit"] = audit_comparison(work, upstream, upstream_ca, args)
         upstream.shutdown()
+    if not args.pin_only and not args.audit_only:
+        results["startup"] = startup_times()  # type: ignore[assignment]
 
     if "direct" in results:
         print_table(results)
-    for section in ("pin", "audit"):
+    for section in ("pin", "audit", "startup"):
         for key, value in results.get(section, {}).items():
             print(f"{key:<32}{value:>12}")
     if versions:

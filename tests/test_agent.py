@@ -119,6 +119,35 @@ def test_plist_command_writes_0644(home: Path) -> None:
     assert document["EnvironmentVariables"]["HOME"] == str(home)
 
 
+def test_the_installed_tool_renders_from_the_template_in_launchd(
+    built_tool: Path, home: Path
+) -> None:
+    """launchd/ holds the one template; the wheel carries its bytes (a file, not a link), and
+    the installed tool renders exactly what the checkout's template renders."""
+    source = Path(__file__).resolve().parent.parent / "launchd" / "local.claude-proxy.plist"
+    [installed] = built_tool.parent.parent.glob(
+        "tools/claude-proxy/lib/*/site-packages/claude_proxy/local.claude-proxy.plist"
+    )
+    assert not installed.is_symlink() and installed.read_bytes() == source.read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    args = ["plist", "--port", "9123", "--socks-port", "9124"]
+    result = subprocess.run(
+        [str(built_tool), *args], env={**env, "HOME": str(home)}, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = plistlib.loads(result.stdout)
+    expected = agent.render_plist(
+        source.read_bytes(),
+        executable=Path(rendered["ProgramArguments"][0]),  # where the tool found itself
+        home=home,
+        log_dir=Path(rendered["StandardOutPath"]).parent,  # where platformdirs put it here
+        config_dir=home / ".config" / "claude-proxy",
+        port=9123,
+        socks_port=9124,
+    )
+    assert result.stdout == expected
+
+
 def test_plist_names_the_installed_command_even_from_python_m(home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     result = subprocess.run(
@@ -640,7 +669,7 @@ def test_agent_as_launchd_runs_it(home: Path) -> None:
     document = plistlib.loads(rendered.stdout.encode())
     status = run_cli(home, "status", "--port", str(port), "--socks-port", str(socks_port))
     assert status.returncode == 1
-    assert "FAIL agent: not installed" in status.stdout
+    assert "ok   agent: not macOS: no launchd agent" in status.stdout
     assert "FAIL proxy on 127.0.0.1" in status.stdout
     installed = paths.plist_path(home)
     installed.parent.mkdir(parents=True)

@@ -93,11 +93,17 @@ def test_env_tools_lines_run_in_their_shell(home: Path, shell: str) -> None:
     assert out.splitlines() == expected + [str(bundle_path(home))] * len(TOOL_VARIABLES)
 
 
-def test_env_tools_warns_when_the_bundle_is_missing(home: Path) -> None:
-    result = run(home, "env", "--tools", "--shell", "sh")
+def test_env_tools_never_names_a_bundle_that_is_not_there(home: Path) -> None:
+    result = run(home, "env", "--tools", "--shell", "sh")  # no CA yet: no bundle can be made
+    assert result.returncode == 4 and result.stdout == ""
+    assert "run `claude-proxy ca`" in result.stderr
+    assert not bundle_path(home).exists()
+    assert run(home, "ca").returncode == 0
+    result = run(home, "env", "--tools", "--shell", "sh")  # the CA is there: the bundle is made
     assert result.returncode == 0
-    assert "does not exist yet; run `claude-proxy ca --bundle`" in result.stderr
+    assert f"wrote the CA bundle {bundle_path(home)}" in result.stderr
     assert f"export CURL_CA_BUNDLE='{bundle_path(home)}'" in result.stdout.splitlines()
+    assert bundle_path(home).exists()
     without = run(home, "env", "--shell", "sh")
     assert "CURL_CA_BUNDLE" not in without.stdout and "bundle" not in without.stderr
 

@@ -33,7 +33,7 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
-from tests.upstream import PeakRss, SilentUpstream, SlowConnect, Upstream
+from tests.upstream import CountingRelay, PeakRss, SilentUpstream, SlowConnect, Upstream
 
 MIB = 1024 * 1024
 OFFERED = 40 * MIB  # what a hostile client offers; the proxy must stop taking it long before
@@ -807,6 +807,9 @@ def test_a_stream_waiting_for_a_free_upstream_connection_gets_504_in_time(
             assert b"waiting for a free connection to api.anthropic.com:443" in body
         upstream.gate("slots").set()
         assert {status for status, _ in responses(events, len(busy)).values()} == {200}
+        # The connection opened for a stream that gave up carries nothing: it is closed when it
+        # opens, not kept holding one of the five slots (five of them would block the client).
+        upstream.wait_idle()
         tls.close()
     finally:
         upstream.gate("slots").set()
@@ -911,3 +914,105 @@ def test_an_http2_client_may_open_a_hundred_streams_at_once(
         h2.errors.ErrorCodes.PROTOCOL_ERROR,
         h2.errors.ErrorCodes.REFUSED_STREAM,
     )
+
+
+@pytest.mark.parametrize("kind", ["invalid-scheme", "killed"])
+def test_http2_streams_that_end_in_odd_ways_give_their_budget_back(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, kind: str
+) -> None:
+    """A stream mitmproxy ends without dropping it (an invalid request; a flow the Enforcer kills)
+    must not keep what it counted: a hundred of them, on a 1 MiB budget, leave the next request
+    served, not refused for "too many requests waiting"."""
+    proxy = start_proxy(home, upstream, upstream_ca_file, "--set", "sandbox_waiting_memory_mib=1")
+    tls, conn, events = h2_session(proxy)
+    try:
+        for _ in range(100):
+            sid = conn.get_next_available_stream_id()
+            if kind == "invalid-scheme":  # mitmproxy's own check fails it: "Invalid request scheme"
+                head = get_head("/odd")
+                head[1] = (":scheme", "ftp")
+                conn.send_headers(sid, head, end_stream=True)
+            else:  # refused with a body of unknown length: the Enforcer kills the flow
+                head = get_head("/odd")
+                head[0], head[2] = (":method", "POST"), (":authority", "other.example")
+                conn.send_headers(sid, head)
+                conn.send_data(sid, b"", end_stream=True)
+            tls.sendall(conn.data_to_send())
+            if sid % 20 == 19:
+                responses_now(tls, conn, events)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, get_head("/after"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        answered: dict[int, tuple[int, bytes]] = {}
+        while sid not in answered:  # answers to the earlier streams may still come first
+            answered.update(responses(events, 1))
+        assert answered[sid][0] == 200
+    finally:
+        tls.close()
+        proxy.stop()
+
+
+def test_a_stream_cancelled_while_it_waits_for_a_connection_is_never_sent(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    try:
+        tls, conn, events = h2_session(proxy)
+        busy = []
+        for _ in range(5):  # every slot taken
+            busy.append(sid := conn.get_next_available_stream_id())
+            conn.send_headers(sid, get_head("/hang?gate=cancel&bound=30"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while len(upstream.record.requests) < 5:  # barrier: the five hold their connections
+            assert time.monotonic() < deadline, "the five requests never reached the upstream"
+            time.sleep(0.02)
+        cancelled = conn.get_next_available_stream_id()
+        conn.send_headers(cancelled, get_head("/cancelled"), end_stream=True)
+        waiting = conn.get_next_available_stream_id()
+        conn.send_headers(waiting, get_head("/waiting"), end_stream=True)
+        conn.reset_stream(cancelled)  # the client gives up on it while it waits ...
+        conn.reset_stream(busy[0])  # ... and frees a slot
+        tls.sendall(conn.data_to_send())
+        answered: dict[int, tuple[int, bytes]] = {}
+        while waiting not in answered:
+            answered.update(responses(events, 1))
+        assert answered[waiting][0] == 200
+        tls.close()
+    finally:
+        upstream.gate("cancel").set()
+        proxy.stop()
+    assert "/cancelled" not in [path for _, path, _ in upstream.seen.requests]
+
+
+def test_an_http2_client_that_stops_reading_makes_the_proxy_stop_reading_its_upstream(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """A 96 MiB download to an HTTP/2 client that takes its first 64 KiB and then nothing: the
+    proxy reads only a few MiB of it from the upstream and holds no more than that; once the
+    client reads again, all of it arrives."""
+    size = 96 * MIB
+    relay = CountingRelay(upstream.port)
+    proxy = start_proxy(home, relay, upstream_ca_file)  # type: ignore[arg-type]
+    try:
+        tls, conn, events = h2_session(proxy)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, get_head(f"/bytes?size={size}"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+        with PeakRss(proxy.proc.pid) as memory:  # the client reads no more from here on
+            relayed = relay.wait_stalled()
+        assert relayed < 32 * MIB, f"the proxy read {relayed // MIB} MiB of the response"
+        assert memory.growth < 32 * MIB, f"grew {memory.growth // MIB} MiB"
+        received = 0
+        for event in events:  # read on, acknowledging each piece: the window opens again
+            if isinstance(event, h2.events.DataReceived):
+                received += len(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, sid)
+            elif isinstance(event, h2.events.StreamEnded):
+                break
+        assert received == size
+        tls.close()
+    finally:
+        proxy.stop()
+        relay.close()

@@ -319,6 +319,26 @@ def test_a_pin_closes_what_an_open_connection_carries_for_another_organization(
     assert "the pin now refuses it: credential" in proxy.log_text()
 
 
+def test_a_first_seen_pin_closes_what_is_open_for_another_organization(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = pinned_proxy(home, upstream, upstream_ca_file, "--first-seen")
+    try:
+        theirs = upload_started(proxy, upstream, KEY_B)  # allowed: no organization pinned yet
+        before = count_lines(proxy, f"organization pin: {ORG_A}")
+        with client(proxy) as c:  # the first answer names A: A is pinned
+            assert c.get("https://api.anthropic.com/v1/x", headers={"x-api-key": KEY_A}).is_success
+        wait_for_line(proxy, f"organization pin: {ORG_A}", before)
+        with contextlib.suppress(OSError):
+            theirs.sendall(b"9\r\nLATE-4444\r\n0\r\n\r\n")
+        assert read_until_closed(theirs) == b""
+        theirs.close()
+    finally:
+        proxy.stop()
+    upstream.wait_idle()
+    assert b"LATE-4444" not in bytes(upstream.seen.raw)
+
+
 def test_first_seen_pins_the_next_answers_organization(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:

@@ -22,6 +22,7 @@ from tests.conftest import (
     curl,
     open_tunnel,
     read_head,
+    read_response,
     read_until_closed,
     start_proxy,
 )
@@ -217,6 +218,31 @@ def test_a_request_waiting_for_its_upstream_connection_is_decided_again(
     assert [r[1] for r in upstream.seen.requests] == ["/other"]
 
 
+def test_a_messages_body_held_whole_is_decided_again_once_it_has_arrived(
+    running: ProxyProcess, upstream: Upstream
+) -> None:
+    """A Messages body is read whole before it moves (the server-fetch check); on a kept-alive
+    connection its upstream connection is already there. A rule added while the body arrived
+    refuses it when the body is complete, and nothing of it is sent."""
+    tunnel = open_tunnel(running, "api.anthropic.com")
+    tunnel.sendall(b"GET /warm HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n")
+    assert read_response(tunnel)[0].startswith(b"HTTP/1.1 200")  # the upstream connection is open
+    body = json.dumps({"model": "m", "max_tokens": 1, "messages": [], "pad": "x" * 5000}).encode()
+    tunnel.sendall(
+        b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    assert read_head(tunnel).startswith(b"HTTP/1.1 100")  # barrier: decided under the old policy
+    deny = '[[deny]]\nhost = "api.anthropic.com"\npaths = ["/v1/messages"]\n'
+    text = allowing("api.anthropic.com") + deny
+    write_by_rename(config_file(running.home), text)
+    wait_applied(running, text)
+    tunnel.sendall(body)
+    assert read_head(tunnel).startswith(b"HTTP/1.1 403")
+    tunnel.close()
+    assert [r[1] for r in upstream.seen.requests] == ["/warm"]
+
+
 def test_a_broken_edit_changes_nothing(running: ProxyProcess, upstream: Upstream) -> None:
     path = config_file(running.home)
     good = path.read_text()
@@ -260,3 +286,30 @@ def test_a_hundred_rapid_edits_end_on_the_last_valid_one(
     assert status_of(running, "statsig.anthropic.com") == ("200", "200")
     assert status_of(running, "claude.ai") == ("403", "000")
     assert [r[2] for r in upstream.seen.requests] == ["statsig.anthropic.com"]
+
+
+@pytest.mark.parametrize("how", ["moved back", "copied in, same bytes", "copied in, new rules"])
+def test_a_file_that_goes_and_comes_back_is_read_again(
+    running: ProxyProcess, upstream: Upstream, how: str
+) -> None:
+    path = config_file(running.home)
+    good = path.read_text()
+    aside = path.with_name("config.toml.aside")
+    path.rename(aside)
+    gone = wait_state(running, lambda s: s["error"] is not None)
+    assert "is gone" in str(gone["error"])
+    text = good
+    if how == "moved back":
+        aside.rename(path)
+    elif how == "copied in, same bytes":
+        write_by_rename(path, good)
+    else:
+        text = allowing("api.anthropic.com", "claude.ai")
+        write_by_rename(path, text)
+    wait_applied(running, text)  # the failure clears
+    back = [line for line in running.stderr if f"{path} is back" in line]
+    assert len(back) == 1, running.stderr
+    expected = ("200", "200") if how == "copied in, new rules" else ("403", "000")
+    assert status_of(running, "claude.ai") == expected
+    status = run_cli(running.home, "status", "--port", str(running.port))
+    assert "ok   config:" in status.stdout

@@ -44,8 +44,8 @@ def test_status_is_ok_on_the_real_path_and_reaches_nothing_upstream(
     assert lines(result, f"ok   proxy on 127.0.0.1:{proxy.port}: TLS to api.anthropic.com")
     assert lines(result, f"ok   SOCKS5 on 127.0.0.1:{proxy.socks_port}: TLS to api.anthropic")
     assert lines(result, "ok   CA:")
-    assert result.returncode == 1  # no agent is installed here: status says so
-    assert lines(result, "FAIL agent: not installed") and lines(result, "     fix: scripts/")
+    assert result.returncode == 1  # Claude Code's settings are not fenced here: status says so
+    assert lines(result, "ok   agent: not macOS: no launchd agent")
     assert upstream.seen.connections == 0  # the probes never leave the machine
     log = home / ".local" / "state" / "claude-proxy" / "log" / "claude-proxy.log"
     assert "api.anthropic.com" not in log.read_text()  # probes are not decision lines
@@ -124,18 +124,21 @@ def test_status_fails_for_a_proxy_with_another_ca(
 
 def test_status_fails_for_a_silent_listener_and_does_not_hang(home: Path) -> None:
     assert run_cli(home, "ca").returncode == 0
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; it never speaks
-        port = silent.getsockname()[1]
-        result = run_cli(home, "status", "--port", str(port), "--socks-port", str(port))
-    for what in ("proxy on", "SOCKS5 on"):
-        [line] = lines(result, f"FAIL {what} 127.0.0.1:{port}")
+    with (
+        socket.create_server(("127.0.0.1", 0)) as silent,  # the kernel accepts; it never speaks
+        socket.create_server(("127.0.0.1", 0)) as silent_socks,
+    ):
+        port, socks_port = silent.getsockname()[1], silent_socks.getsockname()[1]
+        result = run_cli(home, "status", "--port", str(port), "--socks-port", str(socks_port))
+    for what, where in (("proxy on", port), ("SOCKS5 on", socks_port)):
+        [line] = lines(result, f"FAIL {what} 127.0.0.1:{where}")
         assert "does not answer within 3 s" in line
     assert result.returncode == 1
 
 
 def test_status_when_nothing_listens(home: Path) -> None:
-    port = free_port()
-    result = run_cli(home, "status", "--port", str(port), "--socks-port", str(port))
+    port, socks_port = free_port(), free_port()
+    result = run_cli(home, "status", "--port", str(port), "--socks-port", str(socks_port))
     [line] = lines(result, f"FAIL proxy on 127.0.0.1:{port}")
     assert "nothing listens" in line
     assert f"     fix: claude-proxy run --port {port}" in result.stdout
@@ -218,6 +221,7 @@ class Scopes:
     home: Path
     project: Path
     port: int
+    socks_port: int
 
     def file(self, scope: str) -> Path:
         return {
@@ -235,7 +239,7 @@ class Scopes:
     def status(self, namespace: MountNamespace | None = None) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         argv = [str(EXECUTABLE), "status", "--port", str(self.port), "--socks-port",
-                str(self.port), "--project", str(self.project)]  # fmt: skip
+                str(self.socks_port), "--project", str(self.project)]  # fmt: skip
         return subprocess.run(
             namespace.command(argv, self.project) if namespace else argv,
             env={**env, "HOME": str(self.home)},
@@ -248,7 +252,7 @@ class Scopes:
     def setup(self, *args: str, namespace: MountNamespace | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         argv = [str(EXECUTABLE), "setup", "claude-code", "--yes", "--port", str(self.port),
-                "--socks-port", str(self.port), *args]  # fmt: skip
+                "--socks-port", str(self.socks_port), *args]  # fmt: skip
         result = subprocess.run(
             namespace.command(argv, self.project) if namespace else argv,
             env={**env, "HOME": str(self.home)},
@@ -272,7 +276,7 @@ def merge(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 def scopes(home: Path, tmp_path: Path) -> Scopes:
     project = tmp_path / "project"
     project.mkdir()
-    return Scopes(home, project, free_port())
+    return Scopes(home, project, free_port(), free_port())
 
 
 def claude_code_rows(result: subprocess.CompletedProcess[str]) -> list[str]:

@@ -517,6 +517,45 @@ class GatedConnect(SlowConnect):
         self.gate.set()
 
 
+class CountingRelay(SlowConnect):
+    """A TCP relay to a port that counts what the upstream sends toward the proxy: how much of a
+    response the proxy has read."""
+
+    def __init__(self, port: int) -> None:
+        self.relayed = 0
+        super().__init__(port, 0)
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            client.close()
+            return
+        self.held.append(upstream)
+        threading.Thread(target=self._count, args=(upstream, client), daemon=True).start()
+        self._pipe(client, upstream)
+
+    def _count(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                self.relayed += len(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def wait_stalled(self, quiet: float = 1.0, timeout: float = 30) -> int:
+        """Barrier: nothing more has moved for `quiet` seconds; what had moved by then."""
+        deadline = time.monotonic() + timeout
+        seen, since = self.relayed, time.monotonic()
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, f"still moving after {timeout} s ({seen} bytes)"
+            time.sleep(0.05)
+            if self.relayed != seen:
+                seen, since = self.relayed, time.monotonic()
+        return seen
+
+
 class PeakRss:
     """Samples a process's resident memory in the background: measurement, never a barrier."""
 

@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import secrets
+import shlex
 import tempfile
 import time
 import uuid
@@ -183,13 +184,21 @@ class Ledger:
 
 def load_ledger(state: Path) -> Ledger:
     """The organizations seen; none when the file does not exist yet."""
-    document = _read_json(state / ORGS_FILE)
+    path = state / ORGS_FILE
+    fix = (
+        f"; move it aside (mv {shlex.quote(str(path))} {shlex.quote(str(path))}.damaged): it "
+        "only records the organizations seen, and the proxy starts it again"
+    )
+    try:
+        document = _read_json(path)
+    except StateError as e:
+        raise StateError(f"{e}{fix}" if "damaged" in str(e) else str(e)) from None
     if document is None:
         return Ledger()
     try:
         return Ledger.from_json(document)
     except ValueError as e:
-        raise StateError(f"{state / ORGS_FILE} is damaged: {e}") from None
+        raise StateError(f"{path} is damaged: {e}{fix}") from None
 
 
 def save_ledger(state: Path, ledger: Ledger) -> None:
@@ -224,17 +233,23 @@ class Pin:
         return f"{self.organization} (since {self.since}{how})"
 
 
+PIN_FIX = "; `claude-proxy pin ORG_UUID` or `claude-proxy pin --off` rewrites it"
+
+
 def load_pin(state: Path) -> Pin | None:
-    document = _read_json(state / PIN_FILE)
+    try:
+        document = _read_json(state / PIN_FILE)
+    except StateError as e:
+        raise StateError(f"{e}{PIN_FIX}" if "damaged" in str(e) else str(e)) from None
     if document is None:
         return None
     if not isinstance(document, dict) or not isinstance(document.get("since"), str):
-        raise StateError(f"{state / PIN_FILE} is damaged: not a pin")
+        raise StateError(f"{state / PIN_FILE} is damaged: not a pin{PIN_FIX}")
     named, first_seen = document.get("organization"), document.get("first_seen") is True
     if named is None and first_seen:
         return Pin(None, document["since"], first_seen=True)
     if (org := organization(named)) is None:
-        raise StateError(f"{state / PIN_FILE} is damaged: no valid organization")
+        raise StateError(f"{state / PIN_FILE} is damaged: no valid organization{PIN_FIX}")
     return Pin(org, document["since"], first_seen)
 
 

@@ -409,9 +409,12 @@ class Enforcer:
         target = flow.request.data.path.decode("ascii", "replace")
         return self.decide_request(host, port, scheme, flow.request.method, target)
 
-    def recheck_waiting(self, flow: http.HTTPFlow) -> bool:
-        """A request that waited for its upstream connection, decided again under the policy in
-        force now: True when that refuses it (its refusal is then its response, and logged)."""
+    def recheck_waiting(
+        self, flow: http.HTTPFlow, waited: str = "while it waited for its connection"
+    ) -> bool:
+        """A request that waited (for its upstream connection, or for its body), decided again
+        under the policy in force now: True when that refuses it (its refusal is then its
+        response, and logged)."""
         allowed = flow.metadata.get("claude_proxy.decision")
         if allowed is None:
             return False
@@ -421,7 +424,7 @@ class Enforcer:
             return False
         del flow.metadata["claude_proxy.decision"]
         self.in_flight -= 1
-        reason = f"the policy changed while it waited for its connection: {again.reason}"
+        reason = f"the policy changed {waited}: {again.reason}"
         self.refuse(flow, host, port, Decision(False, reason, again.rule, origin=again.origin))
         return True
 

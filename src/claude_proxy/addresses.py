@@ -7,14 +7,22 @@ sandbox into them. Such addresses are refused unless a rule names the IP literal
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
-import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # asyncio costs a command that needs no proxy ~40 ms to import
+    import asyncio
+    import logging
+
+
+def logger() -> logging.Logger:
+    """This module's logger; logging is imported only when there is something to say (the
+    commands that merely name these files start faster without it)."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -79,6 +87,8 @@ def forbidden(ip: IPAddress) -> str | None:
 
 def is_this_machine(ip: IPAddress) -> bool:
     """Whether `ip` is an address of this machine: only a local address can be bound."""
+    import socket  # here: `check` and `env` need no socket module
+
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
@@ -95,7 +105,7 @@ class ForbiddenAddress(OSError):
 NOT_RESOLVED = "name not resolved: "  # starts the message of every failed upstream name lookup
 
 
-class NameNotResolved(socket.gaierror):
+class NameNotResolved(OSError):  # as socket.gaierror is; socket loads only when used
     """An upstream name lookup failed. mitmproxy keeps only an error's message, and the platform's
     own (`[Errno 8] …` on macOS) cannot be told from a connect error's: this one says what it is."""
 
@@ -121,6 +131,8 @@ def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
     leaves no second lookup to rebind. Lookups for listening (AI_PASSIVE) are left alone; IP
     literals never reach the resolver (and pass only where a rule names them).
     """
+    import socket
+
     resolve: Callable[..., Awaitable[list[Any]]] = loop.getaddrinfo
 
     async def checked_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
@@ -137,7 +149,7 @@ def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
             try:
                 check_resolved(name, infos)
             except ForbiddenAddress as e:
-                logger.warning(
+                logger().warning(
                     "BLOCK upstream connection: %s", str(e).removeprefix("claude-proxy: ")
                 )
                 raise

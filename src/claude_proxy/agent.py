@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import plistlib
 import re
-import shlex
 import shutil
 import sys
 import sysconfig
@@ -154,8 +153,12 @@ def status(
     socks_port: int | None,
     config_dir: Path | None = None,
     project: Path | None = None,
+    ports_from: str | None = None,
 ) -> list[Check]:
-    """Would Claude Code work through the agent, fenced in? One row per step; all ok, or not."""
+    """Would Claude Code work through the agent, fenced in? One row per step; all ok, or not.
+
+    `ports_from` says where the ports came from (ports.resolve), shown as a row of its own.
+    """
     agent_check, installed = agent_state(home)
     told = installed or Installed(None, None, None, None, None)
     target = probes.Target(
@@ -166,6 +169,8 @@ def status(
         agent_installed=installed is not None,
     )
     checks = [agent_check]
+    if ports_from:
+        checks.append(Check(True, "ports", ports_from))
     ca_check, cert = certificate(target)
     checks.append(ca_check)
     checks.append(probes.probe_http(target, cert))
@@ -205,13 +210,20 @@ def pin_check(state: Path) -> Check:
     try:
         pin = accounts.load_pin(state)
     except accounts.StateError as e:
-        return Check(False, what, f"{e}; `claude-proxy pin ORG_UUID` or `pin --off` rewrites it")
+        return Check(False, what, str(e))
     if pin is None:
         return Check(True, what, "off: credentials of any organization reach Anthropic")
     return Check(True, what, pin.describe())
 
 
 def agent_state(home: Path) -> tuple[Check, Installed | None]:
+    check, installed = launchd_agent(home)
+    if sys.platform != "darwin":  # launchd is macOS's: elsewhere the listeners decide
+        return Check(True, "agent", "not macOS: no launchd agent"), installed
+    return check, installed
+
+
+def launchd_agent(home: Path) -> tuple[Check, Installed | None]:
     plist = paths.plist_path(home)
     try:
         installed = installed_plist(home)
@@ -234,8 +246,7 @@ def certificate(target: probes.Target) -> tuple[Check, Path | None]:
     try:
         authority = ca.load_ca(confdir)
     except ProxyError as e:
-        aside = f"move {shlex.quote(str(confdir))} aside, then {fix}"
-        return Check(False, "CA", str(e), aside), None
+        return Check(False, "CA", str(e), f"as it says, then {fix}"), None
     colons = authority.colons(authority.sha256)
     return Check(True, "CA", f"{authority.cert_path} SHA-256 {colons}"), authority.cert_path
 

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import sqlite3
 import sys
 import time
@@ -70,6 +71,21 @@ def parse_since(text: str, now: float | None = None) -> float:
     return moment.timestamp()  # a naive datetime counts as local time
 
 
+DAMAGED = ("not a database", "malformed", "corrupt")
+
+
+def unreadable(path: Path, e: sqlite3.Error) -> ProxyError:
+    """Why the database cannot be read, and (when it is damaged) what to do about it."""
+    message = f"cannot read the audit log {path}: {e}"
+    if any(word in str(e) for word in DAMAGED):
+        quoted = shlex.quote(str(path))
+        message += (
+            f"; move it aside (mv {quoted} {quoted}.damaged) and restart the proxy: it starts "
+            "a new one"
+        )
+    return ProxyError(message)
+
+
 def connect(path: Path) -> sqlite3.Connection | None:
     """The database, read-only; None while it is not there or not made yet (a proxy is making
     it); a clear ProxyError when it cannot be read."""
@@ -78,7 +94,7 @@ def connect(path: Path) -> sqlite3.Connection | None:
     try:
         conn = audit.open_readonly(path)
     except sqlite3.Error as e:
-        raise ProxyError(f"cannot read the audit log {path}: {e}") from None
+        raise unreadable(path, e) from None
     try:
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
             conn.close()
@@ -86,7 +102,7 @@ def connect(path: Path) -> sqlite3.Connection | None:
         conn.execute("SELECT id FROM decisions LIMIT 1").fetchall()
     except sqlite3.Error as e:
         conn.close()
-        raise ProxyError(f"cannot read the audit log {path}: {e}") from None
+        raise unreadable(path, e) from None
     return conn
 
 
@@ -413,7 +429,7 @@ def show(path: Path, request: Request, out: TextIO | None = None) -> int:
     try:
         return _show(conn, request, out)
     except sqlite3.Error as e:
-        raise ProxyError(f"cannot read the audit log {path}: {e}") from None
+        raise unreadable(path, e) from None
     finally:
         conn.close()
 
@@ -482,7 +498,7 @@ def describe(path: Path) -> tuple[bool, str]:
     except ProxyError as e:
         return False, str(e)
     except sqlite3.Error as e:
-        return False, f"cannot read the audit log {path}: {e}"
+        return False, str(unreadable(path, e))
     detail = f"{path}: {count} decisions"
     if writer is not None:
         pid, dropped = writer

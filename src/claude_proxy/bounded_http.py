@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import h2.connection
 import h2.errors
@@ -29,6 +29,7 @@ from mitmproxy.proxy.layers.http import ErrorCode, HTTPMode, ReceiveHttp, Reques
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
+from claude_proxy import held
 from claude_proxy.deadline import Deadline
 from claude_proxy.decisions import log_line, printable, proxy_answer
 from claude_proxy.policy import Decision
@@ -37,6 +38,11 @@ from claude_proxy.timeouts import Recheck, TimedHttpLayer
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
 MAX_STREAMS = 100  # HTTP/2 streams open at once on one client connection
+# Response bytes waiting for an HTTP/2 client's flow-control window, above which the upstream
+# connections serving it are not read (and again below the low mark): a client that does not
+# read makes the proxy hold this much, not the whole response.
+UNSENT_HIGH = 4 * 1024 * 1024
+UNSENT_LOW = 1024 * 1024
 PROXY_STATUS_ERRORS = {503: "connection_limit_reached"}  # else http_request_error (RFC 9209)
 Phase = Literal["head", "idle"] | None
 
@@ -144,7 +150,7 @@ class BoundedHttp1Server(Http1Server):
     def __init__(self, context: Context, bounds: Bounds) -> None:
         super().__init__(context)
         self.bounds = bounds
-        self.buf = BoundedReceiveBuffer(bounds)
+        self.buf: BoundedReceiveBuffer = BoundedReceiveBuffer(bounds)
         self.deadline = Deadline()
         self.phase: Phase = None
         self.head_started = time.monotonic()
@@ -285,6 +291,7 @@ class BoundedHttp2Server(Http2Server):
         self.phase: Phase = None
         self.head_started = time.monotonic()
         self.served = False  # a request has come on this connection
+        self.throttled = False  # its upstream connections are not read for now
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Wakeup):
@@ -297,7 +304,30 @@ class BoundedHttp2Server(Http2Server):
             yield from self.protocol_error(why, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return
         yield from super()._handle_event(event)
+        self.follow_unsent()
         yield from self.follow_phase()
+
+    def follow_unsent(self) -> None:
+        """Read its upstreams only while what waits for the client's window stays small."""
+        control = held.HELD.upstream_control
+        if control is None:
+            return
+        # mitmproxy's BufferedH2Connection: stream id → what waits for the client's window
+        buffers: dict[int, Any] = getattr(self.h2_conn, "stream_buffers", None) or {}
+        if not buffers and not self.throttled:
+            return
+        unsent = 0
+        for queue in buffers.values():
+            for chunk in queue:
+                unsent += len(chunk.data)
+        if unsent > (UNSENT_LOW if self.throttled else UNSENT_HIGH):
+            # Again on every event while above: asyncio's stream reader resumes reading on its
+            # own when its buffer drains, which may undo an earlier pause.
+            self.throttled = True
+            control(self.context.client.id, True)
+        elif self.throttled:
+            self.throttled = False
+            control(self.context.client.id, False)
 
     def handle_h2_event(self, event: h2.events.Event) -> layer.CommandGenerator[bool]:
         if isinstance(event, h2.events.RequestReceived):

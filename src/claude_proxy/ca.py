@@ -7,19 +7,24 @@ unreadable CA is an error that names the files, not a reason to make a new one.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from typing import TYPE_CHECKING, NamedTuple
 
 from claude_proxy.errors import ExitCode, ProxyError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+
+
+def logger() -> logging.Logger:
+    """This module's logger; logging is imported only when there is something to say (the
+    commands that merely name these files start faster without it)."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 BASENAME = "mitmproxy"  # mitmproxy's tlsconfig addon looks for <confdir>/mitmproxy-ca.pem
 KEY_SIZE = 2048
@@ -35,8 +40,7 @@ CA_FILES = (
 STAGING = ".new-ca"  # a CA is made here, inside the config folder, then moved into place
 
 
-@dataclass(frozen=True, slots=True)
-class CertificateAuthority:
+class CertificateAuthority(NamedTuple):  # not a dataclass: that import is slow
     key_path: Path  # private key and certificate, 0600
     cert_path: Path  # the certificate alone: what clients trust
     sha1: str  # hex, uppercase, no colons (what `security -Z` takes)
@@ -80,6 +84,10 @@ def ensure_ca(confdir: Path) -> CertificateAuthority:
 
 
 def load_ca(confdir: Path) -> CertificateAuthority:
+    # Only here: commands that merely name the CA's files (env, check, --help) start faster.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
     key_file, cert_file = key_path(confdir), cert_path(confdir)
     try:
         for private in (key_file, confdir / f"{BASENAME}-ca.p12"):
@@ -113,6 +121,8 @@ def _create(confdir: Path) -> None:
     certificate; so an interrupted creation (a full disk, a kill) leaves only the staging folder
     and perhaps some public files, which the next start recognises and clears.
     """
+    import shutil
+
     from mitmproxy import certs  # only here: commands that find a CA need no mitmproxy
 
     staging = confdir / STAGING
@@ -134,16 +144,18 @@ def _create(confdir: Path) -> None:
     with contextlib.suppress(OSError):
         _sync(confdir)
     shutil.rmtree(staging, ignore_errors=True)  # if it stays, the next start removes it
-    logger.info("created a new CA in %s", confdir)
+    logger().info("created a new CA in %s", confdir)
 
 
 def _finish_or_clear(confdir: Path) -> None:
     """A staging folder is left: the last creation was interrupted, before or after its end."""
+    import shutil
+
     if key_path(confdir).exists():  # the key was moved in: the creation had finished
         shutil.rmtree(confdir / STAGING, ignore_errors=True)
         return
     removed = _clear(confdir)
-    logger.warning(
+    logger().warning(
         "removed what an unfinished CA creation left in %s (%s); no certificate of it was ever "
         "used; making a new CA",
         confdir,
@@ -157,6 +169,8 @@ def _clear(confdir: Path) -> list[str]:
     Called only while the key is not in place: creation starts only when no CA file is there,
     so any CA file beside the staging folder comes from it.
     """
+    import shutil
+
     removed, stuck = [], False
     if not key_path(confdir).exists():
         for name in CA_FILES:
@@ -188,13 +202,17 @@ def _restrict(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         os.chmod(path, 0o600)
-        logger.warning("%s was readable by others (mode %o); set it to 0600", path, mode)
+        logger().warning("%s was readable by others (mode %o); set it to 0600", path, mode)
 
 
 def _damaged(confdir: Path, why: str) -> ProxyError:
+    import shlex
+
+    present = [name for name in CA_FILES if (confdir / name).exists()] or list(CA_FILES)
+    aside = f"cd {shlex.quote(str(confdir))} && mkdir -p old-ca && mv {' '.join(present)} old-ca/"
     return ProxyError(
         f"the CA in {confdir} is unusable: {why}. It is never replaced automatically, because "
-        "clients trust it; restore it, or move the folder aside to make a new CA (then trust the "
-        "new one again)",
+        f"clients trust it; restore it, or move its files aside to make a new CA ({aside}; "
+        "config.toml stays), then trust the new one again",
         ExitCode.CA,
     )

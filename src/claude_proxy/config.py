@@ -8,11 +8,8 @@ reported, each with FILE:LINE and what to write instead; warnings (duplicates) d
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import os
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +131,10 @@ def load(path: Path) -> Config:
 
 
 def parse(path: Path, data: bytes) -> Config:
+    # Imported here: `check` with no config.toml (and every command that reads none) skips them.
+    import hashlib
+    import tomllib
+
     digest = hashlib.sha256(data).hexdigest()
     try:
         text = data.decode("utf-8")
@@ -235,6 +236,8 @@ class Lines:
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(key, known, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
 
@@ -325,6 +328,11 @@ class _Validator:
                 self.error(self.lines.key(start, key), f"{key} must be a port number, 0-65535")
                 value = None
             ports[key] = value
+        if ports["port"] and ports["port"] == ports["socks_port"]:
+            self.error(
+                self.lines.key(start, "socks_port"),
+                f"socks_port must differ from port (both are {ports['port']})",
+            )
         return Listen(tuple(hosts) if hosts else None, ports["port"], ports["socks_port"])
 
     def _table_line(self, name: str) -> int | None:

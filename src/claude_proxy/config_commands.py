@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -74,59 +73,191 @@ def cmd_check(path: Path) -> int:
     return ExitCode.OK
 
 
-def cmd_show(path: Path, flags: Sequence[str], port: int) -> int:
+def cmd_show(path: Path, flags: Sequence[str], port: int | None, *, as_json: bool = False) -> int:
+    import json
+
+    from claude_proxy import ports
+
     loaded = load(path)
-    running = runstate.read(port)
+    found = ports.resolve(port)
+    running = found.running if found.running and found.running.port == found.port else None
+    running = running or runstate.read(found.port)
     extra = [f for f in (running.flags if running else []) if f not in flags]
     built = policy_for(path, [*flags, *extra])
+    in_force = running is not None and running.digest == loaded.digest
+
+    def origin_of(rule: policy.Rule) -> str:
+        if rule.origin == policy.FLAG_ORIGIN and rule.text in extra:
+            return f"--allow (the proxy on port {found.port})"
+        return rule.origin
+
+    if as_json:
+        document = {
+            "source": built.source,
+            "ports": found.to_json(),
+            "running": None
+            if running is None
+            else {
+                "pid": running.pid,
+                "port": running.port,
+                "in_force": in_force,
+                "error": running.error,
+            },
+            "rules": [
+                {
+                    "action": rule.action,
+                    "rule": rule.text,
+                    "describe": rule.describe(),
+                    "origin": origin_of(rule),
+                    "comment": rule.comment or None,
+                }
+                for rule in built.rules
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return ExitCode.OK
     print(f"# the policy: {built.source}")
+    if found.source != ports.DEFAULTS:
+        print(f"# the proxy's ports: {found.describe()}")
     if running is not None:
-        state = "in force" if running.digest == loaded.digest else "NOT the one in force"
-        print(f"# the proxy on port {port} (pid {running.pid}): this file is {state}")
+        state = "in force" if in_force else "NOT the one in force"
+        print(f"# the proxy on port {found.port} (pid {running.pid}): this file is {state}")
         if running.error:
             print(f"# its last reload failed: {running.error}")
     for rule in built.rules:
-        origin = rule.origin
-        if rule.origin == policy.FLAG_ORIGIN and rule.text in extra:
-            origin = f"--allow (the proxy on port {port})"
         comment = f"  # {rule.comment}" if rule.comment else ""
-        print(f"{rule.action:<6}{rule.describe():<48} {origin}{comment}")
+        print(f"{rule.action:<6}{rule.describe():<48} {origin_of(rule)}{comment}")
     if not built.rules:
         print("(no rule: everything is refused)")
     return ExitCode.OK
 
 
-def cmd_decide(path: Path, flags: Sequence[str], destination: str, request: Sequence[str]) -> int:
-    """`check HOST[:PORT] [METHOD PATH]`: what the proxy would do, and which rule says so."""
-    if len(request) not in (0, 2):
-        raise ProxyError("give METHOD and PATH together, e.g. GET /v1/models", ExitCode.USAGE)
-    built = policy_for(path, flags)
+USAGE = "HOST[:PORT], HOST[:PORT] METHOD PATH, or [METHOD] URL"
+
+
+@dataclass(frozen=True)
+class Question:
+    """What `check` is asked: a destination, and perhaps one request to it."""
+
+    host: str
+    port: int
+    scheme: str
+    request: tuple[str, str] | None  # (METHOD, PATH with query)
+
+    def where(self, *, with_request: bool) -> str:
+        prefix = "http://" if self.scheme == policy.HTTP else ""
+        where = (
+            f"{prefix}{self.host}:{self.port}"
+            if ":" not in self.host
+            else (f"{prefix}[{self.host}]:{self.port}")
+        )
+        if self.request and with_request:
+            method, target = self.request
+            where += f" {method} {target.split('?', 1)[0]}"
+        return where
+
+
+def usage(message: str) -> ProxyError:
+    return ProxyError(f"check: {message}", ExitCode.USAGE)
+
+
+def question(words: Sequence[str]) -> Question:
+    """Read `check`'s words: HOST[:PORT] [METHOD PATH], or [METHOD] URL."""
+    if not words:
+        return_usage = "say what to check: " + USAGE
+        raise usage(
+            f"{return_usage}, e.g. `claude-proxy check https://api.anthropic.com/v1/messages`"
+        )
+    urls = [w for w in words if "://" in w]
+    if urls:
+        if len(words) > 2 or words[-1] != urls[0]:
+            raise usage("give [METHOD] URL, e.g. POST https://api.anthropic.com/v1/messages")
+        method = words[0].upper() if len(words) == 2 else "GET"
+        return from_url(urls[0], method)
+    if len(words) not in (1, 3):
+        raise usage("give METHOD and PATH together, e.g. GET /v1/models")
     try:
-        host, port_or_none = policy.split_host_port(destination, what="destination")
+        host, port_or_none = policy.split_host_port(words[0], what="destination")
     except ValueError as e:
-        raise ProxyError(f"{e}; write HOST or HOST:PORT", ExitCode.USAGE) from None
+        raise usage(f"{e}; write HOST or HOST:PORT") from None
     port = policy.DEFAULT_PORT if port_or_none is None else port_or_none
-    where = f"{host}:{port}"
-    decision = built.decide(host, port)
-    if request and (not decision.allowed or decision.inspect):
-        method, target = request
-        decision = built.decide_request(host, port, policy.HTTPS, method, target)
-        where += f" {method} {target.split('?', 1)[0]}"
+    request = (words[1].upper(), words[2]) if len(words) == 3 else None
+    return Question(valid_host(host), port, policy.HTTPS, request)
+
+
+def from_url(url: str, method: str) -> Question:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise usage(f"{url!r} is not a URL ({e})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in (policy.HTTPS, policy.HTTP) or not parts.hostname:
+        raise usage(f"{url!r} is not an https:// or http:// URL with a host")
+    default = policy.DEFAULT_PORT if scheme == policy.HTTPS else policy.CLEARTEXT_PORT
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Question(valid_host(parts.hostname), port or default, scheme, (method, target))
+
+
+def valid_host(host: str) -> str:
+    if "*" in host:
+        raise usage(
+            f"{host!r} is a rule, not a host: check asks about one host, e.g. "
+            "api.anthropic.com (`claude-proxy config show` lists the rules)"
+        )
+    try:
+        policy.normalize_host(host)
+    except ValueError as e:
+        raise usage(f"{host!r} is not a host name or IP address ({e})") from None
+    return host
+
+
+def cmd_decide(path: Path, flags: Sequence[str], words: Sequence[str], as_json: bool) -> int:
+    """`check`: what the proxy would do, and which rule says so."""
+    import json
+
+    asked = question(words)
+    built = policy_for(path, flags)
+    decision = built.decide(asked.host, asked.port, asked.scheme)
+    by_request = asked.request is not None and (not decision.allowed or decision.inspect)
+    if by_request and asked.request is not None:
+        method, target = asked.request
+        decision = built.decide_request(asked.host, asked.port, asked.scheme, method, target)
     rule = next((r for r in built.rules if r.text == decision.rule), None)
+    code = ExitCode.OK if decision.allowed else ExitCode.FAILURE
+    if as_json:
+        document = {
+            "allowed": decision.allowed,
+            "host": asked.host,
+            "port": asked.port,
+            "scheme": asked.scheme,
+            "request": None
+            if asked.request is None
+            else {"method": asked.request[0], "path": asked.request[1].split("?", 1)[0]},
+            "inspect": decision.inspect if decision.allowed else None,
+            "rule": decision.rule,
+            "reason": None if decision.allowed else decision.reason,
+            "origin": rule.origin if rule is not None else None,
+        }
+        print(json.dumps(document, indent=2))
+        return code
+    where = asked.where(with_request=by_request)
     if decision.allowed:
         note = "" if decision.inspect else ": passed through as it is, never decrypted"
-        if request and not decision.inspect:
+        if asked.request and not decision.inspect:
             note += " (its requests are not seen)"
         print(f"allow {where} (rule {decision.rule}){note}")
         if rule is not None:
             print(f"  {rule.action} {rule.describe()}  ({rule.origin})")
-            if rule.by_request and not request:
+            if rule.by_request and not asked.request:
                 print("  each request is checked too: add METHOD PATH to check one")
-        return ExitCode.OK
+        return code
     print(f"refuse {where}: {decision.reason}")
     if rule is not None:
         print(f"  {rule.action} {rule.describe()}  ({rule.origin})")
-    return ExitCode.FAILURE
+    return code
 
 
 def editor_command() -> list[str]:
@@ -134,9 +265,25 @@ def editor_command() -> list[str]:
     return shlex.split(editor)
 
 
+def editor_missing(e: OSError) -> ProxyError:
+    variable = next((v for v in ("VISUAL", "EDITOR") if os.environ.get(v)), None)
+    named = (
+        f"${variable} is {os.environ[variable]!r}"
+        if variable
+        else f"no $EDITOR is set ({DEFAULT_EDITOR})"
+    )
+    return ProxyError(
+        f"cannot start the editor: {named} ({e.strerror or e}); set $EDITOR to an editor you "
+        "have, e.g. EDITOR=nano claude-proxy config edit; the file is unchanged"
+    )
+
+
 def cmd_edit(path: Path) -> int:
     """Edit a copy; install it only if it is valid. Asks what to do about an invalid one when
     there is a terminal; without one, an invalid edit is discarded (exit 2)."""
+    import subprocess
+    import tempfile
+
     config.ensure_file(path)
     original = path.read_bytes()
     mode = files.mode_of(path)
@@ -146,7 +293,10 @@ def cmd_edit(path: Path) -> int:
         with os.fdopen(fd, "wb") as file:
             file.write(original)
         while True:
-            result = subprocess.run([*editor_command(), str(copy)], check=False)
+            try:
+                result = subprocess.run([*editor_command(), str(copy)], check=False)
+            except OSError as e:
+                raise editor_missing(e) from None
             if result.returncode != 0:
                 print(
                     f"claude-proxy: the editor exited with {result.returncode}; "

@@ -89,6 +89,11 @@ class FetchGuard:
             why = "internal error in the server-fetch check"
         if why is not None:
             self.refuse(flow, host, port, why, 403)
+            return
+        # The body took its time to arrive (up to 32 MiB): the request goes on only if the policy
+        # in force now allows it too (on a kept-alive connection, nothing decides it later).
+        if self.enforcer.recheck_waiting(flow, "while its body arrived"):
+            self.release(flow)
 
     def judge(self, path: str, body: bytes) -> str | None:
         """Why the body may not go on; None when every host it names is allowed."""

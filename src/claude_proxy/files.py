@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import os
 import stat
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,8 @@ def write_atomically(
 ) -> None:
     """Replace `path` with `data` (mode `mode`, and `owner`'s uid and gid if given) in one rename;
     on failure nothing changes."""
+    import tempfile
+
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as file:

@@ -36,6 +36,8 @@ class Held:
         self.clients: dict[str, int] = {}  # client connection id → bytes held for it
         self.paused: set[str] = set()  # client connections not read for now
         self.flow_control: FlowControl | None = None  # set by the addon that reaches the sockets
+        # (client connection id, stop reading?) for the upstream connections serving a client
+        self.upstream_control: FlowControl | None = None
 
     def add(self, client: str, size: int, pausable: bool = True) -> str | None:
         """Count `size` more bytes held for `client`; or, counting nothing, why that is too much.

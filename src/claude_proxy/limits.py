@@ -148,9 +148,11 @@ class Limits:
             self._listeners_changed(proxyserver)
             proxyserver.servers.changed.connect(self._servers_changed)
         held.HELD.flow_control = self.set_reading
+        held.HELD.upstream_control = self.set_upstream_reading
 
     def done(self) -> None:
         held.HELD.flow_control = None
+        held.HELD.upstream_control = None
         if self.release_at is not None:
             self.release_at.cancel()
 
@@ -237,6 +239,24 @@ class Limits:
 
     def server_disconnected(self, data: Any) -> None:
         self.gate.upstream_disconnected()
+
+    def set_upstream_reading(self, client_id: str, paused: bool) -> None:
+        """Stop reading the upstream connections that serve a client, or read them again
+        (response flow control: the client does not take what is sent to it)."""
+        try:
+            handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+            if handler is None:
+                return  # gone already
+            for conn, io in list(handler.transports.items()):
+                if conn is handler.client or io.writer is None or io.writer.is_closing():
+                    continue
+                if paused:
+                    io.writer.transport.pause_reading()
+                else:
+                    io.writer.transport.resume_reading()
+        except Exception as e:  # the client's own window still bounds what it is sent
+            if self.errors.allow() is not None:
+                logger.error("could not pause or resume reading an upstream: %r", e)
 
     def set_reading(self, client_id: str, paused: bool) -> None:
         """Stop reading a client's socket, or read it again (held-body flow control)."""

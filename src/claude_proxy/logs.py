@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import logging.handlers
 import os
@@ -88,7 +89,7 @@ class PrivateLogFile(logging.handlers.RotatingFileHandler):
         finally:
             self.release()
 
-    def _open(self) -> TextIO:
+    def _open(self) -> io.TextIOWrapper:  # as logging.FileHandler opens it
         folder = Path(self.baseFilename).parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if folder.stat().st_mode & 0o077:
@@ -114,7 +115,7 @@ class PrivateLogFile(logging.handlers.RotatingFileHandler):
             # Its buffer could not be written either: those lines are lost.
             with contextlib.suppress(OSError, ValueError):
                 self.stream.close()
-            self.stream = None  # type: ignore[assignment] - the next record opens it again
+            self.stream = None  # type: ignore[assignment]  # the next record opens it again
         if self.broken is None:
             why = getattr(error, "strerror", None) or str(error) or type(error).__name__
             self.broken = why

@@ -272,6 +272,7 @@ class OrgGuard:
                 return
             self.pin_signature = pin_signature(self.state)
             logger.info("organization pin: %s", self.describe_pin())
+            self.close_refused()  # what is open with another organization's credential
 
     # Probes
 

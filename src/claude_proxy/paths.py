@@ -5,15 +5,14 @@ The install scripts ask for these (`claude-proxy paths`) instead of computing th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-
-import platformdirs
-from platformdirs.unix import Unix
 
 APP = "claude-proxy"
 LABEL = "local.claude-proxy"  # the launchd agent's label
 LOG_FILE = "claude-proxy.log"
-PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")  # shipped inside the package
+# launchd/local.claude-proxy.plist, through a link in the package: the wheel carries its bytes.
+PLIST_TEMPLATE = Path(__file__).with_name(f"{LABEL}.plist")
 AUDIT_FILE = "audit.db"
 CONFIG_FILE = "config.toml"
 
@@ -23,8 +22,12 @@ def config_dir() -> Path:
 
     The CA lives here; the install scripts and Claude Code's NODE_EXTRA_CA_CERTS point at it.
     The agent is told this folder by its plist (`run --config-dir`): it never computes it.
+    The XDG rule is applied here rather than by platformdirs, whose import costs every command
+    (`env` runs in each new shell) more than the rest of its start.
     """
-    return Path(Unix(APP).user_config_dir)
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.expanduser("~/.config")
+    return Path(base) / APP
 
 
 def config_file(folder: Path | None = None) -> Path:
@@ -34,6 +37,8 @@ def config_file(folder: Path | None = None) -> Path:
 
 def log_dir() -> Path:
     """The platform's user log folder: `~/Library/Logs/claude-proxy` on macOS."""
+    import platformdirs
+
     return Path(platformdirs.user_log_dir(APP))
 
 
@@ -43,6 +48,8 @@ def state_dir() -> Path:
     `setup` keeps its record of what it changed here, so that `--undo` takes back only that; the
     organizations seen and the organization pin live here too.
     """
+    import platformdirs
+
     return Path(platformdirs.user_state_dir(APP))
 
 

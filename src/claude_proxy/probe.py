@@ -109,12 +109,12 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
 
 async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = bytearray()
+        chunks = bytearray()
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-            if len(body) + size > MAX_BODY:
+            if len(chunks) + size > MAX_BODY:
                 raise ValueError("answer too large")
-            body += (await reader.readexactly(size + 2))[:-2]
-        return bytes(body)
+            chunks += (await reader.readexactly(size + 2))[:-2]
+        return bytes(chunks)
     if (length := headers.get("content-length")) is not None:
         if not length.isdigit() or int(length) > MAX_BODY:
             raise ValueError("answer too large")

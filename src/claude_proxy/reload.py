@@ -64,6 +64,7 @@ class ConfigWatcher:
         )
         self.loaded_at = time.time()
         self.port = 0
+        self.socks_port: int | None = None
         self.forced = False
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
@@ -73,9 +74,12 @@ class ConfigWatcher:
 
     def running(self) -> None:
         for instance in ctx.master.addons.get("proxyserver").servers:
-            if instance.mode.type_name != "socks5" and instance.listen_addrs:
+            if not instance.listen_addrs:
+                continue
+            if instance.mode.type_name == "socks5":
+                self.socks_port = self.socks_port or instance.listen_addrs[0][1]
+            elif not self.port:
                 self.port = instance.listen_addrs[0][1]
-                break
         # From here on a change is seen; one made since the policy was read is applied now.
         self.signature = signature(self.path)
         with contextlib.suppress(OSError):
@@ -146,9 +150,10 @@ class ConfigWatcher:
                 self.fail(f"{self.path} is gone")
             self.signature = None
             return
+        came_back = self.signature is None  # it was gone: read it again, whatever it holds
         self.signature = before
         digest = hashlib.sha256(data).hexdigest()
-        if digest == self.seen and not forced:
+        if digest == self.seen and not forced and not came_back:
             return
         self.seen = digest
         try:
@@ -160,7 +165,10 @@ class ConfigWatcher:
         self.enforcer.use_policy(new)
         self.last_failure, self.loaded_at = None, time.time()
         warnings = f", {len(loaded.warnings)} warning(s)" if loaded.warnings else ""
-        logger.info("policy reloaded from %s: %d rules%s", self.path, len(new.rules), warnings)
+        back = f"{self.path} is back; " if came_back else ""
+        logger.info(
+            "%spolicy reloaded from %s: %d rules%s", back, self.path, len(new.rules), warnings
+        )
         if loaded.listen != previous.listen:
             logger.warning("[listen] changed in %s: it applies at the next start", self.path)
         if loaded.log_level != previous.log_level:
@@ -189,7 +197,8 @@ class ConfigWatcher:
                     loaded_at=self.loaded_at,
                     rules=len(self.enforcer.policy.rules),
                     error=self.last_failure,
-                    flags=list(self.flags),
+                    flags=self.flags,
+                    socks_port=self.socks_port,
                 )
             )
         except OSError as e:

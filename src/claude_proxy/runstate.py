@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from claude_proxy import files, paths
 
 
-@dataclass(frozen=True)
-class RunState:
+class RunState(NamedTuple):  # not a dataclass: `env` reads it, and dataclasses is slow to import
     pid: int
     port: int
     config: str  # the config file's path
@@ -24,7 +23,8 @@ class RunState:
     loaded_at: float  # when that policy was loaded (epoch seconds)
     rules: int  # how many rules the policy has, defaults and flags included
     error: str | None = None  # why the last reload failed (FILE:LINE: …), None if it did not
-    flags: list[str] = field(default_factory=list)  # the --allow rules the proxy was given
+    flags: tuple[str, ...] = ()  # the --allow rules the proxy was given
+    socks_port: int | None = None  # where its SOCKS5 listener is (None: none, or an older proxy)
 
     def alive(self) -> bool:
         """Whether the process that wrote this still runs (a crash leaves the file behind)."""
@@ -44,17 +44,28 @@ def path_for(port: int, state_dir: Path | None = None) -> Path:
 def write(state: RunState, state_dir: Path | None = None) -> None:
     path = path_for(state.port, state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    files.write_atomically(path, json.dumps(asdict(state), indent=2).encode() + b"\n", 0o600)
+    files.write_atomically(path, json.dumps(state._asdict(), indent=2).encode() + b"\n", 0o600)
 
 
 def read(port: int, state_dir: Path | None = None) -> RunState | None:
     """The state the proxy on `port` published, if any and if that process still runs."""
     try:
         document = json.loads(path_for(port, state_dir).read_text())
-        state = RunState(**document)
-    except (OSError, ValueError, TypeError):
+        state = RunState(**{**document, "flags": tuple(document.get("flags", ()))})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
     return state if state.alive() else None
+
+
+def running(state_dir: Path | None = None) -> list[RunState]:
+    """Every proxy that published its state and still runs."""
+    folder = state_dir or paths.state_dir()
+    found = []
+    for path in sorted(folder.glob("proxy-*.json")):
+        port = path.stem.removeprefix("proxy-")
+        if port.isdigit() and (state := read(int(port), folder)) is not None:
+            found.append(state)
+    return found
 
 
 def remove(port: int, state_dir: Path | None = None) -> None:

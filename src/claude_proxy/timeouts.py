@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import h2.stream
 from mitmproxy import connection, ctx, exceptions, flow, http
 from mitmproxy.proxy import commands, context, events, layer, layers
 from mitmproxy.proxy.layers.http import (
@@ -44,6 +45,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
     SendHttp,
 )
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 
 from claude_proxy import failures, held
 from claude_proxy.deadline import Deadline
@@ -117,6 +119,7 @@ STREAM_OVERHEAD = 20 * 1024
 HELD_OPTION = "sandbox_waiting_memory_mib"
 
 REFUSED_ON_WAIT = "refused by the policy in force when its upstream connection came"
+CANCELLED_ON_WAIT = "the client cancelled the request while it waited for its connection"
 # Decides again a request that waited for its upstream connection, under the policy in force
 # now: True when that refuses it (the flow then has its refusal as its response).
 Recheck = Callable[[http.HTTPFlow], bool]
@@ -194,13 +197,32 @@ class TimedHttpLayer(layers.HttpLayer):
         self.earliest = min(self.checks.values(), default=None)
 
     def register_connection(self, command: RegisterHttpConnection) -> layer.CommandGenerator[None]:
+        waiting = self.waiting_for_establishment.get(command.connection)
+        orphan = waiting is not None and not waiting  # every stream that waited has given up
         yield from super().register_connection(command)
+        if orphan and not command.err and self.exclusive(command.connection):
+            # Nothing will use it, and it holds one of the client's five slots.
+            yield commands.CloseConnection(command.connection)
         if command.err:
             # mitmproxy fails every later request on a failed connection at once; a timeout may
             # pass, a name resolve again, so a retry on this client connection (kept alive after
             # the answer) gets a new upstream connection instead.
             self.expired.discard(command.connection)
             self.connections.pop(command.connection, None)
+
+    def client_gave_up(self, stream_id: int) -> bool:
+        """Whether an HTTP/2 client has reset a stream whose request it had sent whole (mitmproxy
+        has stopped following such a stream, and does not pass its reset on)."""
+        server = self.connections.get(self.context.client)
+        if not isinstance(server, Http2Server):
+            return False
+        stream = server.h2_conn.streams.get(stream_id)
+        return stream is None or stream.state_machine.state is h2.stream.StreamState.CLOSED
+
+    def exclusive(self, server: connection.Connection) -> bool:
+        """Whether an upstream connection can serve only the stream it was opened for: an
+        HTTP/1 upstream for an HTTP/2 client (mitmproxy opens one per stream, never reused)."""
+        return self.context.client.alpn == b"h2" and server.alpn != b"h2"
 
 
 class CheckDue(events.Event):
@@ -221,13 +243,25 @@ class TimedHttpStream(HttpStream):
         self.held = 0  # request-body bytes queued while paused, counted in held.HELD
         self.cost = 0  # what this HTTP/2 stream itself holds, counted in held.HELD
         self.refused = False  # refused when its upstream connection came: it has its answer
+        self.dropped = False  # the HTTP layer has forgotten this stream
         self.ended = False  # ended for holding too much: every later event is dropped
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         for command in self._handle(event):
             if isinstance(command, DropStream) and command.stream_id == self.stream_id:
+                self.dropped = True
                 self._release()
             yield command
+        if (
+            not self.dropped
+            and self.client_state == self.state_errored
+            and self.server_state == self.state_errored
+        ):
+            # mitmproxy ends some streams without dropping them (an invalid request, a killed
+            # flow): each would stay, with its flow and what it counts, until the client leaves.
+            self.dropped = True
+            self._release()
+            yield DropStream(self.stream_id)
 
     def _release(self) -> None:
         if self.cost or self.held:
@@ -248,14 +282,20 @@ class TimedHttpStream(HttpStream):
         if (
             isinstance(event, GetHttpConnectionCompleted)
             and self.waiting == "connection"
-            and event.reply[0] is not None
-            and self.clock.recheck is not None
-            and self.clock.recheck(self.flow)
+            and (server := event.reply[0]) is not None
         ):
-            # The policy changed while it waited and now refuses it (the flow has its refusal):
-            # fail the wait, so that it answers inside mitmproxy's own event handling.
-            self.refused = True
-            event = GetHttpConnectionCompleted(event.command, (None, REFUSED_ON_WAIT))
+            if self.clock.client_gave_up(self.stream_id) or any(
+                isinstance(e, RequestProtocolError) for e in self._paused_event_queue
+            ):
+                # The client cancelled it (or left) while it waited: send nothing of it.
+                event = GetHttpConnectionCompleted(event.command, (None, CANCELLED_ON_WAIT))
+            elif self.clock.recheck is not None and self.clock.recheck(self.flow):
+                # The policy changed while it waited and now refuses it (the flow has its
+                # refusal): fail the wait, so that it answers inside mitmproxy's own handling.
+                self.refused = True
+                event = GetHttpConnectionCompleted(event.command, (None, REFUSED_ON_WAIT))
+            if event.reply[0] is None and self.clock.exclusive(server):
+                yield commands.CloseConnection(server)  # opened for this stream alone
         if isinstance(event, CheckDue):  # the layer has forgotten this check already
             yield from self._guarded(self._expire())
             return
@@ -539,6 +579,7 @@ class TimedHttpStream(HttpStream):
         self.server_state = self.client_state = self.state_errored
         yield HttpResponseHook(self.flow)  # addons see it as any answer (the decision log does)
         response = self.flow.response
+        assert response is not None  # made here; a response hook may replace it, not remove it
         yield SendHttp(
             ResponseHeaders(self.stream_id, response, end_stream=False), self.context.client
         )

@@ -11,6 +11,7 @@ the upstream is offered exactly that protocol.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from mitmproxy import ctx, tls
 from mitmproxy.addons import tlsconfig
@@ -39,7 +40,7 @@ def supported_alpns(http2: bool) -> tuple[bytes, ...]:
     return (HTTP2, *HTTP1) if http2 else HTTP1
 
 
-def choose_alpn(offers: list[bytes], http2: bool) -> bytes | None:
+def choose_alpn(offers: Sequence[bytes], http2: bool) -> bytes | None:
     """The client's most preferred protocol that mitmproxy serves over TCP, if any."""
     supported = supported_alpns(http2)
     return next((offer for offer in offers if offer in supported), None)

@@ -67,8 +67,8 @@ def malformed(request: http.Request, body_follows: bool | None = None) -> str | 
         body_follows = announces_body(request)
     if method in BODYLESS_METHODS and body_follows:
         return f"a {method.decode()} request may not carry a body"
-    for value in request.headers.get_all("connection"):
-        named = {token.strip().lower() for token in value.split(",")}
+    for connection in request.headers.get_all("connection"):
+        named = {token.strip().lower() for token in connection.split(",")}
         if named & ESSENTIAL_HEADERS:
             return "the Connection header names Host or the message framing"
     return None

@@ -1,0 +1,78 @@
+"""Commands that need no proxy start fast: they import neither mitmproxy nor cryptography nor
+asyncio (the benchmark's start-up row measures the time; this proves the imports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_service import run_cli
+
+HEAVY = ("mitmproxy", "cryptography", "asyncio")
+PROGRAM = """
+import json, sys
+from claude_proxy import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def made_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HOME with a CA (made once: it takes mitmproxy) for the commands that read it."""
+    home = tmp_path_factory.mktemp("ca-home")
+    assert run_cli(home, "ca").returncode == 0
+    return home
+
+
+@pytest.fixture
+def ca_home(made_ca: Path, tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    shutil.copytree(made_ca, home)
+    return home
+
+
+def loaded_modules(home: Path, *args: str) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env["HOME"] = str(home)
+    program = f"HEAVY = {HEAVY!r}\n{PROGRAM}"
+    result = subprocess.run(
+        [sys.executable, "-c", program, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    report: dict[str, object] = json.loads(result.stderr.strip().splitlines()[-1])
+    return report
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["env"],
+        ["env", "--tools"],
+        ["check", "api.anthropic.com"],
+        ["check", "https://example.com/x"],
+        ["--help"],
+        ["check", "--help"],
+        ["--version"],
+        ["completion", "bash"],
+        ["config", "show"],
+    ],
+)
+def test_commands_that_need_no_proxy_import_no_heavy_module(ca_home: Path, args: list[str]) -> None:
+    report = loaded_modules(ca_home, *args)
+    assert report["heavy"] == [], report
+    assert report["code"] in (0, 1, None), report
