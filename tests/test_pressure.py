@@ -317,3 +317,40 @@ def test_memory_goes_back_after_a_wave_of_idle_tunnels(
         )
         time.sleep(0.1)
     assert proxy.stop() == 0
+
+
+def test_a_gate_closed_when_its_listener_stops_does_not_reopen_on_another_socket() -> None:
+    """The drain stops the listeners while the gate may be closed: when room comes back, the
+    gate must not start accepting on a descriptor that is no longer its listener."""
+    import asyncio
+
+    from claude_proxy.acceptgate import AcceptGate
+
+    room = [0]
+    reopened: list[int] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        gate = AcceptGate(lambda: room[0])
+        gate.install(loop, [server])
+        port = server.sockets[0].getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while not gate.closed:  # barrier: the gate has refused to accept it
+            assert time.monotonic() < deadline, "the gate never closed"
+            await asyncio.sleep(0.01)
+        [fd] = gate.closed
+        server.close()
+        await server.wait_closed()
+        other = socket.socket()  # may take the listener's old descriptor number
+        room[0] = 1 << 20
+        add_reader = loop._add_reader  # type: ignore[attr-defined]
+        loop._add_reader = lambda f, *a: reopened.append(f) or add_reader(f, *a)  # type: ignore[attr-defined]
+        gate.client_disconnected()
+        loop._add_reader = add_reader  # type: ignore[attr-defined]
+        other.close()
+        client.close()
+        assert fd not in reopened and not gate.closed
+
+    asyncio.run(scenario())

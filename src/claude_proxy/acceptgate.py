@@ -133,6 +133,8 @@ class AcceptGate:
             self.recheck.cancel()
             self.recheck = None
         for fd, (loop, args) in closed.items():
+            if args[1].fileno() != fd:  # the listener was closed meanwhile (a drain)
+                continue
             loop._add_reader(fd, loop._accept_connection, *args)  # type: ignore[attr-defined]
         if self.said:
             self.said = False
