@@ -9,6 +9,8 @@ then claude-proxy with a 200-rule config.toml against its default policy, and a 
     uv run python scripts/bench.py --fetch-only     # the server-fetch check on vs off
     uv run python scripts/bench.py --flood-only     # RSS under an HTTP/2 stream flood
     uv run python scripts/bench.py --startup-only   # env, check, --help against `python -c pass`
+    uv run python scripts/bench.py --pressure-only [--churn-seconds 30] [--before OLD/claude-proxy]
+        # RSS after churn and after 2000 idle tunnels close, against idle; 503s under a burst
 
 Everything is on loopback: a local HTTPS upstream (tests/upstream.py) plays api.anthropic.com,
 and both proxies route upstream connections to it with the same test script. The machine is
@@ -44,6 +46,7 @@ import trustme
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import bench_pressure  # noqa: E402
 from tests.upstream import Account, Upstream  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -813,6 +816,44 @@ def run_versions(
     return results
 
 
+def run_pressure(
+    work: Path, upstream: Upstream, upstream_ca: Path, seconds: float, before: Path | None
+) -> dict[str, dict[str, float]]:
+    """This build (and `before`): memory after churn and idle tunnels; a burst past the cap."""
+    builds = [("claude-proxy", BIN / "claude-proxy")]
+    if before is not None:
+        builds.append(("before", before))
+    results: dict[str, dict[str, float]] = {}
+    for name, executable in builds:
+        print(f"pressure: {name}, {seconds:g} s of churn, then idle tunnels…", file=sys.stderr)
+        target = start_claude_proxy(work, upstream, upstream_ca, name=f"{name}-pressure",
+                                    executable=executable)  # fmt: skip
+        assert target.process is not None
+        try:
+            figures = bench_pressure.memory(
+                target.process.pid,
+                lambda t=target: t.connect(upstream.port),
+                lambda sock: get(sock, "/churn"),  # type: ignore[arg-type]
+                lambda t=target: t.connect(upstream.port),
+                seconds,
+            )
+        finally:
+            target.process.terminate()
+            target.process.wait(30)
+        print(f"pressure: {name}, a burst of {bench_pressure.BURST}…", file=sys.stderr)
+        limited = bench_pressure.limited(executable, work)
+        target = start_claude_proxy(work, upstream, upstream_ca, name=f"{name}-burst",
+                                    executable=limited)  # fmt: skip
+        assert target.process is not None and target.port is not None
+        try:
+            figures.update(bench_pressure.burst(target.port))
+        finally:
+            target.process.terminate()
+            target.process.wait(30)
+        results[name] = figures
+    return results
+
+
 STARTUP_ROUNDS = 31  # every command once per round, alternately; medians reported
 STARTUP_COMMANDS = {
     "env": ["env", "--shell", "sh"],
@@ -888,6 +929,10 @@ def main() -> int:
         action="store_true",
         help="only the start-up of env, check and --help against `python -c pass`",
     )
+    parser.add_argument(
+        "--pressure-only", action="store_true", help="only memory after churn, and a burst"
+    )
+    parser.add_argument("--churn-seconds", type=float, default=30.0, help="of churn, for RSS")
     args = parser.parse_args()
     if args.startup_only:
         print(json.dumps({"startup": startup_times()}, indent=2))
@@ -910,6 +955,13 @@ def main() -> int:
         if args.fetch_only:
             run_fetch_check(work, upstream, upstream_ca, args.seconds)
             upstream.shutdown()
+            return 0
+        if args.pressure_only:
+            pressure = run_pressure(work, upstream, upstream_ca, args.churn_seconds, args.before)
+            upstream.shutdown()
+            print(json.dumps(pressure, indent=2))
+            if args.json:
+                args.json.write_text(json.dumps(pressure, indent=2) + "\n")
             return 0
         versions: dict[str, dict[str, float]] = {}
         if args.before:

@@ -46,7 +46,7 @@ GOLDEN = {
     ],
     "RunAtLoad": True,
     "KeepAlive": {"SuccessfulExit": False},
-    "ThrottleInterval": 10,
+    "ThrottleInterval": 60,
     "ProcessType": "Interactive",
     "EnvironmentVariables": {
         "HOME": "/Users/a & b",

@@ -329,7 +329,7 @@ def test_a_slow_disk_never_holds_up_submit(
     ]
 
 
-def test_a_corrupt_database_is_said_once_retried_and_left_as_it_is(
+def test_a_corrupt_database_is_set_aside_and_a_new_one_started(
     db: Path, start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     db.parent.mkdir()
@@ -337,14 +337,15 @@ def test_a_corrupt_database_is_said_once_retried_and_left_as_it_is(
     db.write_bytes(garbage)
     writer = start(db, retry_seconds=0.01)
     writer.submit(record())
-    wait_until(lambda: writer.failures >= 5, "five attempts")
-    said = warnings(caplog, "cannot write")
+    wait_until(lambda: writer.written == 1, "the record, in a new file")
+    said = warnings(caplog, "is damaged")
     assert len(said) == 1 and "file is not a database" in said[0], said
-    aside = db.with_name("audit.db.broken")
-    db.rename(aside)
-    wait_until(lambda: writer.written == 1, "the record, once the file is moved aside")
-    assert warnings(caplog, "writing to") == [f"audit log: writing to {db} again"]
-    assert aside.read_bytes() == garbage
+    assert warnings(caplog, "cannot write") == []
+    (aside,) = db.parent.glob("audit.db.damaged-*")
+    assert aside.name in said[0]
+    assert aside.read_bytes() == garbage  # kept as it was
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM decisions").fetchone() == (1,)
 
 
 def test_a_full_disk_is_said_once_and_retried(

@@ -590,6 +590,45 @@ def test_a_locked_database_slows_no_request_and_is_said_once(
         assert proxy.stop() == 0
 
 
+def test_a_database_overwritten_in_place_is_set_aside_and_a_new_one_started(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """Garbage over the file, same inode: the writer notices (a failed write or its periodic
+    quick_check), says so once, renames the file beside itself and writes to a new one."""
+    proxy = start_proxy(
+        home,
+        upstream,
+        upstream_ca_file,
+        scripts=("route_to_upstream.py", "audit_knobs.py"),
+        env={"CLAUDE_PROXY_TEST_AUDIT_CHECK": "0.2", "CLAUDE_PROXY_TEST_AUDIT_RETRY": "0.05"},
+    )
+    refused_connect(proxy, b"before.example:443")
+    wait_for(proxy, "host = 'before.example'")
+    path = audit_db(proxy)
+    inode = path.stat().st_ino
+    with closing(sqlite3.connect(path)) as conn:  # its pages in the file, as after a while
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    garbage = bytes(range(256)) * (path.stat().st_size // 256 + 1)
+    with open(path, "r+b") as file:  # in place: the writer's open file is this one
+        file.write(garbage)
+    refused_connect(proxy, b"during.example:443")
+    wait_for_log(proxy, "is damaged")
+    for i in range(3):  # more traffic and more checks: said once
+        refused_connect(proxy, b"after%d.example:443" % i)
+    rows = wait_for(proxy, "host LIKE 'after%'", count=3)
+    assert [r["host"] for r in rows] == [f"after{i}.example" for i in range(3)]
+    asides = list(path.parent.glob("audit.db.damaged-*"))
+    assert [p.name for p in asides if not p.name.endswith(("-wal", "-shm"))], asides
+    kept = next(p for p in asides if not p.name.endswith(("-wal", "-shm")))
+    assert kept.stat().st_ino == inode and kept.read_bytes()[: len(garbage)] == garbage
+    assert path.stat().st_ino != inode
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    assert proxy.stop() == 0
+    assert proxy.log_text().count("is damaged") == 2  # stderr and file: once
+    assert "Traceback" not in proxy.log_text()
+
+
 def test_the_audit_log_can_be_turned_off(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:

@@ -14,7 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXECUTABLE, ProxyProcess, curl, start_proxy
+from tests.conftest import (
+    EXECUTABLE,
+    ProxyProcess,
+    curl,
+    start_proxy,
+)
 from tests.upstream import Upstream
 
 
@@ -199,6 +204,45 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(
     assert [e.split()[1] for e in events] == ["0", "1", "2"]
     assert proxy.proc.wait(15) == 0
     assert upstream.seen.gate_waits == [True]
+
+
+@pytest.mark.parametrize(
+    ("streams", "query"),
+    [(1, "n=2&gate=never"), (10, "n=2000&gap=0.01")],
+    ids=["one-waiting", "ten-streaming"],
+)
+def test_a_drain_that_ends_with_streams_open_closes_them_cleanly(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, streams: int, query: str
+) -> None:
+    """SSE streams that outlast the drain are closed, with one line saying how many; nothing is
+    left for the event loop to destroy ("Task was destroyed but it is pending!")."""
+    scripts = ("route_to_upstream.py", "quick_drain.py")
+    proxy = start_proxy(home, upstream, upstream_ca_file, scripts=scripts)
+    upstream.gate("never")  # never opened: that stream stays open past the drain
+    url = f"https://api.anthropic.com/sse?{query}"
+    base = ["curl", "-sS", "-N", "--proxy", proxy.url, "--cacert", str(proxy.ca_cert), url]
+    clients = [
+        subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(streams)
+    ]
+    try:
+        deadline = time.monotonic() + 15
+        while len(upstream.seen.requests) < streams:  # barrier: every stream reached upstream
+            assert time.monotonic() < deadline, upstream.seen.requests
+            time.sleep(0.02)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(15) == 0
+        for client in clients:
+            client.wait(10)  # its stream was closed: curl ends (a hang fails here)
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    text = proxy.log_text()
+    assert "Task was destroyed" not in text and "Traceback" not in text
+    lines = [line for line in proxy.stderr if "still open" in line]
+    assert len(lines) == 1, "\n".join(proxy.stderr)
+    assert f"closing {streams} stream(s) still open" in lines[0]
 
 
 def test_sigint_stops_with_0(home: Path, upstream: Upstream, upstream_ca_file: Path) -> None:

@@ -3,7 +3,9 @@
 One writer thread owns the only writing connection. The event loop hands it records through a
 bounded queue and never waits: when the queue is full, a record is dropped and counted. The
 writer commits in batches, trims old rows (by age and by size) in small steps between batches,
-and outlives a missing, locked, corrupt or full database: it says so once and tries again.
+and outlives a missing, locked or full database: it says so once and tries again. A damaged one
+(a failed write says so, or a periodic `PRAGMA quick_check`) is set aside, renamed and never
+deleted, and a new one started.
 Standard library only: `claude-proxy log` and `status` read this schema without mitmproxy.
 """
 
@@ -31,6 +33,8 @@ GATHER_SECONDS = 0.1  # a batch's time to gather records once the first has come
 BUSY_SECONDS = 1.0  # how long the writer waits for another process's lock before it gives up
 RETRY_SECONDS = 2.0  # between two attempts on a database that failed
 MAINTENANCE_SECONDS = 60.0  # between two retention passes (sooner while rows remain to delete)
+CHECK_SECONDS = 600.0  # between two integrity checks (PRAGMA quick_check) of the open database
+DAMAGED_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB (and their extended codes)
 CHUNK = 5000  # rows one retention step deletes, in its own short transaction
 STOP_SECONDS = 5.0  # the writer's time to flush at shutdown
 WARN_EVERY = 60.0  # seconds between two "falling behind" warnings
@@ -124,6 +128,32 @@ class Retention:
 
 class Unusable(Exception):
     """The database is there but is not one this claude-proxy may write."""
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether SQLite said the file is not a sound database (not busy, locked, full…)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return (
+        isinstance(error, sqlite3.DatabaseError)
+        and code is not None
+        and code & 0xFF in (DAMAGED_CODES)
+    )
+
+
+def set_aside(path: Path) -> Path:
+    """Rename the database (and its -wal, -shm) beside itself: `NAME.damaged-TIME`. Nothing is
+    deleted; the next connection starts a new file."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{number}")
+    os.rename(path, aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    return aside
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -233,6 +263,7 @@ class Writer:
         self.inode: int | None = None
         self.trimming = False
         self.full_warned = False  # said once that refusals keep it over its size limit
+        self.check_at = 0.0  # when the open database is next checked (monotonic)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="claude-proxy-audit", daemon=True)
 
@@ -321,10 +352,12 @@ class Writer:
             pass
         return batch
 
-    def _write(self, batch: list[Record]) -> bool:
+    def _write(self, batch: list[Record], again: bool = True) -> bool:
         try:
             self.write_batch(self._connection(), batch)
         except (sqlite3.Error, OSError, Unusable) as e:
+            if again and is_damage(e) and self._start_anew(describe(e)):
+                return self._write(batch, again=False)  # into the new file, once
             self._failed(e)
             self.pending = batch
             return False
@@ -380,7 +413,40 @@ class Writer:
         if self.conn is None:
             self.conn = connect(self.path)
             self.inode = os.stat(self.path).st_ino
+            self.check_at = time.monotonic() + CHECK_SECONDS
         return self.conn
+
+    def _start_anew(self, damage: str) -> bool:
+        """Set the damaged database aside and say so; whether a new one can be started."""
+        self._close()
+        try:
+            aside = set_aside(self.path)
+        except OSError as e:
+            self._failed(OSError(e.errno, f"it is damaged ({damage}) and cannot be set aside"))
+            return False
+        logger.warning(
+            "audit log: %s is damaged (%s); set aside as %s (kept, never deleted) and a new "
+            "one started",
+            self.path,
+            damage,
+            aside.name,
+        )
+        return True
+
+    def _check(self) -> None:
+        """PRAGMA quick_check: a damaged file is set aside; the next batch starts a new one."""
+        self.check_at = time.monotonic() + CHECK_SECONDS
+        try:
+            # A connection of its own: the writer's trusts the pages it has cached, and a file
+            # overwritten in place (same inode, no change in the WAL index) looks sound to it.
+            with contextlib.closing(open_readonly(self.path)) as fresh:
+                found = [row[0] for row in fresh.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.Error as e:
+            if not is_damage(e):
+                raise
+            found = [describe(e)]
+        if found != ["ok"]:
+            self._start_anew("; ".join(found[:3]))
 
     def _close(self) -> None:
         if self.conn is not None:
@@ -410,10 +476,16 @@ class Writer:
         """One retention step; whether rows remain to delete. Readers never wait for it (WAL)."""
         assert self.conn is not None
         try:
+            if time.monotonic() >= self.check_at:
+                self._check()
+                if self.conn is None:  # set aside: nothing to trim
+                    return False
             more = self._trim(self.conn, self.retention)
             self.conn.execute("PRAGMA incremental_vacuum").fetchall()  # each row frees a page
             return more
         except sqlite3.Error as e:
+            if is_damage(e) and self._start_anew(describe(e)):
+                return False
             self._failed(e)
             return False
 

@@ -44,6 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.OK)
     except BrokenPipeError:
         return closed_pipe()
+    except OSError as e:  # a file or folder no check foresaw: one line, never a traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"claude-proxy: cannot go on:{where}: {e.strerror or e}; check that it can be read "
+            "and written (permissions, a read-only or full disk)",
+            file=sys.stderr,
+        )
+        return int(ExitCode.STATE)
 
 
 def closed_pipe() -> int:
@@ -162,7 +170,8 @@ def build_parser(only: str | None = None) -> Parser:
         description="A filtering HTTPS proxy that lets Claude Code reach only Anthropic's hosts. "
         "With no command, or with run's options, it runs the proxy.",
         epilog="exit codes:\n  0 ok, 1 failure (the message names the fix), 2 bad usage, rule or "
-        "option,\n  3 cannot listen (port in use), 4 CA unusable, 6 not the tested mitmproxy,\n"
+        "option,\n  3 cannot listen (port in use), 4 CA unusable, 5 a folder cannot be written,\n"
+        "  6 not the tested mitmproxy,\n"
         "  141 the output pipe closed\n"
         "example:\n  claude-proxy status",
     )
@@ -644,6 +653,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ExitCode.USAGE,
         )
     verbose = args.verbose or loaded.log_level == "debug"
+    state_ready(paths.state_dir())  # before the log file: a start that cannot go on is one line
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=verbose, quiet=args.quiet)
     ca.ensure_ca(confdir)
     if config.ensure_file(path):  # where the user will look for it; never rewritten
@@ -662,6 +672,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     asyncio.run(service.serve(settings))
     return ExitCode.OK
+
+
+def state_ready(state: Path) -> None:
+    """The fingerprint key, which the proxy cannot start without, exists or can be made."""
+    from claude_proxy import accounts
+
+    try:
+        accounts.load_key(state)
+    except accounts.StateError as e:
+        fix = "; the state folder must be writable (or set XDG_STATE_HOME to one that is)"
+        fix = fix if str(e).startswith("cannot") else ""  # a damaged key says its own fix
+        raise ProxyError(f"cannot start: {e}{fix}", ExitCode.STATE) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -169,11 +169,17 @@ def build_policy(config: Config, flags: Sequence[str] = ()) -> Policy:
 
 
 def ensure_file(path: Path) -> bool:
-    """Write the commented example where no file is; True if it did. Never touches one that is."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Write the commented example where no file is; True if it did. Never touches one that is.
+
+    The example is a convenience: where it cannot be written (a read-only config folder), no
+    file means the defaults, and the proxy starts all the same.
+    """
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        return False
+    except OSError:
         return False
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write(TEMPLATE)

@@ -11,6 +11,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line, rule or mitmproxy option
     ADDRESS = 3  # cannot listen: port in use, address not available, or not allowed
     CA = 4  # the CA is missing, unreadable or damaged
+    STATE = 5  # a folder the proxy must write (state, logs) cannot be written
     MITMPROXY = 6  # not the mitmproxy version claude-proxy is tested with
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
-import resource
 import socket
 import time
 from collections.abc import Callable
@@ -25,7 +23,8 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from claude_proxy import held
+from claude_proxy import held, memory
+from claude_proxy.acceptgate import AcceptGate, descriptors_in_use, open_files_limit
 from claude_proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
 from claude_proxy.timeouts import Recheck
 
@@ -35,8 +34,11 @@ HEAD_TIMEOUT = 30  # seconds for a request head, from its first byte; and for a 
 IDLE_TIMEOUT = 120  # seconds a kept-alive connection may wait for its next request
 FDS_PER_CLIENT = 6  # its own descriptor and up to 5 upstream ones (mitmproxy's per-address limit)
 SPARE_FDS = 32  # for log rotation, DNS lookups, certificates, the audit log
+# Descriptors kept for refused clients: each holds one until its refusal is sent, and the
+# clients admitted cannot take them. Never more than a quarter of what there is.
+REFUSAL_RESERVE = 32
 BACKLOG = 4096  # the kernel caps it at somaxconn (Linux 4096, macOS 128)
-OVERLOAD_LINGER = 2  # seconds a refused client has to read its 503 before we close
+OVERLOAD_LINGER = 2  # seconds a refused client that does not send its request is kept at most
 LOG_EVERY = 10.0  # seconds between two lines about the same repeated failure
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -61,20 +63,32 @@ class Throttle:
 
 
 class Overloaded(layer.Layer):
-    """Answers 503 at once and closes: the proxy has as many clients as its descriptors allow."""
+    """Answers 503 at once and closes: the proxy has as many clients as its descriptors allow.
 
-    def __init__(self, context: Context, reason: str) -> None:
+    The descriptor goes back as soon as the request head has been read (closing with unread
+    bytes would reset the connection and could destroy the answer before the client reads it),
+    at once when the refusals' reserve is used up, and after OVERLOAD_LINGER seconds at most.
+    """
+
+    def __init__(self, context: Context, reason: str, at_once: bool = False) -> None:
         super().__init__(context)
         self.reason = reason
+        self.at_once = at_once
+        self.received = b""
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         client = self.context.client
         if isinstance(event, events.Start):
             yield commands.SendData(client, answer_bytes(503, self.reason))
-            # Half-close and keep reading: closing with unread bytes would reset the connection
-            # and could destroy the answer before the client reads it.
+            if self.at_once:
+                yield commands.CloseConnection(client)
+                return
             yield commands.CloseTcpConnection(client, half_close=True)
             yield commands.RequestWakeup(OVERLOAD_LINGER)
+        elif isinstance(event, events.DataReceived):
+            self.received = (self.received + event.data)[-4:]
+            if b"\r\n\r\n" in self.received:  # all it sent is read: a close is a clean FIN
+                yield commands.CloseConnection(client)
         elif isinstance(event, (events.ConnectionClosed, events.Wakeup)):
             yield commands.CloseConnection(client)
 
@@ -83,13 +97,18 @@ class Limits:
     def __init__(self) -> None:
         self.bounds = Bounds()
         self.cap = 1 << 20  # until `running` has measured the descriptors
-        self.fd_limit = 0
-        self.clients = 0
+        self.fd_limit = 0  # the open-files limit the cap was computed for
+        self.fds_at_start = 0  # descriptors open before the first client
+        self.reserve = 0  # descriptors kept for refused clients
+        self.clients = 0  # every client connected, admitted or refused
         self.over_cap: set[str] = set()  # client ids to answer 503
         self.setup: dict[str, asyncio.TimerHandle] = {}  # client id → its deadline to get to HTTP
         self.cap_log = Throttle()
         self.errors = Throttle()
         self.accept_failures = 0
+        self.gate = AcceptGate(lambda: open_files_limit() - SPARE_FDS)
+        self.waves = memory.Waves()
+        self.release_at: asyncio.TimerHandle | None = None  # a memory release is due
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -117,14 +136,16 @@ class Limits:
             self.bounds = Bounds(head_timeout=head, idle_timeout=idle)
 
     def running(self) -> None:
-        self.cap, self.fd_limit = client_cap()
+        preload()
+        self.fds_at_start = descriptors_in_use()
+        self.follow_limit()
         logger.debug(  # not INFO: startup errors are meant to be the only line on the console
             "accepting at most %d clients at once (open-files limit %d)", self.cap, self.fd_limit
         )
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(QuietLoopErrors(loop.get_exception_handler(), self))
         if proxyserver := ctx.master.addons.get("proxyserver"):
-            raise_backlog(proxyserver)
+            self._listeners_changed(proxyserver)
             proxyserver.servers.changed.connect(self._servers_changed)
         held.HELD.flow_control = self.set_reading
         held.HELD.upstream_control = self.set_upstream_reading
@@ -132,14 +153,23 @@ class Limits:
     def done(self) -> None:
         held.HELD.flow_control = None
         held.HELD.upstream_control = None
+        if self.release_at is not None:
+            self.release_at.cancel()
 
     async def _servers_changed(self) -> None:
-        raise_backlog(ctx.master.addons.get("proxyserver"))
+        self._listeners_changed(ctx.master.addons.get("proxyserver"))
+
+    def _listeners_changed(self, proxyserver: Any) -> None:
+        servers = asyncio_servers(proxyserver)
+        raise_backlog(servers)
+        self.gate.install(asyncio.get_running_loop(), servers)
 
     # Clients
 
     def client_connected(self, client: connection.Client) -> None:
         self.clients += 1
+        self.gate.client_connected()
+        self.waves.count(self.clients)
         try:
             self._admit(client)
         except Exception as e:  # fail closed: a client we cannot account for is refused
@@ -153,15 +183,35 @@ class Limits:
                 "accepting connections again after %d failed accepts", self.accept_failures
             )
             self.accept_failures = 0
-        if self.clients > self.cap:
+        self.follow_limit()
+        if self.clients - len(self.over_cap) > self.cap:  # refused clients take no admitted place
             self.over_cap.add(client.id)
             if (skipped := self.cap_log.allow()) is not None:
                 more = f"; {skipped} more refused since the last line" if skipped else ""
                 log_block(503, f"{self.over_cap_reason()}{more}", client=client)
+            # A refused client that sends nothing costs its descriptor no longer than this.
+            self._arm_setup(client, "no request within {} s of its refusal", OVERLOAD_LINGER)
+            return
         self._arm_setup(client, "no request within {} s of connecting")
+
+    def follow_limit(self) -> None:
+        """The cap follows the open-files limit in force (it can change while the proxy runs)."""
+        limit = open_files_limit()
+        if limit != self.fd_limit:
+            self.fd_limit = limit
+            self.cap, self.reserve = client_cap(limit, self.fds_at_start)
+
+    def refusals_pressed(self) -> bool:
+        """Whether refused clients hold the whole reserve: the next one is closed at once."""
+        return len(self.over_cap) > self.reserve
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.clients -= 1
+        self.gate.client_disconnected()
+        if self.waves.count(self.clients) and self.release_at is None:
+            # Memory follows the clients open, not the most there ever were.
+            loop = asyncio.get_running_loop()
+            self.release_at = loop.call_later(memory.DELAY, self._release, loop)
         self.over_cap.discard(client.id)
         held.HELD.disconnected(client.id)  # its streams, if paused still, will never go on
         self._cancel_setup(client.id)
@@ -175,6 +225,20 @@ class Limits:
         except Exception as e:
             if self.errors.allow() is not None:
                 logger.error("could not close a client's socket: %r", e)
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_in_executor(None, memory.release).add_done_callback(self._released)
+
+    def _released(self, done: asyncio.Future[None]) -> None:
+        self.release_at = None
+        if (e := done.exception()) is not None and self.errors.allow() is not None:
+            logger.error("could not give memory back: %r", e)
+
+    def server_connected(self, data: Any) -> None:
+        self.gate.upstream_connected()
+
+    def server_disconnected(self, data: Any) -> None:
+        self.gate.upstream_disconnected()
 
     def set_upstream_reading(self, client_id: str, paused: bool) -> None:
         """Stop reading the upstream connections that serve a client, or read them again
@@ -233,19 +297,21 @@ class Limits:
     def http_layer(
         self, context: Context, mode: HTTPMode, recheck: Recheck | None = None
     ) -> layer.Layer:
-        self._cancel_setup(context.client.id)
         if mode is HTTPMode.regular and context.client.id in self.over_cap:
-            return Overloaded(context, self.over_cap_reason())
-        return BoundedHttpLayer(context, mode, self.bounds, recheck)
+            # Its deadline stays: a refused client that never reads is still closed in time.
+            return Overloaded(context, self.over_cap_reason(), at_once=self.refusals_pressed())
+        built = BoundedHttpLayer(context, mode, self.bounds, recheck)
+        self._cancel_setup(context.client.id)  # only once its own deadlines have taken over
+        return built
 
     def over_cap_reason(self) -> str:
         return f"too many clients at once (at most {self.cap} for {self.fd_limit} open files)"
 
     # The deadline for a client to get to an HTTP layer (no layer exists yet to keep the time)
 
-    def _arm_setup(self, client: connection.Client, why: str) -> None:
+    def _arm_setup(self, client: connection.Client, why: str, seconds: float = 0) -> None:
         self._cancel_setup(client.id)
-        seconds = self.bounds.head_timeout
+        seconds = seconds or self.bounds.head_timeout
         loop = asyncio.get_running_loop()
         self.setup[client.id] = loop.call_later(
             seconds, self._setup_expired, client.id, why.format(seconds)
@@ -287,25 +353,41 @@ def close_layer(context: Context) -> layer.Layer:
     return CloseTunnel(context)
 
 
-def client_cap() -> tuple[int, int]:
-    """How many clients fit below the open-files limit in force, and that limit."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    in_use = len(os.listdir("/dev/fd"))
-    return max(1, (soft - in_use - SPARE_FDS) // FDS_PER_CLIENT), soft
+def client_cap(limit: int, in_use: int) -> tuple[int, int]:
+    """How many clients are admitted at once below `limit`, and the descriptors kept for the
+    clients refused meanwhile (each holds one until its refusal is sent)."""
+    budget = max(0, limit - in_use - SPARE_FDS)
+    reserve = min(REFUSAL_RESERVE, budget // 4)
+    return max(1, (budget - reserve) // FDS_PER_CLIENT), reserve
 
 
-def raise_backlog(proxyserver: Any) -> None:
+def preload() -> None:
+    """Import now what serving clients would import on first use.
+
+    An import opens files: one that first happens while the descriptors are all taken fails,
+    and the layer that needed it crashes with its client left hanging.
+    """
+    import encodings.idna  # noqa: F401  (mitmproxy parses every CONNECT authority with it)
+
+    from claude_proxy import addon  # noqa: F401  (close_layer's import)
+
+
+def asyncio_servers(proxyserver: Any) -> list[asyncio.Server]:
+    return [
+        server
+        for instance in proxyserver.servers
+        for server in getattr(instance, "_servers", ())
+        if isinstance(server, asyncio.Server)
+    ]
+
+
+def raise_backlog(servers: list[asyncio.Server]) -> None:
     """asyncio listens with a backlog of 100: a burst of connects would wait in SYN retries."""
-    for instance in proxyserver.servers:
-        for server in getattr(instance, "_servers", ()):
-            if not isinstance(server, asyncio.Server):
-                continue
-            for sock in server.sockets:
-                # listen() again on the same socket changes its backlog (Linux and macOS).
-                with socket.fromfd(sock.fileno(), sock.family, sock.type) as same:
-                    same.listen(BACKLOG)
+    for server in servers:
+        for sock in server.sockets:
+            # listen() again on the same socket changes its backlog (Linux and macOS).
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as same:
+                same.listen(BACKLOG)
 
 
 Handler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
@@ -335,7 +417,7 @@ class QuietLoopErrors:
                 logger.error(
                     "cannot accept connections: %s (open-files limit %d); retrying every second",
                     exc.strerror,
-                    self.limits.fd_limit,
+                    open_files_limit(),  # the one in force now: it may have changed since start
                 )
             else:
                 logger.error("accepts still failing: %d more since the last line", skipped + 1)

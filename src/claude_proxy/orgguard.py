@@ -23,7 +23,7 @@ from claude_proxy import accounts, probe, wellformed
 from claude_proxy.accounts import Credential, Pin, StateError, short
 from claude_proxy.addon import Enforcer, body_follows, refusal, refused_body_too_large
 from claude_proxy.decisions import FINGERPRINTS, log_decision, printable
-from claude_proxy.errors import ProxyError
+from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy import Decision
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class OrgGuard:
         try:
             self.key = accounts.load_key(state)
         except StateError as e:
-            raise ProxyError(f"cannot start: {e}") from None
+            raise ProxyError(f"cannot start: {e}", ExitCode.STATE) from None
         try:
             self.ledger = accounts.load_ledger(state)
         except StateError as e:

@@ -17,7 +17,17 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 
-from claude_proxy import addresses, closing, framing, hookcache, listeners, paths, socks
+from claude_proxy import (
+    addresses,
+    closing,
+    crashguard,
+    framing,
+    hookcache,
+    listeners,
+    paths,
+    socks,
+    wakeups,
+)
 from claude_proxy.addon import Enforcer
 from claude_proxy.config import Config
 from claude_proxy.decisions import AuditLog
@@ -35,6 +45,7 @@ from claude_proxy.tlsguard import GuardedTlsConfig
 logger = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 10.0  # launchd waits 20 s after SIGTERM before it sends SIGKILL
+CLOSE_SECONDS = 2.0  # then, for the connections still open to close
 # --set NAME=… refused outright: each has its own flag, or would bypass a check.
 RESERVED_OPTIONS = {
     "confdir": "the CA lives in the config folder (set XDG_CONFIG_HOME to move it) and is "
@@ -155,6 +166,8 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     check_option_names(settings.mitmproxy_options)
     framing.install()
     closing.install()
+    crashguard.install()
+    wakeups.install()
     socks.install()
     try:
         modes = listeners.mode_specs(
@@ -232,11 +245,35 @@ async def serve(settings: Settings) -> None:
 
 
 async def drain(m: master.Master, enforcer: Enforcer, seconds: float) -> None:
-    """Stop listening, let responses in flight finish (at most `seconds`), then shut down."""
+    """Stop listening, let responses in flight finish (at most `seconds`), then shut down.
+
+    Streams still open then are closed here, each connection's handler left to end as it
+    does when its client goes (hooks, upstream connections): a shutdown that cut them would
+    leave their tasks pending for the event loop to destroy.
+    """
     m.options.update(server=False)
     deadline = asyncio.get_running_loop().time() + seconds
     while enforcer.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     if enforcer.in_flight:
-        logger.warning("stopping with %d request(s) still in flight", enforcer.in_flight)
+        logger.warning(
+            "stopping: closing %d stream(s) still open after the %g s drain",
+            enforcer.in_flight,
+            seconds,
+        )
+    await close_connections(m, CLOSE_SECONDS)
     m.shutdown()
+
+
+async def close_connections(m: master.Master, seconds: float) -> None:
+    """Close every client connection and wait (at most `seconds`) for their handlers to end."""
+    server = m.addons.get("proxyserver")
+    if server is None:
+        return
+    for handler in list(server.connections.values()):
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("claude-proxy: stopping")
+    deadline = asyncio.get_running_loop().time() + seconds
+    while server.connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)

@@ -1,5 +1,6 @@
 """Test-only mitmproxy script: the audit writer with a small queue, a quick retry, and a disk
-that does not answer until a file exists (CLAUDE_PROXY_TEST_AUDIT_QUEUE, _RETRY, _GATE)."""
+that does not answer until a file exists, integrity checks that come often
+(CLAUDE_PROXY_TEST_AUDIT_QUEUE, _RETRY, _GATE, _CHECK)."""
 
 import os
 import sqlite3
@@ -22,3 +23,5 @@ if gate := os.environ.get("CLAUDE_PROXY_TEST_AUDIT_GATE"):
         _write_batch(self, conn, batch)
 
     audit.Writer.write_batch = _wait_for_the_disk  # type: ignore[method-assign]
+if check := os.environ.get("CLAUDE_PROXY_TEST_AUDIT_CHECK"):
+    audit.CHECK_SECONDS = audit.MAINTENANCE_SECONDS = float(check)

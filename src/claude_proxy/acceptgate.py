@@ -1,0 +1,184 @@
+"""Accept only the connections there are descriptors for; let the rest wait in the listen queue.
+
+asyncio accepts up to 100 connections per turn of the event loop on each listener, before any of
+them reaches the proxy's accounting; a burst of clients then takes every descriptor, and what
+needs one next (the 503 to a refused client, a lazy import, the audit database, an upstream
+connection) fails, while asyncio waits a whole second before it accepts again. The gate gives
+each turn's accept loop only the room left below the open-files limit (less a spare), and stops
+accepting while there is none; a connection that closes opens the gate again. Its count is an
+estimate kept cheaply (accepts, clients, upstream connections); when it says "full", the real
+count of open descriptors is read and replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RECHECK_SECONDS = 0.05  # while closed, how often the real count is read again
+SAY_AFTER = 1.0  # a gate closed this long is said (a burst of refusals closes it for less)
+
+
+def open_files_limit() -> int:
+    """The soft open-files limit in force now (it can change while the proxy runs)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def descriptors_in_use() -> int:
+    return len(os.listdir("/dev/fd")) - 1  # less the one listdir itself held
+
+
+class CountingSocket:
+    """A listening socket whose accepts are counted (asyncio's accept loop only calls these)."""
+
+    def __init__(self, sock: socket.socket, gate: AcceptGate) -> None:
+        self.sock = sock
+        self.gate = gate
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        accepted = self.sock.accept()
+        self.gate.unclaimed += 1
+        return accepted
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+class AcceptGate:
+    def __init__(self, ceiling: Callable[[], int]) -> None:
+        self.ceiling = ceiling  # descriptors the process may have open, less a spare
+        self.base = 0  # descriptors open that are neither clients nor upstream connections
+        self.clients = 0  # client connections the proxy knows of
+        self.upstreams = 0  # upstream connections open
+        self.unclaimed = 0  # accepted, not yet known as clients
+        self.closed: dict[int, tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]] = {}
+        self.recheck: asyncio.TimerHandle | None = None
+        self.closed_at = 0.0  # when the gate closed (monotonic)
+        self.said = False  # whether that was logged
+
+    def estimate(self) -> int:
+        return self.base + self.clients + self.upstreams + self.unclaimed
+
+    def room(self) -> int:
+        room = self.ceiling() - self.estimate()
+        if room <= 0:  # the estimate may have drifted: read the truth
+            truth = descriptors_in_use()
+            self.unclaimed = max(0, truth - self.base - self.clients - self.upstreams)
+            room = self.ceiling() - truth
+        return room
+
+    def install(self, loop: asyncio.AbstractEventLoop, servers: list[asyncio.Server]) -> None:
+        """Put the gate in front of each listening socket's accept loop."""
+        self.base = descriptors_in_use() - self.clients - self.upstreams
+        accept = getattr(loop, "_accept_connection", None)
+        selector = getattr(loop, "_selector", None)
+        if accept is None or selector is None:
+            logger.debug("the event loop has no accept loop to gate: %r", loop)
+            return
+        if not getattr(accept, "gated", False):
+            original = accept
+
+            def gated(*args: Any) -> None:
+                self._accept(loop, original, args)
+
+            gated.gated = True  # type: ignore[attr-defined]
+            loop._accept_connection = gated  # type: ignore[attr-defined]
+        for server in servers:
+            for sock in server.sockets:
+                fd = sock.fileno()
+                try:
+                    handle = selector.get_key(fd).data[0]
+                except (KeyError, ValueError):
+                    continue  # not accepting right now (asyncio retries with the gate)
+                args = handle._args
+                loop._remove_reader(fd)  # type: ignore[attr-defined]
+                loop._add_reader(fd, loop._accept_connection, *args)  # type: ignore[attr-defined]
+
+    def _accept(
+        self, loop: asyncio.AbstractEventLoop, original: Any, args: tuple[Any, ...]
+    ) -> None:
+        factory, sock, *rest = args
+        sock = sock.sock if isinstance(sock, CountingSocket) else sock
+        room = self.room()
+        if room <= 0:
+            loop._remove_reader(sock.fileno())  # type: ignore[attr-defined]
+            if not self.closed:
+                self.closed_at = time.monotonic()
+            self.closed[sock.fileno()] = (loop, (factory, sock, *rest))
+            self._recheck_later(loop)
+            return
+        ssl_context, server, backlog, *timeouts = rest
+        original(
+            factory, CountingSocket(sock, self), ssl_context, server, min(backlog, room), *timeouts
+        )
+
+    def reopen(self) -> None:
+        """Accept again where the gate closed, if there is room now."""
+        if not self.closed or self.room() <= 0:
+            return
+        closed, self.closed = self.closed, {}
+        if self.recheck is not None:
+            self.recheck.cancel()
+            self.recheck = None
+        for fd, (loop, args) in closed.items():
+            if args[1].fileno() != fd:  # the listener was closed meanwhile (a drain)
+                continue
+            loop._add_reader(fd, loop._accept_connection, *args)  # type: ignore[attr-defined]
+        if self.said:
+            self.said = False
+            logger.warning(
+                "accepting connections again after %.1f s without descriptors",
+                time.monotonic() - self.closed_at,
+            )
+
+    def _recheck_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Descriptors can come back without a client closing (an upstream, a file)."""
+        if self.recheck is None:
+            self.recheck = loop.call_later(RECHECK_SECONDS, self._recheck)
+
+    def _recheck(self) -> None:
+        self.recheck = None
+        if not self.closed:
+            return
+        loop = next(iter(self.closed.values()))[0]
+        self.reopen()
+        if not self.closed:
+            return
+        if not self.said and time.monotonic() - self.closed_at >= SAY_AFTER:
+            self.said = True
+            logger.error(
+                "cannot accept connections: %d descriptors open (open-files limit %d); "
+                "new clients wait until some close",
+                descriptors_in_use(),
+                open_files_limit(),
+            )
+        self._recheck_later(loop)
+
+    # What the proxy's hooks report
+
+    def client_connected(self) -> None:
+        self.clients += 1
+        self.unclaimed = max(0, self.unclaimed - 1)
+
+    def client_disconnected(self) -> None:
+        self.clients = max(0, self.clients - 1)
+        self.reopen()
+
+    def upstream_connected(self) -> None:
+        self.upstreams += 1
+
+    def upstream_disconnected(self) -> None:
+        self.upstreams = max(0, self.upstreams - 1)
+        self.reopen()
