@@ -141,12 +141,12 @@ def parse(path: Path, data: bytes) -> Config:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         message = str(e)
-        line: int | None = None
+        at: int | None = None
         column: int | None = None
         if found := _TOML_POSITION.search(message):
-            line, column = int(found[1]), int(found[2])
+            at, column = int(found[1]), int(found[2])
             message = message[: found.start()].rstrip()
-        syntax = Diagnostic(path, line, f"{message} (TOML syntax)", column=column)
+        syntax = Diagnostic(path, at, f"{message} (TOML syntax)", column=column)
         raise ConfigError([syntax]) from None
     return _Validator(path, text).config(document, digest)
 

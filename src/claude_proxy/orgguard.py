@@ -331,16 +331,16 @@ class OrgGuard:
                 self.internal_error("probing a credential")
             try:
                 elapsed_ms = (time.monotonic() - began) * 1000
-                org, why = result
+                named, why = result
                 logger.info(
                     "probe %s for credential %s: %s %.0fms",
                     host,
                     short(fp),
-                    f"organization {org}" if org else f'none, "{why}"',
+                    f"organization {named}" if named else f'none, "{why}"',
                     elapsed_ms,
                 )
-                if org is not None:
-                    self.learn(fp, org)
+                if named is not None:
+                    self.learn(fp, named)
                 elif probed:
                     self.remember_failure((fp, host), why)
             except Exception:

@@ -115,7 +115,8 @@ class StartupCheck(errorcheck.ErrorCheck):
         if ctx.options.deferred:
             logger.error("unknown mitmproxy option(s): %s", ", ".join(ctx.options.deferred))
             return
-        http_at, socks_at = [], []
+        http_at: list[str] = []
+        socks_at: list[str] = []
         for instance in ctx.master.addons.get("proxyserver").servers:
             where = socks_at if instance.mode.type_name == "socks5" else http_at
             where += [listeners.format_address(a[0], a[1]) for a in instance.listen_addrs]
