@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,12 @@ import pytest
 
 from claude_proxy import accounts, agent, cli, paths, probe
 from claude_proxy.accounts import Credential, Ledger, Pin, StateError
+from tests.support.files import mode
 
 ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"
 ORG_B = "0b0b0b0b-bbbb-4bbb-8bbb-00000000000b"
 KEY = "sk-ant-api03-unit-test-key"
 TOKEN = "sk-ant-oat01-unit-test-token"
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.mark.parametrize(

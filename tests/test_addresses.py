@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 import pytest
 
 from claude_proxy import addresses
 from tests.conftest import ProxyFactory, ProxyProcess, curl
+from tests.support.net import this_machines_address
 from tests.upstream import Upstream
 
 
@@ -67,17 +67,6 @@ def test_addresses_of_this_machine() -> None:
     assert not addresses.is_this_machine(ipaddress.ip_address("203.0.113.10"))
     if (own := this_machines_address()) is not None:
         assert addresses.is_this_machine(ipaddress.ip_address(own))
-
-
-def this_machines_address() -> str | None:
-    """A non-loopback address of this machine (a UDP connect sends nothing), if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("203.0.113.1", 9))
-        except OSError:
-            return None
-        own = probe.getsockname()[0]
-    return None if ipaddress.ip_address(own).is_loopback else own
 
 
 RESOLVES = {

@@ -27,7 +27,9 @@ from claude_proxy import agent, paths
 from tests.conftest import EXECUTABLE as DEV_EXE
 from tests.conftest import ProxyProcess, curl, read_head
 from tests.macos import SCRIPTS, Mac, build_tool
-from tests.test_service import run_cli
+from tests.support.certs import sha1
+from tests.support.cli import run_cli
+from tests.support.ports import free_port
 
 TEMPLATE = paths.PLIST_TEMPLATE
 
@@ -234,21 +236,6 @@ def mac(tmp_path: Path, home: Path, built_tool: Path) -> Iterator[Mac]:
     fake.kill_agents()
 
 
-HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now and not handed out before in this session: two calls in a row could
-    otherwise return the same port (the kernel may reuse one as soon as its socket closes)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in HANDED_OUT:
-            HANDED_OUT.add(port)
-            return port
-
-
 def ports() -> list[str]:
     return ["--port", str(free_port()), "--socks-port", str(free_port())]
 
@@ -262,14 +249,6 @@ def handshake_through(port: int, cafile: Path) -> None:
         context.set_alpn_protocols(["http/1.1"])
         with context.wrap_socket(sock, server_hostname="api.anthropic.com"):
             pass
-
-
-def sha1(cert: Path) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    certificate = x509.load_pem_x509_certificate(cert.read_bytes())
-    return certificate.fingerprint(hashes.SHA1()).hex().upper()
 
 
 def install_calls(mac: Mac, *, trust: bool = True) -> list[str]:

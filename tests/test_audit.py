@@ -24,6 +24,7 @@ from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons
 
 from claude_proxy import audit, auditlog, cli, decisions, paths, policy
+from tests.support.waiting import wait_until
 
 DEADLINE = 10  # seconds any awaited event may take; running out fails the test
 NOW = time.time()
@@ -39,14 +40,6 @@ CREATE TABLE decisions (
 CREATE INDEX decisions_time ON decisions (time);
 PRAGMA user_version = 1;
 """
-
-
-def wait_until(condition: Callable[[], bool], what: str, seconds: float = DEADLINE) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def record(**fields: Any) -> audit.Record:

@@ -17,7 +17,6 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,7 +30,9 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
-from tests.test_socks import NOT_ALLOWED, socks_connect, socks_tunnel
+from tests.support.audit import audit_db, decisions, wait_for, wait_for_log
+from tests.support.socks import NOT_ALLOWED, socks_connect, socks_tunnel
+from tests.support.waiting import wait_until
 from tests.upstream import Account, Upstream
 
 DEADLINE = 10  # seconds any awaited event may take; running out fails the test
@@ -45,33 +46,6 @@ LOCKER = (
 )
 
 
-def audit_db(proxy: ProxyProcess) -> Path:
-    return proxy.home / ".local" / "state" / "claude-proxy" / "audit.db"
-
-
-def decisions(proxy: ProxyProcess, where: str = "1", args: tuple[Any, ...] = ()) -> list[dict]:
-    conn = auditlog.connect(audit_db(proxy))
-    if conn is None:
-        return []  # not made yet
-    with closing(conn):
-        query = f"SELECT * FROM decisions WHERE {where} ORDER BY id"
-        return [dict(row) for row in conn.execute(query, args)]
-
-
-def wait_for(
-    proxy: ProxyProcess, where: str, args: tuple[Any, ...] = (), count: int = 1
-) -> list[dict]:
-    """Barrier: the rows matching `where` (at least `count`) once the writer has them."""
-    deadline = time.monotonic() + DEADLINE
-    while len(found := decisions(proxy, where, args)) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"no audit row where {where} {args}; the last rows: {decisions(proxy)[-5:]}"
-            )
-        time.sleep(0.02)
-    return found
-
-
 def writer_row(proxy: ProxyProcess) -> dict:
     conn = auditlog.connect(audit_db(proxy))
     if conn is None:
@@ -79,22 +53,6 @@ def writer_row(proxy: ProxyProcess) -> dict:
     with closing(conn):
         row = conn.execute("SELECT * FROM writer").fetchone()
     return dict(row) if row else {}
-
-
-def wait_for_log(proxy: ProxyProcess, text: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while text not in proxy.log_text():
-        if time.monotonic() > deadline:
-            pytest.fail(f"the proxy never logged {text!r}")
-        time.sleep(0.02)
-
-
-def wait_until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def refused_connect(proxy: ProxyProcess, authority: bytes) -> bytes:

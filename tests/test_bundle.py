@@ -15,7 +15,8 @@ import trustme
 
 from claude_proxy import bundle
 from tests.conftest import ProxyProcess, read_head, send_connect
-from tests.test_setup import mode, run
+from tests.support.cli import run
+from tests.support.files import mode
 from tests.upstream import Upstream
 
 TOOL_VARIABLES = ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO"]

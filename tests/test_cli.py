@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from claude_proxy import cli
-from tests.test_service import run_cli
+from tests.support.cli import run_cli
 
 
 def test_ca_prints_path_and_fingerprints(home: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXECUTABLE
-from tests.test_service import run_cli
+from tests.support.cli import run_cli
 
 
 def cli(home: Path, *args: str, env: dict[str, str] | None = None,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXECUTABLE, ProxyProcess, start_proxy
-from tests.test_reload import config_file, wait_applied
-from tests.test_service import run_cli
+from tests.support.cli import run_cli
+from tests.support.reload import config_file, wait_applied
 from tests.upstream import Upstream
 
 # A scripted editor: replaces the file it is given with $NEW_CONTENT, and records that it ran.

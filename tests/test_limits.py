@@ -33,6 +33,7 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
+from tests.support.h2 import H2Session, h2_events, h2_session, h2_tunnel
 from tests.upstream import CountingRelay, PeakRss, SilentUpstream, SlowConnect, Upstream
 
 MIB = 1024 * 1024
@@ -181,42 +182,6 @@ def test_too_many_headers_on_the_listener(proxy: ProxyProcess, upstream: Upstrea
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert upstream.seen.connections == 0
     assert curl(proxy, "https://api.anthropic.com/normal").returncode == 0
-
-
-def h2_tunnel(proxy: ProxyProcess) -> ssl.SSLSocket:
-    sock = send_connect(proxy, b"api.anthropic.com:443")
-    assert read_head(sock).startswith(b"HTTP/1.1 200")
-    context = proxy.client_context()
-    context.set_alpn_protocols(["h2"])
-    tls = context.wrap_socket(sock, server_hostname="api.anthropic.com")
-    assert tls.selected_alpn_protocol() == "h2"
-    return tls
-
-
-def h2_events(tls: ssl.SSLSocket, conn: h2.connection.H2Connection) -> Iterator[h2.events.Event]:
-    """The client's HTTP/2 events until the proxy closes; fails if it does neither in time."""
-    tls.settimeout(ANSWER_SECONDS)
-    while True:
-        try:
-            data = tls.recv(65536)
-        except TimeoutError:
-            pytest.fail("the proxy neither answered nor closed the HTTP/2 connection")
-        if not data:
-            return
-        yield from conn.receive_data(data)
-        tls.sendall(conn.data_to_send())
-
-
-H2Session = tuple[ssl.SSLSocket, h2.connection.H2Connection, Iterator[h2.events.Event]]
-
-
-def h2_session(proxy: ProxyProcess) -> H2Session:
-    """An HTTP/2 client connection through a tunnel, its preface sent, and its events."""
-    tls = h2_tunnel(proxy)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    tls.sendall(conn.data_to_send())
-    return tls, conn, h2_events(tls, conn)
 
 
 @pytest.mark.parametrize(("count", "status"), [(300, 431), (20, 200)])

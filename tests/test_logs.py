@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import ssl
-import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +19,10 @@ import pytest
 
 from claude_proxy import logs
 from tests.conftest import EXECUTABLE, SCRIPTS
-from tests.test_agent import free_port
-from tests.test_service import run_cli
+from tests.support.cli import run_cli
+from tests.support.files import mode
+from tests.support.ports import free_port
 from tests.upstream import Upstream
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from tests.conftest import (
     read_until_closed,
     start_proxy,
 )
-from tests.test_limits import h2_events, h2_tunnel
+from tests.support.h2 import h2_events, h2_tunnel
 from tests.upstream import PROBE_PATHS, Account, PeakRss, SilentUpstream, Upstream
 
 ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"

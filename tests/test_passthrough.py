@@ -16,8 +16,8 @@ import trustme
 
 from tests import tlsclient
 from tests.conftest import ProxyProcess, read_head, send_connect, start_proxy
-from tests.test_reload import config_file, wait_applied, write_by_rename
-from tests.test_socks import SUCCEEDED, socks_connect
+from tests.support.reload import config_file, wait_applied, write_by_rename
+from tests.support.socks import SUCCEEDED, socks_connect
 from tests.upstream import Upstream
 
 CONFIG = """defaults = false

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ProxyProcess, start_proxy
-from tests.test_agent import free_port
-from tests.test_service import run_cli
+from tests.support.cli import run_cli
+from tests.support.ports import free_port
 from tests.upstream import Upstream
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import stat
 import subprocess
 import threading
 import time
@@ -15,29 +13,13 @@ import httpx
 import pytest
 
 from tests.conftest import (
-    EXECUTABLE,
     ProxyProcess,
     curl,
     start_proxy,
 )
+from tests.support.cli import run_cli
+from tests.support.files import mode
 from tests.upstream import Upstream
-
-
-def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
-    env["HOME"] = str(home)
-    return subprocess.run(
-        [str(EXECUTABLE), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def test_first_run_makes_a_private_ca_and_reuses_it(

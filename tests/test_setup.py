@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 import claude_proxy
-from tests.conftest import EXECUTABLE
 from tests.mountns import MountNamespace
+from tests.support.cli import run
+from tests.support.files import mode
 
 OTHER_KEYS: dict[str, Any] = {
     "model": "opus",
@@ -131,30 +132,6 @@ SRT_REQUIRED = {
 }
 
 
-def run(
-    home: Path,
-    *args: str,
-    env: dict[str, str] | None = None,
-    stdin: int | None = None,
-    cwd: Path | None = None,
-    namespace: MountNamespace | None = None,
-    prefix: Sequence[str] = (),
-) -> subprocess.CompletedProcess[str]:
-    """The CLI with HOME at `home`, run in `cwd` (default: HOME), whose settings it also reads."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
-    full_env.update(HOME=str(home), **(env or {}))
-    argv = [*prefix, str(EXECUTABLE), *args]
-    return subprocess.run(
-        namespace.command(argv, cwd or home) if namespace else argv,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd or home,
-        stdin=subprocess.DEVNULL if stdin is None else stdin,
-    )
-
-
 def settings_file(home: Path) -> Path:
     return home / ".claude" / "settings.json"
 
@@ -164,10 +141,6 @@ def write_settings(path: Path, document: Any, mode: int = 0o640) -> bytes:
     path.write_text(json.dumps(document, indent=4) + "\n")
     path.chmod(mode)
     return path.read_bytes()
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
 
 
 def backups(path: Path) -> list[Path]:

@@ -26,8 +26,9 @@ from claude_proxy import agent, probes
 from tests.conftest import EXECUTABLE, read_head, start_proxy
 from tests.macos import Mac
 from tests.mountns import MountNamespace
-from tests.test_agent import free_port, sha1
-from tests.test_service import run_cli
+from tests.support.certs import sha1
+from tests.support.cli import run_cli
+from tests.support.ports import free_port
 from tests.upstream import Upstream
 
 

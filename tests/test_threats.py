@@ -5,9 +5,6 @@ from __future__ import annotations
 import socket
 import ssl
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
 from tests.conftest import (
@@ -20,27 +17,9 @@ from tests.conftest import (
     read_until_closed,
     send_connect,
 )
+from tests.support.h2 import h2_request
+from tests.support.net import REFUSED_CONNECTS
 from tests.upstream import Upstream
-
-REFUSED_CONNECTS = [
-    b"mozilla.org:443",
-    b"127.0.0.1:443",  # IPv4 literal
-    b"[::1]:443",  # IPv6 literal
-    b"2130706433:443",  # 127.0.0.1 as a decimal number
-    b"0x7f.1:443",  # hex and short forms of an IPv4 address
-    b"api.anthropic.com.evil.example:443",  # merely starts like an allowed name
-    b"evilanthropic.com:443",  # merely ends like one
-    b"anthropic.com.:8443",  # allowed host, other port
-    b"api.anthropic.com:80",
-    b"api.anthropic.com:8443",
-    b"user@api.anthropic.com:443",  # userinfo
-    b"api%2eanthropic.com:443",  # percent-encoding
-    "\u0430pi.anthropic.com:443".encode(),  # Cyrillic a: a Unicode look-alike
-    b"xn--pi-7kc.anthropic.com.evil.example:443",
-    b"mitm.it:443",  # mitmproxy's onboarding host
-    b"mitm.it:80",
-    b"localhost:443",
-]
 
 
 @pytest.mark.parametrize("authority", REFUSED_CONNECTS, ids=lambda a: a.decode(errors="replace"))
@@ -169,25 +148,6 @@ def test_second_request_on_kept_alive_tunnel_naming_another_host(
     tls.close()
     assert b"403" in second.split(b"\r\n")[0] or b"HTTP/1.1 403" in second, second
     assert upstream.seen.requests == [("GET", "/first", "api.anthropic.com")]
-
-
-def h2_request(tls: ssl.SSLSocket, authority: str) -> int:
-    """Send one HTTP/2 GET with the given :authority; return the response status."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", "/")],
-        end_stream=True,
-    )
-    tls.sendall(conn.data_to_send())
-    while True:
-        data = tls.recv(65536)
-        assert data, "connection closed before a response"
-        for event in conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                return int(dict(event.headers)[b":status"])
-        tls.sendall(conn.data_to_send())
 
 
 @pytest.mark.parametrize(

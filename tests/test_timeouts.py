@@ -10,8 +10,7 @@ import select
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from mitmproxy.test import taddons
 
 from claude_proxy.timeouts import STEPS, Step, Timeouts
 from tests.conftest import SCRIPTS, ProxyProcess, open_tunnel, read_head
+from tests.support.waiting import wait_until
 from tests.upstream import Upstream, rss
 
 LIMITS = ["sandbox_connect_timeout=1", "sandbox_tls_timeout=1", "sandbox_response_timeout=1"]
@@ -61,13 +61,6 @@ def assert_timed_out(
     assert "not the sandbox's policy" in response.text
     line = f'ALLOW GET api.anthropic.com:443 {path} 504 rule=*.anthropic.com "{what}"'
     assert line in proxy.log_text()
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = CLIENT_SECONDS) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the awaited event did not happen"
-        time.sleep(0.02)
 
 
 class SilentServer:

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from tests.conftest import ProxyProcess, curl, read_head, send_connect
-from tests.test_threats import h2_request
+from tests.support.h2 import h2_request
 from tests.tlsclient import Answer, Hello, handshake, retry_handshake, wait_closed
 from tests.upstream import Upstream
 

@@ -23,7 +23,7 @@ import pytest
 import trustme
 
 from tests.conftest import ProxyProcess, open_tunnel, read_head, read_response, start_proxy
-from tests.test_auditlog_e2e import wait_for, wait_for_log
+from tests.support.audit import wait_for, wait_for_log
 from tests.upstream import Upstream
 
 CLIENT_SECONDS = 20
