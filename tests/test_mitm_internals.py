@@ -1,0 +1,103 @@
+"""Every private part of mitmproxy (and of h11, h2 and asyncio) the proxy replaces, subclasses or
+reads is still there, with the signature it was written against, in the installed version: a
+rename would otherwise fail silently (a hook reaching no addon, a stream without its deadlines,
+a method of ours that mitmproxy no longer calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+
+import h2.config
+import h2.connection
+import pytest
+from mitmproxy import addonmanager, master
+from mitmproxy.proxy import server
+from mitmproxy.proxy.layers import http, modes, tcp, tls
+from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
+
+from claude_proxy.timeouts import TimedHttpLayer
+from tests.support.sansio import client_context
+
+# (module, attribute path): private names imported, patched or subclassed.
+NAMES = [
+    ("h11._receivebuffer", "ReceiveBuffer.maybe_extract_lines"),
+    ("mitmproxy.proxy.layers.http._http1", "Http1Client.send"),
+    ("mitmproxy.proxy.layers.http._http1", "Http1Server.read_body"),
+    ("mitmproxy.proxy.layers.http._http2", "Http2Server.handle_h2_event"),
+    ("mitmproxy.proxy.layers.http._http2", "Http2Connection.protocol_error"),
+    ("mitmproxy.proxy.layers.http._http2", "Http2Connection.close_connection"),
+    ("mitmproxy.proxy.layers.http", "Http1Client"),  # replaced by name (framing.install)
+    ("mitmproxy.proxy.layers.http._events", "HttpEvent"),
+    ("mitmproxy.addonmanager", "AddonManager._iter_hooks"),
+    ("mitmproxy.addonmanager", "AddonManager._configure_all"),
+    ("mitmproxy.proxy.server", "ConnectionHandler.handle_connection"),
+    ("asyncio.selector_events", "BaseSelectorEventLoop._accept_connection"),
+    ("asyncio.selector_events", "BaseSelectorEventLoop._add_reader"),
+    ("asyncio.selector_events", "BaseSelectorEventLoop._remove_reader"),
+]
+
+# Methods the proxy overrides, with the parameters it was written against: a rename, or another
+# signature, and mitmproxy would call its own instead of ours.
+OVERRIDDEN = [
+    (http.HttpLayer, "make_stream", ["self", "stream_id"]),
+    (http.HttpLayer, "register_connection", ["self", "command"]),
+    (http.HttpLayer, "get_connection", ["self", "event", "reuse"]),
+    (http.HttpStream, "check_invalid", ["self", "request"]),
+    (http.HttpStream, "check_killed", ["self", "emit_error_hook"]),
+    (http.HttpStream, "handle_protocol_error", ["self", "event"]),
+    (http.HttpStream, "make_server_connection", ["self"]),
+    (_http1.Http1Server, "read_body", ["self", "event"]),
+    (_http1.Http1Client, "send", ["self", "event"]),
+    (_http2.Http2Server, "handle_h2_event", ["self", "event"]),
+    (modes.Socks5Proxy, "state_greet", ["self"]),
+    (modes.Socks5Proxy, "state_connect", ["self"]),
+    (tls.ClientTLSLayer, "receive_handshake_data", ["self", "data"]),
+    (tls.ClientTLSLayer, "on_handshake_error", ["self", "err"]),
+    (tls.TLSLayer, "tls_interact", ["self"]),
+    (tcp.TCPLayer, "relay_messages", ["self", "event"]),
+    (server.ConnectionHandler, "handle_connection", ["self", "connection"]),
+    (addonmanager.AddonManager, "trigger_event", ["self", "event"]),
+]
+
+
+@pytest.mark.parametrize(("module", "path"), NAMES, ids=[f"{m}:{p}" for m, p in NAMES])
+def test_a_private_name_the_proxy_uses_exists(module: str, path: str) -> None:
+    found: object = importlib.import_module(module)
+    for part in path.split("."):
+        found = getattr(found, part)
+
+
+@pytest.mark.parametrize(
+    ("cls", "method", "parameters"), OVERRIDDEN, ids=[f"{c.__name__}.{m}" for c, m, _ in OVERRIDDEN]
+)
+def test_a_method_the_proxy_overrides_has_the_signature_it_was_written_for(
+    cls: type, method: str, parameters: list[str]
+) -> None:
+    assert list(inspect.signature(getattr(cls, method)).parameters) == parameters
+
+
+def test_the_instance_state_the_proxy_reads_is_there() -> None:
+    """Attributes mitmproxy sets on its objects, which the proxy reads or changes."""
+    context = client_context()
+    stream = http.HttpStream(context.fork(), 1)
+    assert hasattr(stream, "_paused") and hasattr(stream, "_paused_event_queue")
+    assert {"client_state", "server_state", "state_errored", "state_done"} <= set(dir(stream))
+    parent = TimedHttpLayer(context.fork(), http.HTTPMode.regular)
+    for name in ("waiting_for_establishment", "command_sources", "connections", "streams"):
+        assert hasattr(parent, name), name
+    connection = _http_h2.BufferedH2Connection(h2.config.H2Configuration(client_side=False))
+    assert isinstance(connection.stream_buffers, dict)
+    assert isinstance(connection, h2.connection.H2Connection)
+    handler_attrs = inspect.getsource(server.ConnectionHandler.__init__)
+    for name in ("self.transports", "self.max_conns", "self.wakeup_timer"):
+        assert name in handler_attrs, name
+    assert "self._legacy_log_events" in inspect.getsource(master.Master.__init__)
+    loop = asyncio.new_event_loop()
+    try:
+        assert all(
+            hasattr(loop, n) for n in ("_accept_connection", "_add_reader", "_remove_reader")
+        )
+    finally:
+        loop.close()
