@@ -15,7 +15,7 @@ import trustme
 
 from claude_proxy import bundle
 from tests.conftest import ProxyProcess, read_head, send_connect
-from tests.support.cli import run
+from tests.support.cli import run, run_cli
 from tests.support.files import mode
 from tests.upstream import Upstream
 
@@ -132,3 +132,43 @@ def test_tools_reach_the_proxy_with_the_env_lines(
     )
     paths = [path for _, path, host in upstream.seen.requests if host == "api.anthropic.com"]
     assert any(path.startswith(f"/tool-{tool}") for path in paths), ran.stderr
+
+
+@pytest.mark.parametrize("what", ["a-file-of-the-users", "the-ca-key", "a-folder", "a-link"])
+def test_ca_bundle_never_replaces_what_is_not_a_bundle(home: Path, what: str) -> None:
+    """`ca --bundle PATH` writes a new file, or replaces a bundle it wrote before; anything else
+    at PATH is refused with one line and left as it was."""
+    assert run_cli(home, "ca").returncode == 0
+    confdir = home / ".config" / "claude-proxy"
+    key = confdir / "mitmproxy-ca.pem"
+    target = {
+        "a-file-of-the-users": home / "notes.txt",
+        "the-ca-key": key,
+        "a-folder": home / "folder",
+        "a-link": home / "link.pem",
+    }[what]
+    if what == "a-file-of-the-users":
+        target.write_text("my notes\n")
+    elif what == "a-folder":
+        target.mkdir()
+    elif what == "a-link":
+        (home / "elsewhere.txt").write_text("not a bundle\n")
+        target.symlink_to(home / "elsewhere.txt")
+    before = {
+        p: p.read_bytes() for p in (key, home / "notes.txt", home / "elsewhere.txt") if p.exists()
+    }
+    result = run_cli(home, "ca", "--bundle", str(target))
+    assert result.returncode != 0
+    [line] = result.stderr.splitlines()
+    assert str(target) in line and "bundle" in line
+    assert {p: p.read_bytes() for p in before} == before
+    assert run_cli(home, "ca").returncode == 0  # the CA is as it was
+
+
+def test_ca_bundle_replaces_a_bundle_it_wrote(home: Path, tmp_path: Path) -> None:
+    target = tmp_path / "bundle.pem"
+    assert run_cli(home, "ca", "--bundle", str(target)).returncode == 0
+    first = target.read_bytes()
+    target.write_bytes(first.replace(b"system roots", b"system roots (old)", 1))
+    assert run_cli(home, "ca", "--bundle", str(target)).returncode == 0
+    assert target.read_bytes() == first

@@ -11,6 +11,7 @@ import binascii
 import os
 import re
 import ssl
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from claude_proxy.errors import ProxyError
 
 PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----", re.DOTALL)
 MACOS_ROOTS = "/System/Library/Keychains/SystemRootCertificates.keychain"
+HEADER = "# claude-proxy CA bundle: "  # a bundle's first line begins so
 MAX_FILE_BYTES = 10 * 1024 * 1024  # a CA folder holds certificates, not anything this large
 
 
@@ -74,14 +76,16 @@ def system_roots(exclude: Path) -> tuple[list[bytes], str]:
 
 
 def write_bundle(path: Path, ca_cert: Path, ca_sha256: str) -> Bundle:
-    """Write the system's roots plus our CA to `path` (0644, atomically); check it parses first."""
+    """Write the system's roots plus our CA to `path` (0644, atomically); check it parses first.
+    What is at `path` already is replaced only if it is a bundle written here before."""
+    refuse_to_replace(path)
     ours = certificates(_read(ca_cert))
     if len(ours) != 1:
         raise ProxyError(f"{ca_cert} should hold exactly one certificate, not {len(ours)}")
     roots, source = system_roots(exclude=path)
     roots = [der for der in roots if der != ours[0]]
     parts = [
-        f"# claude-proxy CA bundle: {len(roots)} system roots, then claude-proxy's CA.\n",
+        f"{HEADER}{len(roots)} system roots, then claude-proxy's CA.\n",
         f"# Roots from {source}. Remake it with `claude-proxy ca --bundle`.\n",
         *(ssl.DER_cert_to_PEM_cert(der) for der in roots),
         f"# claude-proxy's CA, SHA-256 {ca_sha256}\n",
@@ -100,6 +104,34 @@ def write_bundle(path: Path, ca_cert: Path, ca_sha256: str) -> Bundle:
     except OSError as e:
         raise ProxyError(f"cannot write {path}: {e.strerror}") from e
     return Bundle(path, len(roots), source)
+
+
+def refuse_to_replace(path: Path) -> None:
+    """A ProxyError unless `path` is free or holds a bundle this command wrote (a regular file
+    that starts with its header): never a user's file, a link, a device or the CA's own key."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ProxyError(f"cannot look at {path}: {e.strerror}") from e
+    why = None
+    if stat.S_ISLNK(info.st_mode):
+        why = "is a symbolic link"
+    elif not stat.S_ISREG(info.st_mode):
+        why = "is not a regular file"
+    else:
+        try:
+            with path.open("rb") as file:
+                first = file.read(len(HEADER))
+        except OSError as e:
+            raise ProxyError(f"cannot read {path}: {e.strerror}") from e
+        if first != HEADER.encode():
+            why = "is not a CA bundle claude-proxy wrote"
+    if why is not None:
+        raise ProxyError(
+            f"{path} {why}: not replaced; name a new file for the bundle, or move that one away"
+        )
 
 
 def _usable(name: str | None, exclude: Path) -> str | None:
