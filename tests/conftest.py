@@ -25,8 +25,8 @@ from tests.upstream import Upstream
 SCRIPTS = Path(__file__).parent / "scripts"
 UPSTREAM_NAMES = ["api.anthropic.com", "claude.ai", "platform.claude.com", "statsig.anthropic.com"]
 EXECUTABLE = Path(sys.executable).with_name("claude-proxy")
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-SOCKS_LISTENING = re.compile(r"SOCKS5 on 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"listening on (?:127\.0\.0\.1|\[::1\]):(\d+)")
+SOCKS_LISTENING = re.compile(r"SOCKS5 on (?:127\.0\.0\.1|\[::1\]):(\d+)")
 
 
 class ProxyProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -99,6 +100,27 @@ def test_bad_input_is_one_clear_line(home: Path, args: list[str], code: int, mes
     lines = result.stderr.strip().splitlines()
     assert message in lines[-1]
     assert len(lines) == 1 or "usage:" in lines[0]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_one_host_with_both_ports_picked_by_the_system(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, host: str
+) -> None:
+    """`--port 0 --socks-port 0` on one address: two free ports, both serving."""
+    proxy = start_proxy(home, upstream, upstream_ca_file, "--host", host, "--socks-port", "0")
+    try:
+        said = "\n".join(proxy.stderr)
+        found = re.search(r"listening on (\S+):(\d+); SOCKS5 on \S+:(\d+)", said)
+        assert found, said
+        http_port, socks_port = int(found[2]), int(found[3])
+        assert http_port != socks_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for port in (http_port, socks_port):
+            with socket.socket(family) as sock:
+                sock.settimeout(10)
+                sock.connect((host, port))
+    finally:
+        proxy.stop()
 
 
 def test_port_in_use(home: Path) -> None:

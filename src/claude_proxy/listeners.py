@@ -49,13 +49,18 @@ def common_free_port(hosts: Sequence[str]) -> int:
 
 
 def mode_specs(hosts: Sequence[str], port: int, socks_port: int | None) -> list[str]:
-    """mitmproxy `mode` values: a regular proxy (and SOCKS5) on each host, one port each."""
-    if port == 0 and len(hosts) > 1:
+    """mitmproxy `mode` values: a regular proxy (and SOCKS5) on each host, one port each.
+
+    A port 0 is chosen here, free on every host: mitmproxy would take `host:0` twice (two hosts,
+    or both listeners on one) as one address and refuse the second."""
+    if port == 0:
         port = common_free_port(hosts)
     specs = [f"regular@{host}:{port}" for host in hosts]
     if socks_port is not None:
-        if socks_port == 0 and len(hosts) > 1:
+        if socks_port == 0:
             socks_port = common_free_port(hosts)
+            while socks_port == port:  # free again: the HTTP listener does not hold it yet
+                socks_port = common_free_port(hosts)
         specs += [f"socks5@{host}:{socks_port}" for host in hosts]
     return specs
 
