@@ -130,3 +130,28 @@ def test_status_off_macos_needs_no_agent(
         assert status.returncode == 0 and document["ok"] is True
     finally:
         assert proxy.stop() == 0
+
+
+def test_a_run_state_left_behind_by_a_proxy_that_is_gone_is_not_believed(home: Path) -> None:
+    """A state file whose process id now names another process (after a SIGKILL or a reboot):
+    its port is not listened on, so `env` and `status` take the next source, not that port."""
+    port, socks_port = free_port(), free_port()
+    state = home / ".local" / "state" / "claude-proxy" / f"proxy-{port}.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(
+        json.dumps(
+            {
+                "pid": 1,
+                "port": port,
+                "config": "",
+                "digest": "",
+                "loaded_at": 0.0,
+                "rules": 0,
+                "error": None,
+                "flags": [],
+                "socks_port": socks_port,
+            }  # fmt: skip
+        )
+    )
+    assert f":{port}" not in env_proxy(home)
+    assert env_proxy(home).endswith(":9051")

@@ -27,14 +27,32 @@ class RunState(NamedTuple):  # not a dataclass: `env` reads it, and dataclasses 
     socks_port: int | None = None  # where its SOCKS5 listener is (None: none, or an older proxy)
 
     def alive(self) -> bool:
-        """Whether the process that wrote this still runs (a crash leaves the file behind)."""
+        """Whether the proxy that wrote this still runs: its process, and its port listened on
+        (a SIGKILL or a reboot leaves the file behind, and the pid may name another process)."""
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        return True
+            pass
+        return listened_on(self.port)
+
+
+def listened_on(port: int) -> bool:
+    """Whether something listens on `port` on a loopback address: a bind there is refused.
+    Nothing connects to it, so the proxy sees nothing of the question."""
+    import errno
+    import socket  # here: `env` runs in every new shell
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+    return False
 
 
 def path_for(port: int, state_dir: Path | None = None) -> Path:
