@@ -391,3 +391,22 @@ def test_python_m_runs_the_same_cli(home: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "claude_proxy", "--version"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.stdout.startswith("claude-proxy ")
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "said"),
+    [("plist", 2, "standard output is closed: pass --output FILE"), ("completion bash", 0, "")],
+)
+def test_a_closed_standard_output_is_no_traceback(
+    home: Path, command: str, code: int, said: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    result = subprocess.run(
+        ["bash", "-c", f"exec {EXECUTABLE} {command} >&-"],
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stderr == (f"claude-proxy: {said}\n" if said else "")

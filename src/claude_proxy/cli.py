@@ -804,7 +804,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
             f"{', '.join(completion.SHELLS)}",
             ExitCode.USAGE,
         )
-    sys.stdout.write(completion.script(build_parser(), args.shell))
+    print(completion.script(build_parser(), args.shell), end="")  # nothing, if stdout is closed
     return ExitCode.OK
 
 
@@ -856,6 +856,8 @@ def cmd_plist(args: argparse.Namespace) -> int:
         socks_port=args.socks_port,
     )
     if args.output is None:
+        if sys.stdout is None:
+            raise ProxyError("standard output is closed: pass --output FILE", ExitCode.USAGE)
         sys.stdout.buffer.write(rendered)
         return ExitCode.OK
     partial = args.output.with_name(args.output.name + ".partial")
