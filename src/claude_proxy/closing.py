@@ -5,8 +5,11 @@ reading or draining, but not when the cancellation reaches it while it waits to 
 to the layers. That happens when another task (an async hook finishing, e.g. the organization guard
 refusing a request while its client still sends the body) closes the connection: the handler then
 ends with the socket open and the client waits for an answer that never comes. `install` wraps the
-handler so that the socket is closed in that case too (mitmproxy is pinned below 13; a test sends
-large refused uploads and requires each to be cut off).
+handler so that the socket is closed in that case too. It is the one fix for this leak (not
+reported to mitmproxy yet); without it these fail: tests/test_orgguard.py
+(`test_other_organizations_key_never_delivers_a_body`,
+`test_a_new_credential_with_a_large_upload_is_refused_before_any_probe`) and tests/test_limits.py
+(`test_endless_client_hello_is_cut_off`, `test_http2_oversized_head_is_cut_off`).
 """
 
 from __future__ import annotations

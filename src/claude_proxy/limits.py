@@ -215,16 +215,8 @@ class Limits:
         self.over_cap.discard(client.id)
         held.HELD.disconnected(client.id)  # its streams, if paused still, will never go on
         self._cancel_setup(client.id)
-        try:
-            # mitmproxy can leave the socket open when it closes a client that is still sending
-            # (the cancellation lands outside its reader's try): a flood would keep its descriptor.
-            handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
-            io = handler.transports.get(client) if handler is not None else None
-            if io is not None and io.writer is not None and not io.writer.is_closing():
-                io.writer.close()
-        except Exception as e:
-            if self.errors.allow() is not None:
-                logger.error("could not close a client's socket: %r", e)
+        # The socket mitmproxy can leave open when it closes a client still sending is closed by
+        # closing.install, the one fix for it.
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.run_in_executor(None, memory.release).add_done_callback(self._released)
