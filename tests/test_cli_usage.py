@@ -410,3 +410,19 @@ def test_a_closed_standard_output_is_no_traceback(
     )
     assert result.returncode == code, result.stderr
     assert result.stderr == (f"claude-proxy: {said}\n" if said else "")
+
+
+@pytest.mark.parametrize("command", [("env", "--shell", "sh"), ("check", "api.anthropic.com"),
+                                     ("config", "check"), ("status",)])  # fmt: skip
+def test_a_config_toml_that_is_a_fifo_is_refused_not_waited_on(
+    home: Path, command: tuple[str, ...]
+) -> None:
+    path = home / ".config" / "claude-proxy" / "config.toml"
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    result = cli(home, *command)  # a hang fails by the subprocess timeout
+    if command[0] == "env":
+        assert result.returncode == 0  # the ports come from elsewhere; env still answers
+    else:
+        assert result.returncode != 0
+        assert "not a regular file" in result.stdout + result.stderr

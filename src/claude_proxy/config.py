@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from claude_proxy import overlaps, policy
+from claude_proxy import files, overlaps, policy
 from claude_proxy.policy import ALLOW, DENY, HTTP, HTTPS, NAME, WILDCARD, Policy, Rule
 from claude_proxy.urlpaths import parse_pattern
 
@@ -118,7 +118,7 @@ class Config(NamedTuple):
 def load(path: Path) -> Config:
     """The config in `path`; a missing file is the built-in policy. ConfigError if invalid."""
     try:
-        data = path.read_bytes()
+        data = files.read_regular(path)
     except FileNotFoundError:
         return Config(path)
     except OSError as e:

@@ -16,6 +16,22 @@ from pathlib import Path
 BACKUP_INFIX = ".claude-proxy-backup-"
 
 
+def read_regular(path: Path) -> bytes:
+    """The bytes of `path`, a regular file (through links); OSError otherwise. A FIFO or a
+    device is refused at once instead of read: reading a FIFO waits for a writer forever."""
+    import errno
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import NamedTuple
 
-from claude_proxy import defaults, paths, runstate
+from claude_proxy import defaults, files, paths, runstate
 from claude_proxy.errors import ExitCode, ProxyError
 
 FLAGS = "--port/--socks-port"
@@ -140,7 +140,7 @@ def listen_ports(config_file: Path) -> tuple[int | None, int | None]:
     """`[listen] port` and `socks_port` in config.toml, read lightly (a broken file names none:
     the commands that judge the file say what is wrong with it)."""
     try:
-        text = config_file.read_text()
+        text = files.read_regular(config_file).decode()
     except (OSError, UnicodeDecodeError):
         return None, None
     if "listen" not in text:  # most files: no need to import tomllib to know

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mitmproxy import ctx
 
-from claude_proxy import config, logs, runstate
+from claude_proxy import config, files, logs, runstate
 from claude_proxy.addon import Enforcer
 from claude_proxy.config import Config, ConfigError
 from claude_proxy.limits import Throttle
@@ -83,7 +83,7 @@ class ConfigWatcher:
         # From here on a change is seen; one made since the policy was read is applied now.
         self.signature = signature(self.path)
         with contextlib.suppress(OSError):
-            changed = hashlib.sha256(self.path.read_bytes()).hexdigest() != self.seen
+            changed = hashlib.sha256(files.read_regular(self.path)).hexdigest() != self.seen
             self.forced = self.forced or changed
         self.publish()
         self.wake = asyncio.Event()
@@ -126,7 +126,7 @@ class ConfigWatcher:
             return True
         if now is not None and time.time_ns() - now[0] < RACY_NS:
             with contextlib.suppress(OSError):
-                return hashlib.sha256(self.path.read_bytes()).hexdigest() != self.seen
+                return hashlib.sha256(files.read_regular(self.path)).hexdigest() != self.seen
         return False
 
     async def settle(self) -> None:
@@ -144,7 +144,7 @@ class ConfigWatcher:
     async def reload(self, *, forced: bool = False) -> None:
         before = signature(self.path)
         try:
-            data = self.path.read_bytes()
+            data = files.read_regular(self.path)
         except FileNotFoundError:
             if self.signature is not None or forced:
                 self.fail(f"{self.path} is gone")
