@@ -155,3 +155,10 @@ def test_a_run_state_left_behind_by_a_proxy_that_is_gone_is_not_believed(home: P
     )
     assert f":{port}" not in env_proxy(home)
     assert env_proxy(home).endswith(":9051")
+
+
+def test_env_takes_the_socks_port_too(home: Path) -> None:
+    """The SOCKS port the user names frees the default one for the HTTP listener."""
+    assert env_proxy(home, "--port", "9052", "--socks-port", "9053").endswith(":9052")
+    result = run_cli(home, "env", "--shell", "sh", "--port", "9052")
+    assert result.returncode == 2 and "--socks-port" in result.stderr

@@ -268,6 +268,10 @@ def build_parser(only: str | None = None) -> Parser:
         PORT_HELP.format(default=defaults.DEFAULT_PORT),
     )  # fmt: skip
     env.add_argument(
+        "--socks-port", type=fixed_port, help="the proxy's SOCKS5 port, 1-65535, which must "
+        "differ from the HTTP port " + PORT_HELP.format(default=defaults.DEFAULT_SOCKS_PORT),
+    )  # fmt: skip
+    env.add_argument(
         "--tools",
         action="store_true",
         help="also point SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and GIT_SSL_CAINFO "
@@ -731,7 +735,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     from claude_proxy import ca, ports
 
     shell = args.shell or default_shell()
-    found = ports.resolve(args.port)
+    found = ports.resolve(args.port, args.socks_port)
     if note := ports.pending(found):
         print(f"claude-proxy: {note}", file=sys.stderr)
     proxy = f"http://{url_host(args.host or defaults.DEFAULT_HOST)}:{found.port}"
