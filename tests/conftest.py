@@ -52,7 +52,8 @@ class ProxyProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         ProxyProcess.started.append(self)
 
     def _read(self) -> None:
@@ -86,7 +87,11 @@ class ProxyProcess:
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        # Barrier: every line it wrote has been read (the pipe ends with the process).
+        self.reader.join(timeout)
+        assert not self.reader.is_alive(), "the proxy's stderr did not end with it"
+        return code
 
     def log_text(self) -> str:
         """Everything the proxy wrote: stderr and its rotating log file."""

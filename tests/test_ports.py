@@ -150,7 +150,7 @@ def test_a_run_state_left_behind_by_a_proxy_that_is_gone_is_not_believed(home: P
                 "error": None,
                 "flags": [],
                 "socks_port": socks_port,
-            }  # fmt: skip
+            }
         )
     )
     assert f":{port}" not in env_proxy(home)

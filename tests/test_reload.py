@@ -271,7 +271,10 @@ def test_a_file_that_goes_and_comes_back_is_read_again(
         text = allowing("api.anthropic.com", "claude.ai")
         write_by_rename(path, text)
     wait_applied(running, text)  # the failure clears
-    back = [line for line in running.stderr if f"{path} is back" in line]
+    deadline = time.monotonic() + STATE_WAIT  # the line comes before the state; its read may not
+    while not (back := [line for line in running.stderr if f"{path} is back" in line]):
+        assert time.monotonic() < deadline, running.stderr
+        time.sleep(0.02)
     assert len(back) == 1, running.stderr
     expected = ("200", "200") if how == "copied in, new rules" else ("403", "000")
     assert status_of(running, "claude.ai") == expected
