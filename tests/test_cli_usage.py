@@ -426,3 +426,11 @@ def test_a_config_toml_that_is_a_fifo_is_refused_not_waited_on(
     else:
         assert result.returncode != 0
         assert "not a regular file" in result.stdout + result.stderr
+
+
+def test_log_of_an_audit_database_that_is_a_folder_names_the_fix(home: Path) -> None:
+    (home / ".local" / "state" / "claude-proxy" / "audit.db").mkdir(parents=True)
+    result = cli(home, "log")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "it is not a file" in line and "mv " in line

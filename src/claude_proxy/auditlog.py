@@ -92,6 +92,12 @@ def connect(path: Path) -> sqlite3.Connection | None:
     it); a clear ProxyError when it cannot be read."""
     if not path.exists():
         return None
+    if not path.is_file():
+        quoted = shlex.quote(str(path))
+        raise ProxyError(
+            f"cannot read the audit log {path}: it is not a file; move it aside "
+            f"(mv {quoted} {quoted}.aside) and restart the proxy: it starts a new one"
+        )
     try:
         conn = audit.open_readonly(path)
     except sqlite3.Error as e:
