@@ -629,7 +629,7 @@ def compare_fetch_check(
 
 def run_fetch_check(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
     """The server-fetch check on (the default) against off (a rule's check_server_fetch)."""
-    from claude_proxy.fetchguard import FetchGuard
+    from claude_proxy.proxy.fetch_guard import FetchGuard
 
     off_config = f'[[allow]]\nhost = "{HOST}"\ncheck_server_fetch = false\n'
     started: list[Target] = []
@@ -742,12 +742,13 @@ def run_flood(work: Path, upstream: Upstream, upstream_ca: Path, connections: in
 
 def decision_cost() -> dict[str, dict[str, float]]:
     """Microseconds per decision, in process: the policy's own cost, without the network's."""
-    from claude_proxy import config, policy
+    from claude_proxy.policy import config_file
+    from claude_proxy.policy import rules as policy_rules
 
-    rules = config.parse(Path("/bench/config.toml"), policy_config().encode())
+    rules = config_file.parse(Path("/bench/config.toml"), policy_config().encode())
     policies = {
-        "claude-proxy": policy.Policy(policy.default_rules()),
-        "claude-proxy, 200 rules": config.build_policy(rules),
+        "claude-proxy": policy_rules.Policy(policy_rules.default_rules()),
+        "claude-proxy, 200 rules": config_file.build_policy(rules),
     }
     host = HOST
     refused = REFUSED_NAME.decode().rsplit(":", 1)[0]

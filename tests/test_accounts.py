@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import accounts, agent, cli, paths, probe
-from claude_proxy.accounts import Credential, Ledger, Pin, StateError
+from claude_proxy.cli import main
+from claude_proxy.macos import agent
+from claude_proxy.proxy import org_probe
+from claude_proxy.state import accounts, paths
+from claude_proxy.state.accounts import Credential, Ledger, Pin, StateError
 from tests.support.files import mode
 
 ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"
@@ -216,7 +219,7 @@ def test_damaged_pin_is_an_error(tmp_path: Path, text: str) -> None:
 
 
 def test_probe_for_an_api_key_carries_only_the_key() -> None:
-    data = probe.request("api.anthropic.com", 443, Credential("x-api-key", KEY))
+    data = org_probe.request("api.anthropic.com", 443, Credential("x-api-key", KEY))
     assert data == (
         b"GET /v1/models?limit=1 HTTP/1.1\r\n"
         b"Host: api.anthropic.com\r\n"
@@ -229,7 +232,9 @@ def test_probe_for_an_api_key_carries_only_the_key() -> None:
 
 
 def test_probe_for_an_oauth_token_asks_the_profile() -> None:
-    data = probe.request("api.anthropic.com", 8443, Credential("authorization", f"Bearer {TOKEN}"))
+    data = org_probe.request(
+        "api.anthropic.com", 8443, Credential("authorization", f"Bearer {TOKEN}")
+    )
     head = data.decode().split("\r\n")
     assert head[:4] == [
         "GET /api/oauth/profile HTTP/1.1",
@@ -240,18 +245,18 @@ def test_probe_for_an_oauth_token_asks_the_profile() -> None:
 
 
 def test_probe_refuses_a_value_that_would_split_the_request() -> None:
-    with pytest.raises(probe.ProbeError, match="not a valid header value"):
-        probe.request("api.anthropic.com", 443, Credential("x-api-key", "k\r\nX-Evil: 1"))
+    with pytest.raises(org_probe.ProbeError, match="not a valid header value"):
+        org_probe.request("api.anthropic.com", 443, Credential("x-api-key", "k\r\nX-Evil: 1"))
 
 
 def read(data: bytes, reader_call: str, headers: dict[str, str] | None = None) -> object:
     async def go() -> object:
-        reader = asyncio.StreamReader(limit=probe.MAX_HEAD)
+        reader = asyncio.StreamReader(limit=org_probe.MAX_HEAD)
         reader.feed_data(data)
         reader.feed_eof()
         if reader_call == "head":
-            return await probe.read_head(reader)
-        return await probe.read_body(reader, headers or {})
+            return await org_probe.read_head(reader)
+        return await org_probe.read_body(reader, headers or {})
 
     return asyncio.run(go())
 
@@ -267,9 +272,9 @@ def test_probe_answer_head_and_bodies() -> None:
 @pytest.mark.parametrize(
     ("data", "headers"),
     [
-        (b"", {"content-length": str(probe.MAX_BODY + 1)}),
-        (b"x" * (probe.MAX_BODY + 1), {}),
-        (b"%x\r\n" % (probe.MAX_BODY + 1), {"transfer-encoding": "chunked"}),
+        (b"", {"content-length": str(org_probe.MAX_BODY + 1)}),
+        (b"x" * (org_probe.MAX_BODY + 1), {}),
+        (b"%x\r\n" % (org_probe.MAX_BODY + 1), {"transfer-encoding": "chunked"}),
     ],
 )
 def test_probe_answer_size_is_bounded(data: bytes, headers: dict[str, str]) -> None:
@@ -293,7 +298,7 @@ def test_probe_answer_must_be_http() -> None:
     ],
 )
 def test_profile_names_the_organization(status: int, body: bytes, org: str | None) -> None:
-    assert probe.organization_in(status, body) == org
+    assert org_probe.organization_in(status, body) == org
 
 
 # Commands
@@ -310,20 +315,20 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_pin_refuses_what_is_not_an_organization(
     state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["pin", "acme"]) == 2
+    assert main.main(["pin", "acme"]) == 2
     assert "'acme' is not an organization id" in capsys.readouterr().err
     assert accounts.load_pin(state) is None
 
 
 def test_pin_commands_write_the_pin(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["pin", ORG_A.upper()]) == 0
+    assert main.main(["pin", ORG_A.upper()]) == 0
     pin = accounts.load_pin(state)
     assert pin is not None and pin.organization == ORG_A and not pin.first_seen
     assert "no credential of organization" in capsys.readouterr().err  # never seen: a warning
-    assert cli.main(["pin", "--first-seen"]) == 0
+    assert main.main(["pin", "--first-seen"]) == 0
     waiting = accounts.load_pin(state)
     assert waiting is not None and waiting.organization is None and waiting.first_seen
-    assert cli.main(["pin", "--off"]) == 0
+    assert main.main(["pin", "--off"]) == 0
     assert accounts.load_pin(state) is None
 
 
@@ -335,7 +340,7 @@ def test_orgs_lists_fingerprints_and_the_pin(
     ledger.record("b" * 64, ORG_B, "2026-01-02T00:00:00Z")
     accounts.save_ledger(state, ledger)
     accounts.save_pin(state, Pin(ORG_A, "2026-01-03T00:00:00Z"))
-    assert cli.main(["orgs"]) == 0
+    assert main.main(["orgs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"pin: {ORG_A} (since 2026-01-03T00:00:00Z)"
     assert lines[1].split() == [
@@ -349,7 +354,7 @@ def test_orgs_lists_fingerprints_and_the_pin(
     ]
     assert lines[2].split() == [ORG_A, "a" * 12, *["2026-01-01T00:00:00Z"] * 2, "1", "pinned"]
     assert lines[3].split() == [ORG_B, "b" * 12, *["2026-01-02T00:00:00Z"] * 2, "1"]
-    assert cli.main(["orgs", "--json"]) == 0
+    assert main.main(["orgs", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["pin"] == {
         "organization": ORG_A,
@@ -378,8 +383,8 @@ def test_status_says_whether_a_pin_is_set(state: Path) -> None:
 def test_orgs_and_pin_do_not_import_mitmproxy(tmp_path: Path) -> None:
     """Commands that need no proxy stay fast: importing mitmproxy alone takes ~0.75 s."""
     code = (
-        "import sys; from claude_proxy import cli; "
-        "assert cli.main(['pin', '--off']) == 0 and cli.main(['orgs']) == 0; "
+        "import sys; from claude_proxy.cli import main; "
+        "assert main.main(['pin', '--off']) == 0 and main.main(['orgs']) == 0; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mitmproxy'))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}

@@ -11,10 +11,12 @@ from mitmproxy import connection, ctx, exceptions
 from mitmproxy.proxy import context, events, layer, layers, server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from claude_proxy import addon, config, passthrough, wellformed
-from claude_proxy.addon import Enforcer
-from claude_proxy.decisions import BodyCount
-from claude_proxy.policy import DEFAULT_RULES, Policy
+from claude_proxy.policy import config_file
+from claude_proxy.policy.rules import DEFAULT_RULES, Policy
+from claude_proxy.proxy import enforcer as enforcer_module
+from claude_proxy.proxy import passthrough, wellformed
+from claude_proxy.proxy.enforcer import Enforcer
+from claude_proxy.record.decisions import BodyCount
 from tests.tlsclient import Hello, client_hello
 
 
@@ -166,7 +168,7 @@ def test_policy_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.Monkey
 
 def test_name_check_exception_refuses(enforcer: Enforcer, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tunnel_request(enforcer, host="api.anthropic.com")
-    monkeypatch.setattr(addon, "misnamed", lambda *_: 1 / 0)
+    monkeypatch.setattr(enforcer_module, "misnamed", lambda *_: 1 / 0)
     enforcer.requestheaders(f)
     assert f.response is not None and f.response.status_code == 403
     assert enforcer.in_flight == 0
@@ -394,7 +396,7 @@ paths = ["/v1/files"]
 
 def use(enforcer: Enforcer, toml: str) -> None:
     path = Path("/c/config.toml")
-    enforcer.use_policy(config.build_policy(config.parse(path, toml.encode())))
+    enforcer.use_policy(config_file.build_policy(config_file.parse(path, toml.encode())))
 
 
 @pytest.mark.parametrize(
@@ -447,11 +449,13 @@ ECH = ((passthrough.ENCRYPTED_CLIENT_HELLO, b"\x00" * 40),)
     [
         ("claude.ai", hello_bytes("claude.ai"), passthrough.SplicedTunnel),
         ("claude.ai", hello_bytes("CLAUDE.AI."), passthrough.SplicedTunnel),
-        ("claude.ai", hello_bytes("api.anthropic.com"), addon.CloseTunnel),  # another name
-        ("claude.ai", hello_bytes(None), addon.CloseTunnel),  # no SNI
-        ("claude.ai", hello_bytes("claude.ai", ECH), addon.CloseTunnel),  # the name hidden
+        # another name
+        ("claude.ai", hello_bytes("api.anthropic.com"), enforcer_module.CloseTunnel),
+        ("claude.ai", hello_bytes(None), enforcer_module.CloseTunnel),  # no SNI
+        # the name hidden
+        ("claude.ai", hello_bytes("claude.ai", ECH), enforcer_module.CloseTunnel),
         ("claude.ai", hello_bytes("claude.ai")[:20], type(None)),  # wait for the whole hello
-        ("claude.ai", b"GET / HTTP/1.1\r\n\r\n", addon.CloseTunnel),
+        ("claude.ai", b"GET / HTTP/1.1\r\n\r\n", enforcer_module.CloseTunnel),
         ("api.anthropic.com", hello_bytes("api.anthropic.com"), layers.ServerTLSLayer),
         ("api.anthropic.com", hello_bytes(None), layers.ServerTLSLayer),  # inspected: SNI optional
     ],
@@ -477,7 +481,7 @@ def test_a_tunnel_refused_between_connect_and_hello_closes(enforcer: Enforcer) -
     nextlayer = layer.NextLayer(context.Context(client, ctx.options))
     nextlayer.events.append(events.DataReceived(client, hello_bytes("claude.ai")))
     enforcer.next_layer(nextlayer)
-    assert type(nextlayer.layer) is addon.CloseTunnel
+    assert type(nextlayer.layer) is enforcer_module.CloseTunnel
 
 
 def test_a_spliced_tunnel_connects_upstream_as_tls(enforcer: Enforcer) -> None:

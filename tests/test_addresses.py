@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from claude_proxy import addresses
+from claude_proxy.policy import addresses
 from tests.conftest import ProxyFactory, ProxyProcess, curl
 from tests.support.net import this_machines_address
 from tests.upstream import Upstream

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import agent, paths
+from claude_proxy.macos import agent
+from claude_proxy.state import paths
 from tests.conftest import EXECUTABLE as DEV_EXE
 from tests.conftest import ProxyProcess, curl, read_head
 from tests.macos import SCRIPTS, Mac, build_tool
@@ -128,7 +129,7 @@ def test_the_installed_tool_renders_from_the_template_in_launchd(
     the installed tool renders exactly what the checkout's template renders."""
     source = Path(__file__).resolve().parent.parent / "launchd" / "local.claude-proxy.plist"
     [installed] = built_tool.parent.parent.glob(
-        "tools/claude-proxy/lib/*/site-packages/claude_proxy/local.claude-proxy.plist"
+        "tools/claude-proxy/lib/*/site-packages/claude_proxy/macos/local.claude-proxy.plist"
     )
     assert not installed.is_symlink() and installed.read_bytes() == source.read_bytes()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}

@@ -23,7 +23,10 @@ import pytest
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons
 
-from claude_proxy import audit, auditlog, cli, decisions, paths, policy
+from claude_proxy.cli import log_cmd, main
+from claude_proxy.policy import rules
+from claude_proxy.record import audit_db, decisions
+from claude_proxy.state import paths
 from tests.support.waiting import wait_until
 
 DEADLINE = 10  # seconds any awaited event may take; running out fails the test
@@ -42,7 +45,7 @@ PRAGMA user_version = 1;
 """
 
 
-def record(**fields: Any) -> audit.Record:
+def record(**fields: Any) -> audit_db.Record:
     values: dict[str, Any] = {
         "time": NOW,
         "client": "127.0.0.1:50000",
@@ -60,10 +63,10 @@ def record(**fields: Any) -> audit.Record:
         "duration_ms": 1,
     }
     values.update(fields)
-    return audit.Record(**values)
+    return audit_db.Record(**values)
 
 
-def refusal(host: str, port: int = 443, **fields: Any) -> audit.Record:
+def refusal(host: str, port: int = 443, **fields: Any) -> audit_db.Record:
     values = {
         "decision": "block",
         "rule": None,
@@ -76,8 +79,8 @@ def refusal(host: str, port: int = 443, **fields: Any) -> audit.Record:
 
 
 def rows(path: Path, where: str = "1") -> list[tuple[Any, ...]]:
-    with closing(audit.open_readonly(path)) as conn:
-        columns = ", ".join(audit.COLUMNS)
+    with closing(audit_db.open_readonly(path)) as conn:
+        columns = ", ".join(audit_db.COLUMNS)
         query = f"SELECT {columns} FROM decisions WHERE {where} ORDER BY id"
         return [tuple(row) for row in conn.execute(query)]
 
@@ -96,15 +99,17 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "state dir & more" / "audit.db"
 
 
-Start = Callable[..., audit.Writer]
+Start = Callable[..., audit_db.Writer]
 
 
 @pytest.fixture
 def start() -> Iterator[Start]:
-    started: list[audit.Writer] = []
+    started: list[audit_db.Writer] = []
 
-    def make(path: Path, retention: audit.Retention | None = None, **options: Any) -> audit.Writer:
-        writer = audit.Writer(path, retention, **options)
+    def make(
+        path: Path, retention: audit_db.Retention | None = None, **options: Any
+    ) -> audit_db.Writer:
+        writer = audit_db.Writer(path, retention, **options)
         writer.start()
         started.append(writer)
         return writer
@@ -114,8 +119,8 @@ def start() -> Iterator[Start]:
         writer.stop(timeout=DEADLINE)
 
 
-def fill(path: Path, records: list[audit.Record]) -> None:
-    writer = audit.Writer(path)
+def fill(path: Path, records: list[audit_db.Record]) -> None:
+    writer = audit_db.Writer(path)
     writer.start()
     for item in records:
         writer.submit(item)
@@ -156,7 +161,7 @@ def test_the_files_are_private_and_the_schema_current(db: Path, start: Start) ->
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
-    assert pragma(db, "user_version") == audit.SCHEMA_VERSION
+    assert pragma(db, "user_version") == audit_db.SCHEMA_VERSION
     assert pragma(db, "journal_mode") == "wal"
     assert pragma(db, "auto_vacuum") == 2  # incremental: retention gives space back
 
@@ -165,7 +170,7 @@ def test_a_reader_reads_while_the_writer_writes_and_cannot_write(db: Path, start
     writer = start(db)
     writer.submit(record())
     wait_until(lambda: writer.written == 1, "one record")
-    with closing(audit.open_readonly(db)) as reader:
+    with closing(audit_db.open_readonly(db)) as reader:
         assert reader.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1
         writer.submit(record())
         wait_until(
@@ -191,7 +196,7 @@ def test_migration_from_v1_keeps_every_row(db: Path, start: Start) -> None:
     writer = start(db)
     writer.submit(record(organization="org-2", fingerprint="sha256:cd34"))
     wait_until(lambda: writer.written == 1, "the new record")
-    assert pragma(db, "user_version") == audit.SCHEMA_VERSION == 2
+    assert pragma(db, "user_version") == audit_db.SCHEMA_VERSION == 2
     kept, new = rows(db)
     assert kept == (
         *(NOW - HOUR, None, None, "CONNECT", "mozilla.org", 443, None, "block", None),
@@ -226,7 +231,7 @@ def test_retention_removes_rows_older_than_the_age_limit(db: Path, start: Start)
             refusal("recent.example", time=NOW - 29 * DAY),
         ],
     )
-    writer = start(db, audit.Retention(max_age=30 * DAY))
+    writer = start(db, audit_db.Retention(max_age=30 * DAY))
     writer.submit(record())  # the first batch opens the database; retention follows it
     wait_until(lambda: len(rows(db)) == 2, "the old rows to go")
     assert [row[4] for row in rows(db)] == ["recent.example", "api.anthropic.com"]
@@ -235,7 +240,7 @@ def test_retention_removes_rows_older_than_the_age_limit(db: Path, start: Start)
 def test_retention_keeps_the_database_under_its_size_limit(
     db: Path, start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flood_until_trimmed(db, start, monkeypatch, audit.Retention(max_bytes=TRIM_LIMIT))
+    flood_until_trimmed(db, start, monkeypatch, audit_db.Retention(max_bytes=TRIM_LIMIT))
     assert db.stat().st_size <= TRIM_LIMIT
     total = FLOOD_ROWS
     kept = rows(db)
@@ -249,7 +254,7 @@ def test_size_trimming_never_deletes_refusals_younger_than_the_age_limit(
 ) -> None:
     """A flood (of allowed traffic, or of anything) cannot push the evidence of refusals out."""
     fill(db, [refusal(f"r{i}.example", time=NOW - DAY + i) for i in range(300)])
-    retention = audit.Retention(max_age=30 * DAY, max_bytes=TRIM_LIMIT)
+    retention = audit_db.Retention(max_age=30 * DAY, max_bytes=TRIM_LIMIT)
     flood_until_trimmed(db, start, monkeypatch, retention)
     kept = rows(db)
     assert [r[4] for r in kept if r[7] == "block"] == [f"r{i}.example" for i in range(300)]
@@ -259,9 +264,9 @@ def test_size_trimming_never_deletes_refusals_younger_than_the_age_limit(
 def test_refusals_alone_over_the_size_limit_are_kept_and_said_once(
     db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(audit_db, "MAINTENANCE_SECONDS", 0.05)
     fill(db, [refusal(f"r{i}.example", reason="x" * 300, time=NOW - i) for i in range(2000)])
-    writer = start(db, audit.Retention(max_age=30 * DAY, max_bytes=TRIM_LIMIT))
+    writer = start(db, audit_db.Retention(max_age=30 * DAY, max_bytes=TRIM_LIMIT))
     writer.submit(refusal("opens.example"))  # the first batch opens the database
     said = "is over its size limit (0 MiB) with refusals younger than 30 days, which are kept"
     wait_until(lambda: said in caplog.text, "the warning")
@@ -276,17 +281,17 @@ FLOOD_ROWS = 6000  # about 1.5 MB of rows
 
 
 def flood_until_trimmed(
-    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, retention: audit.Retention
+    db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, retention: audit_db.Retention
 ) -> None:
     """Write FLOOD_ROWS allowed requests; return once retention has the file under its limit."""
-    monkeypatch.setattr(audit, "MAINTENANCE_SECONDS", 0.05)
-    monkeypatch.setattr(audit, "CHUNK", 200)
+    monkeypatch.setattr(audit_db, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(audit_db, "CHUNK", 200)
     writer = start(db, retention)
     for i in range(FLOOD_ROWS):
         writer.submit(record(method="GET", path=f"/{i}/" + "x" * 200, time=NOW + i))
     wait_until(lambda: writer.written == FLOOD_ROWS, "every record")
-    with closing(audit.open_readonly(db)) as reader:
-        wait_until(lambda: audit.used_bytes(reader) <= retention.max_bytes, "the file to shrink")
+    with closing(audit_db.open_readonly(db)) as reader:
+        wait_until(lambda: audit_db.used_bytes(reader) <= retention.max_bytes, "the file to shrink")
     writer.stop()
 
 
@@ -294,13 +299,15 @@ def test_a_slow_disk_never_holds_up_submit(
     db: Path, start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     disk = threading.Event()
-    write_batch = audit.Writer.write_batch
+    write_batch = audit_db.Writer.write_batch
 
-    def stuck(self: audit.Writer, conn: sqlite3.Connection, batch: list[audit.Record]) -> None:
+    def stuck(
+        self: audit_db.Writer, conn: sqlite3.Connection, batch: list[audit_db.Record]
+    ) -> None:
         disk.wait(DEADLINE)
         write_batch(self, conn, batch)
 
-    monkeypatch.setattr(audit.Writer, "write_batch", stuck)
+    monkeypatch.setattr(audit_db.Writer, "write_batch", stuck)
     writer = start(db, queue_size=10)
     total = 200
     submitter = threading.Thread(target=lambda: [writer.submit(record()) for _ in range(total)])
@@ -311,7 +318,7 @@ def test_a_slow_disk_never_holds_up_submit(
     disk.set()
     wait_until(lambda: writer.written + writer.dropped == total, "every record accounted for")
     assert len(rows(db)) == writer.written
-    with closing(audit.open_readonly(db)) as reader:
+    with closing(audit_db.open_readonly(db)) as reader:
         wait_until(
             lambda: reader.execute("SELECT dropped FROM writer").fetchone()[0] == writer.dropped,
             "the counters in the database",
@@ -346,7 +353,7 @@ def test_a_full_disk_is_said_once_and_retried(
 ) -> None:
     full = threading.Event()
     full.set()
-    connect = audit.connect
+    connect = audit_db.connect
 
     def no_room(path: Path) -> sqlite3.Connection:
         conn = connect(path)
@@ -355,7 +362,7 @@ def test_a_full_disk_is_said_once_and_retried(
             conn.execute(f"PRAGMA max_page_count = {pages}")
         return conn
 
-    monkeypatch.setattr(audit, "connect", no_room)
+    monkeypatch.setattr(audit_db, "connect", no_room)
     writer = start(db, retry_seconds=0.01)
     for _ in range(5):
         writer.submit(record(path="/" + "x" * 3000))
@@ -395,7 +402,7 @@ def test_a_folder_that_cannot_be_made_stops_nothing(
 
 
 def test_stop_writes_what_is_queued(db: Path) -> None:
-    writer = audit.Writer(db)
+    writer = audit_db.Writer(db)
     writer.start()
     for i in range(1000):
         writer.submit(record(port=i))
@@ -415,7 +422,7 @@ def log(db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
     monkeypatch.delenv("NO_COLOR", raising=False)
 
     def run(*args: str) -> tuple[int, list[str], str]:
-        code = cli.main(["log", *args])
+        code = main.main(["log", *args])
         out, err = capsys.readouterr()
         return code, out.splitlines(), err
 
@@ -471,7 +478,7 @@ def test_log_json_lines_carry_every_field(db: Path, log: Any) -> None:
     assert code == 0
     [line] = lines
     decision = json.loads(line)
-    assert set(decision) == {"id", *audit.COLUMNS}
+    assert set(decision) == {"id", *audit_db.COLUMNS}
     assert datetime.fromisoformat(decision["time"]).timestamp() == pytest.approx(NOW, abs=0.001)
     assert decision["path"] == "/v1/models"
     assert decision["bytes_down"] == 20 and decision["organization"] == "org-9"
@@ -608,14 +615,14 @@ def test_log_colours_only_on_a_terminal_without_no_color(
     fill(db, [record(), refusal("mozilla.org")])
     monkeypatch.setenv("COLUMNS", "100")
     monkeypatch.delenv("NO_COLOR", raising=False)
-    request = auditlog.Request(auditlog.Selection())
+    request = log_cmd.Request(log_cmd.Selection())
     terminal = Terminal()
-    auditlog.show(db, request, terminal)
-    assert auditlog.GREEN + "ALLOW" in terminal.getvalue()
-    assert auditlog.RED + "BLOCK" in terminal.getvalue()
+    log_cmd.show(db, request, terminal)
+    assert log_cmd.GREEN + "ALLOW" in terminal.getvalue()
+    assert log_cmd.RED + "BLOCK" in terminal.getvalue()
     monkeypatch.setenv("NO_COLOR", "1")
     terminal = Terminal()
-    auditlog.show(db, request, terminal)
+    log_cmd.show(db, request, terminal)
     assert "\033[" not in terminal.getvalue()
 
 
@@ -631,7 +638,7 @@ def test_log_of_a_database_still_being_made_shows_nothing_yet(db: Path, log: Any
     code, lines, err = log()
     assert (code, lines) == (0, [])
     assert "no audit log yet" in err
-    assert auditlog.describe(db) == (True, f"{db} (not written yet)")
+    assert log_cmd.describe(db) == (True, f"{db} (not written yet)")
 
 
 def test_log_of_a_damaged_database_is_one_line_and_exit_1(db: Path, log: Any) -> None:
@@ -647,35 +654,35 @@ def test_log_of_a_damaged_database_is_one_line_and_exit_1(db: Path, log: Any) ->
     [("45s", 45), ("30m", 30 * MINUTE), ("1h", HOUR), ("2d", 2 * DAY), ("1w", 7 * DAY)],
 )
 def test_since_durations(text: str, ago: int) -> None:
-    assert auditlog.parse_since(text, now=NOW) == NOW - ago
+    assert log_cmd.parse_since(text, now=NOW) == NOW - ago
 
 
 def test_since_iso_times() -> None:
-    assert auditlog.parse_since("2025-06-01T14:00:00+00:00") == 1748786400
-    naive = auditlog.parse_since("2025-06-01T14:00")
+    assert log_cmd.parse_since("2025-06-01T14:00:00+00:00") == 1748786400
+    naive = log_cmd.parse_since("2025-06-01T14:00")
     assert naive == datetime(2025, 6, 1, 14, 0).timestamp()  # local time
     with pytest.raises(ValueError, match="is not a time"):
-        auditlog.parse_since("yesterday")
+        log_cmd.parse_since("yesterday")
 
 
 def test_log_refuses_a_bad_since(log: Any, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        cli.main(["log", "--since", "yesterday"])
+        main.main(["log", "--since", "yesterday"])
     assert exited.value.code == 2
     assert "is not a time" in capsys.readouterr().err
 
 
 def test_status_names_the_database_its_rows_and_what_was_dropped(db: Path) -> None:
-    assert auditlog.describe(db) == (True, f"{db} (not written yet)")
+    assert log_cmd.describe(db) == (True, f"{db} (not written yet)")
     fill(db, [record(), record()])
-    ok, detail = auditlog.describe(db)
+    ok, detail = log_cmd.describe(db)
     assert ok
     assert detail.startswith(f"{db}: 2 decisions; ")
     assert detail.endswith("dropped 0")
     db.write_bytes(b"garbage " * 1000)
     for path in db.parent.glob("audit.db-*"):
         path.unlink()
-    ok, detail = auditlog.describe(db)
+    ok, detail = log_cmd.describe(db)
     assert not ok and detail.startswith(f"cannot read the audit log {db}: ")
 
 
@@ -683,13 +690,13 @@ def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
     """What `--suggest` names (an A-label, an IPv6 literal) is a rule that allows it."""
     name = "bücher.example".encode("idna").decode()
     fill(db, [refusal(name, time=NOW - 1), refusal("2606:4700::1111")])
-    with closing(auditlog.connect(db)) as conn:
-        found = auditlog.suggestions(conn, auditlog.Selection())
+    with closing(log_cmd.connect(db)) as conn:
+        found = log_cmd.suggestions(conn, log_cmd.Selection())
     assert [(s.host, list(s.ports)) for s in found] == [("2606:4700::1111", [443]), (name, [443])]
     for suggestion in found:
-        ip = policy.parse_ip(suggestion.host) is not None
-        text = auditlog.rule_text(suggestion.host, 443, ip)
-        assert policy.Policy.from_texts([text]).decide(suggestion.host, 443).allowed, text
+        ip = rules.parse_ip(suggestion.host) is not None
+        text = log_cmd.rule_text(suggestion.host, 443, ip)
+        assert rules.Policy.from_texts([text]).decide(suggestion.host, 443).allowed, text
 
 
 @pytest.mark.parametrize("option", ["sandbox_audit_days", "sandbox_audit_max_mb"])
@@ -699,15 +706,18 @@ def test_retention_options_must_be_positive(option: str) -> None:
         with pytest.raises(OptionsError, match="must be at least 1"):
             tctx.configure(audit_log, **{option: 0})
         tctx.configure(audit_log, sandbox_audit_days=7, sandbox_audit_max_mb=5)
-        assert decisions.retention() == audit.Retention(max_age=7 * DAY, max_bytes=5 * audit.MIB)
+        assert decisions.retention() == audit_db.Retention(
+            max_age=7 * DAY, max_bytes=5 * audit_db.MIB
+        )
 
 
 def test_log_does_not_load_mitmproxy(db: Path, tmp_path: Path) -> None:
     fill(db, [record()])
     code = (
-        "import sys; from claude_proxy import cli, paths; from pathlib import Path\n"
+        "import sys; from claude_proxy.cli import main; from claude_proxy.state import paths\n"
+        "from pathlib import Path\n"
         f"paths.audit_db = lambda: Path({str(db)!r})\n"
-        "assert cli.main(['log', '--json']) == 0\n"
+        "assert main.main(['log', '--json']) == 0\n"
         "assert not [m for m in sys.modules if m.startswith('mitmproxy')], 'mitmproxy loaded'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -725,7 +735,7 @@ def test_status_and_log_read_a_v1_database_a_proxy_has_not_migrated_yet(db: Path
             (NOW,),
         )
         conn.commit()
-    assert auditlog.describe(db) == (True, f"{db}: 1 decisions")
+    assert log_cmd.describe(db) == (True, f"{db}: 1 decisions")
     code, lines, _ = log("--blocked")
     assert code == 0 and "mozilla.org:443" in lines[-1]
 
@@ -743,7 +753,7 @@ class WatchedQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 def test_an_idle_writer_waits_for_records_rather_than_polling(db: Path, start: Start) -> None:
-    writer = audit.Writer(db)
+    writer = audit_db.Writer(db)
     watched = WatchedQueue(10)
     writer.queue = watched
     writer.start()

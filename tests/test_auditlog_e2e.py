@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import accounts, auditlog
+from claude_proxy.cli import log_cmd
+from claude_proxy.state import accounts
 from tests.conftest import (
     EXECUTABLE,
     ProxyProcess,
@@ -47,7 +48,7 @@ LOCKER = (
 
 
 def writer_row(proxy: ProxyProcess) -> dict:
-    conn = auditlog.connect(audit_db(proxy))
+    conn = log_cmd.connect(audit_db(proxy))
     if conn is None:
         return {}
     with closing(conn):

@@ -13,7 +13,7 @@ import certifi
 import pytest
 import trustme
 
-from claude_proxy import bundle
+from claude_proxy.state import bundle
 from tests.conftest import ProxyProcess, read_head, send_connect
 from tests.support.cli import run, run_cli
 from tests.support.files import mode

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import ca
 from claude_proxy.errors import ExitCode, ProxyError
+from claude_proxy.state import ca
 from tests.conftest import EXECUTABLE, start_proxy
 from tests.upstream import Upstream
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import cli
+from claude_proxy.cli import main
 from tests.support.cli import run_cli
 
 
@@ -81,7 +81,7 @@ def test_env_warns_when_the_ca_is_missing(home: Path) -> None:
     ],
 )
 def test_export_line_quotes(value: str, shell: str, line: str) -> None:
-    assert cli.export_line(shell, "X", value) == line
+    assert main.export_line(shell, "X", value) == line
 
 
 @pytest.mark.parametrize(
@@ -104,10 +104,10 @@ def test_check(
 ) -> None:
     monkeypatch.setenv("HOME", str(home))  # no config.toml: the built-in defaults
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    assert cli.main(["check", *args]) == code
+    assert main.main(["check", *args]) == code
     assert capsys.readouterr().out.startswith(out)
 
 
 def test_check_bad_destination(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["check", "example.com:http"]) == 2
+    assert main.main(["check", "example.com:http"]) == 2
     assert "bad port" in capsys.readouterr().err

@@ -17,9 +17,9 @@ from tests.support.cli import run_cli
 HEAVY = ("mitmproxy", "cryptography", "asyncio")
 PROGRAM = """
 import json, sys
-from claude_proxy import cli
+from claude_proxy.cli.main import main
 try:
-    code = cli.main(sys.argv[1:])
+    code = main(sys.argv[1:])
 except SystemExit as e:
     code = e.code
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))

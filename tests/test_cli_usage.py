@@ -327,7 +327,7 @@ SUBCOMMANDS = ["run", "ca", "env", "check", "config", "plist", "status", "paths"
 def test_every_subcommand_has_a_description_an_example_and_option_help(
     home: Path, command: str
 ) -> None:
-    from claude_proxy import cli as module
+    from claude_proxy.cli import main as module
 
     result = cli(home, command, "--help")
     assert result.returncode == 0

@@ -7,52 +7,52 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import config, policy
-from claude_proxy.config import ConfigError
+from claude_proxy.policy import config_file, rules
+from claude_proxy.policy.config_file import ConfigError
 
 PATH = Path("/home/u/.config/claude-proxy/config.toml")
 
 
 def errors(text: str) -> list[str]:
     with pytest.raises(ConfigError) as excinfo:
-        config.parse(PATH, text.encode())
+        config_file.parse(PATH, text.encode())
     return [str(e) for e in excinfo.value.errors]
 
 
 def warnings(text: str) -> list[str]:
-    return [str(w) for w in config.parse(PATH, text.encode()).warnings]
+    return [str(w) for w in config_file.parse(PATH, text.encode()).warnings]
 
 
 def test_the_example_written_when_missing_is_the_default_policy(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "config.toml"
-    assert config.ensure_file(path)
+    assert config_file.ensure_file(path)
     assert path.stat().st_mode & 0o777 == 0o600
-    loaded = config.load(path)
+    loaded = config_file.load(path)
     assert loaded.exists and loaded.defaults and loaded.rules == () and loaded.warnings == ()
-    built = config.build_policy(loaded)
-    assert [r.text for r in built.rules] == list(policy.DEFAULT_RULES)
+    built = config_file.build_policy(loaded)
+    assert [r.text for r in built.rules] == list(rules.DEFAULT_RULES)
     path.write_text("defaults = false\n")
-    assert not config.ensure_file(path)  # the user's file is never rewritten
+    assert not config_file.ensure_file(path)  # the user's file is never rewritten
     assert path.read_text() == "defaults = false\n"
 
 
 def test_the_example_is_a_working_example() -> None:
     """Every commented rule in the example, uncommented, is valid."""
     example = re.compile(r"^# (\[|[a-z_]+ = )")
-    lines = [line[2:] for line in config.TEMPLATE.splitlines() if example.match(line)]
-    loaded = config.parse(PATH, "\n".join(lines).encode())
+    lines = [line[2:] for line in config_file.TEMPLATE.splitlines() if example.match(line)]
+    loaded = config_file.parse(PATH, "\n".join(lines).encode())
     assert len(loaded.rules) == 5
-    assert loaded.listen == config.Listen(("127.0.0.1", "::1"), 9051, 9052)
+    assert loaded.listen == config_file.Listen(("127.0.0.1", "::1"), 9051, 9052)
 
 
 def test_a_missing_file_is_the_default_policy(tmp_path: Path) -> None:
-    loaded = config.load(tmp_path / "none.toml")
+    loaded = config_file.load(tmp_path / "none.toml")
     assert not loaded.exists
-    assert config.build_policy(loaded).decide("api.anthropic.com", 443).allowed
+    assert config_file.build_policy(loaded).decide("api.anthropic.com", 443).allowed
 
 
 def test_rules_carry_their_line_and_comment() -> None:
-    loaded = config.parse(
+    loaded = config_file.parse(
         PATH,
         b"""# a comment
 defaults = false
@@ -73,13 +73,13 @@ host = "gist.github.com"
         None,  # a deny without ports names every port
         frozenset({"https", "http"}),
     )
-    built = config.build_policy(loaded, ["localhost:8443"])
+    built = config_file.build_policy(loaded, ["localhost:8443"])
     assert built.source == f"{PATH} and the --allow flags of the running claude-proxy"
     assert [r.origin for r in built.rules] == [f"{PATH}:4", f"{PATH}:8", "--allow"]
 
 
 def test_headers_inside_a_multiline_string_are_not_rules() -> None:
-    loaded = config.parse(
+    loaded = config_file.parse(
         PATH,
         b'''[[allow]]
 host = "a.example"
@@ -169,7 +169,7 @@ def test_errors_name_the_line_and_the_fix(text: str, expected: str) -> None:
 
 def test_bytes_that_are_not_utf8() -> None:
     with pytest.raises(ConfigError, match=r"config.toml:2: is not UTF-8"):
-        config.parse(PATH, b"defaults = true\n# \xff\n")
+        config_file.parse(PATH, b"defaults = true\n# \xff\n")
 
 
 def test_every_error_is_reported_at_once() -> None:
@@ -242,7 +242,7 @@ def test_rules_that_can_never_apply_are_errors(text: str, expected: str) -> None
     ],
 )
 def test_partial_overlaps_are_fine(text: str) -> None:
-    assert config.parse(PATH, text.encode()).warnings == ()
+    assert config_file.parse(PATH, text.encode()).warnings == ()
 
 
 @pytest.mark.parametrize(
@@ -277,8 +277,8 @@ def test_allow_paths_differing_in_case_are_not_duplicates() -> None:
 
 
 def test_listen_and_log_level() -> None:
-    loaded = config.parse(
+    loaded = config_file.parse(
         PATH, b"log_level = 'debug'\n[listen]\nhosts = ['127.0.0.1']\nport = 0\nsocks_port = 9\n"
     )
-    assert loaded.listen == config.Listen(("127.0.0.1",), 0, 9)
+    assert loaded.listen == config_file.Listen(("127.0.0.1",), 0, 9)
     assert loaded.log_level == "debug"

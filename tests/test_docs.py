@@ -109,7 +109,11 @@ def test_every_test_the_docs_name_exists() -> None:
     assert missing == []
 
 
-FILE_REFERENCE = re.compile(r"`((?:src|tests|scripts|docs|\.ci)/[\w./-]*|[\w-]+\.(?:py|sh))[`\s]")
+FILE_REFERENCE = re.compile(
+    r"`((?:src|tests|scripts|docs|\.ci)/[\w./-]*|(?:[\w-]+/)*[\w-]+\.(?:py|sh))[`\s]"
+)
+ROOTS = ("src/", "tests/", "scripts/", "docs/", ".ci/")
+SUBPACKAGES = sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
 
 
 def test_every_file_the_docs_name_exists() -> None:
@@ -117,10 +121,12 @@ def test_every_file_the_docs_name_exists() -> None:
     for doc in DOCS:
         for found in FILE_REFERENCE.finditer(doc.read_text()):
             name = found[1]
-            if "/" in name:
+            if name.startswith(ROOTS):
                 exists = (ROOT / name).exists()
+            elif "/" in name:  # a module named by its place in the package: `proxy/enforcer.py`
+                exists = (PACKAGE / name).exists()
             else:
-                where = [PACKAGE, ROOT / "tests", ROOT / "scripts"]
+                where = [PACKAGE, *SUBPACKAGES, ROOT / "tests", ROOT / "scripts"]
                 exists = name in FOREIGN_FILES or any((d / name).exists() for d in where)
             if not exists:
                 missing.append(f"{doc.name}: {name}")
@@ -175,9 +181,9 @@ def test_the_module_map_names_every_module() -> None:
     text = (ROOT / "CONTRIBUTING.md").read_text()
     section = text[text.index("## Module map") :]
     mapped = set(re.findall(r"^\| `([\w./-]+)` \|", section, re.M))
-    modules = {p.name for p in PACKAGE.glob("*.py")} - {"__init__.py"}
-    modules |= {p.name for p in PACKAGE.glob("*.plist")}
-    modules |= {f"{p.parent.name}/" for p in PACKAGE.glob("*/__init__.py")}
+    named = [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.plist")]
+    modules = {p.relative_to(PACKAGE).as_posix() for p in named if p.name != "__init__.py"}
+    modules |= {f"{p.relative_to(PACKAGE).as_posix()}/" for p in SUBPACKAGES}
     assert sorted(modules - mapped) == [], "modules the map leaves out"
     assert sorted(mapped - modules) == [], "names in the map that are not modules"
 

@@ -14,8 +14,8 @@ import pytest
 from mitmproxy.proxy.layers.http import ErrorCode, RequestProtocolError, ResponseProtocolError
 from mitmproxy.test import tflow
 
-from claude_proxy import failures
-from claude_proxy.addresses import NOT_RESOLVED
+from claude_proxy.policy.addresses import NOT_RESOLVED
+from claude_proxy.proxy import upstream_failures
 
 HOST, PORT = "api.anthropic.com", 443
 WHERE = f"{HOST}:{PORT}"
@@ -150,8 +150,8 @@ def connect_error(code: int, address: str = "('203.0.113.10', 443)") -> str:
     ],
 )
 def test_upstream_failures(message: str, error: str, what: str, status: int) -> None:
-    failure = failures.upstream_failure(message, HOST, PORT)
-    assert failure == failures.Failure(what, error, status)
+    failure = upstream_failures.upstream_failure(message, HOST, PORT)
+    assert failure == upstream_failures.Failure(what, error, status)
 
 
 @pytest.mark.parametrize(
@@ -172,9 +172,9 @@ def test_upstream_failures(message: str, error: str, what: str, status: int) -> 
     ],
 )
 def test_refusals_on_the_way_upstream_stay_refusals(message: str, error: str, reason: str) -> None:
-    failure = failures.upstream_failure(message, HOST, PORT)
-    assert failure == failures.Failure(reason, error, 502, refused=True)
-    answer = failures.answer("GET", HOST, PORT, failure)
+    failure = upstream_failures.upstream_failure(message, HOST, PORT)
+    assert failure == upstream_failures.Failure(reason, error, 502, refused=True)
+    answer = upstream_failures.answer("GET", HOST, PORT, failure)
     assert answer.headers["X-Claude-Proxy"] == "refused"
     assert answer.text.startswith(f"claude-proxy refused {WHERE}: {reason}.\n")
 
@@ -229,15 +229,15 @@ def test_which_side_ended_an_exchange(
 ) -> None:
     flow = tflow.tflow(resp=responded)
     flow.request.host, flow.request.port = HOST, PORT
-    failure = failures.of_event(event, flow)
+    failure = upstream_failures.of_event(event, flow)
     assert failure.what == what
     assert bool(failure.error) is (what.startswith(WHERE))  # only the upstream's side is answered
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_the_answer(method: str) -> None:
-    failure = failures.upstream_failure(connect_error(errno.ECONNREFUSED), HOST, PORT)
-    answer = failures.answer(method, HOST, PORT, failure)
+    failure = upstream_failures.upstream_failure(connect_error(errno.ECONNREFUSED), HOST, PORT)
+    answer = upstream_failures.answer(method, HOST, PORT, failure)
     assert answer.status_code == 502
     assert answer.headers["X-Claude-Proxy"] == "upstream-error"
     assert answer.headers["Proxy-Status"] == (

@@ -19,7 +19,8 @@ from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.proxy.server_hooks import ClientConnectedHook
 from mitmproxy.test import tflow
 
-from claude_proxy import hookcache
+import claude_proxy
+from claude_proxy.mitm import hook_cache
 from tests.conftest import start_proxy
 from tests.upstream import Upstream
 
@@ -58,7 +59,7 @@ def run_with_master(cached: bool, body: Callable[[master.Master], Awaitable[None
     async def main() -> None:
         m = master.Master(options.Options(), with_termlog=False)
         if cached:
-            hookcache.install(m)
+            hook_cache.install(m)
         await body(m)
 
     asyncio.run(main())
@@ -124,7 +125,7 @@ def test_a_hook_no_addon_has_is_remembered_as_such() -> None:
     async def body(m: master.Master) -> None:
         m.addons.add(Recorder("only", []))
         await m.addons.trigger_event(ClientConnectedHook(tflow.tclient_conn()))
-        assert isinstance(m.addons, hookcache.CachedAddonManager)
+        assert isinstance(m.addons, hook_cache.CachedAddonManager)
         assert m.addons.handlers == {"client_connected": []}
 
     run_with_master(True, body)
@@ -177,9 +178,9 @@ def test_an_edited_script_takes_effect(
 def test_no_attribute_of_ours_is_named_as_a_hook() -> None:
     """mitmproxy takes any attribute named as a hook for its handler: `self.error = "..."` on an
     addon made every failed flow log "Addon handler error (...) not callable" with a traceback."""
-    package = Path(hookcache.__file__).parent
+    package = Path(claude_proxy.__file__).parent
     found = []
-    for source in sorted(package.glob("*.py")):
+    for source in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):
             if (
                 isinstance(node, ast.Attribute)
@@ -188,5 +189,5 @@ def test_no_attribute_of_ours_is_named_as_a_hook() -> None:
                 and node.value.id == "self"
                 and node.attr in hooks.all_hooks
             ):
-                found.append(f"{source.name}:{node.lineno}: self.{node.attr}")
+                found.append(f"{source.relative_to(package)}:{node.lineno}: self.{node.attr}")
     assert found == []

@@ -22,7 +22,7 @@ import h2.events
 import h2.settings
 import pytest
 
-from claude_proxy.held import PAUSE, PER_CLIENT
+from claude_proxy.proxy.held_bodies import PAUSE, PER_CLIENT
 from tests import conftest
 from tests.conftest import (
     ProxyFactory,
@@ -511,7 +511,7 @@ def held_reason(limit: str) -> str:
 
 
 def test_held_counts_come_back_to_zero() -> None:
-    from claude_proxy.held import Held
+    from claude_proxy.proxy.held_bodies import Held
 
     held = Held(per_client=10, total=15)
     assert held.add("a", 6) is None and held.add("a", 4) is None
@@ -526,14 +526,14 @@ def test_held_counts_come_back_to_zero() -> None:
 
 
 def test_a_client_holding_the_pause_size_is_not_read_until_half_of_it_moved_on() -> None:
-    from claude_proxy.held import Held
+    from claude_proxy.proxy.held_bodies import Held
 
     calls: list[tuple[str, bool]] = []
     held = Held(per_client=100, total=1000, pause=10)
     held.flow_control = lambda client, paused: calls.append((client, paused))
     assert held.add("a", 6) is None and calls == []
     assert held.add("a", 4) is None and calls == [("a", True)]
-    assert held.add("a", 1) is None and calls == [("a", True)] * 2  # asked again: see held.py
+    assert held.add("a", 1) is None and calls == [("a", True)] * 2  # asked again: held_bodies.py
     held.release("a", 5)  # 6 held: more than half
     assert calls == [("a", True)] * 2
     held.release("a", 1)  # 5: half

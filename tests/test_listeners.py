@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from claude_proxy import listeners
+from claude_proxy.proxy import listeners
 
 
 def test_both_loopback_addresses_where_the_machine_has_them() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from claude_proxy import logs
+from claude_proxy.state import logs
 from tests.conftest import EXECUTABLE, SCRIPTS
 from tests.support.cli import run_cli
 from tests.support.files import mode

@@ -27,10 +27,11 @@ import httpx
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from claude_proxy import accounts, held
-from claude_proxy.addon import Enforcer
-from claude_proxy.orgguard import BUSY, MAX_WAITING, OrgGuard
-from claude_proxy.policy import DEFAULT_RULES, Policy
+from claude_proxy.policy.rules import DEFAULT_RULES, Policy
+from claude_proxy.proxy import held_bodies
+from claude_proxy.proxy.enforcer import Enforcer
+from claude_proxy.proxy.org_guard import BUSY, MAX_WAITING, OrgGuard
+from claude_proxy.state import accounts
 from tests.conftest import (
     EXECUTABLE,
     ProxyProcess,
@@ -448,7 +449,7 @@ def test_a_failing_check_refuses_with_one_line(
             asyncio.run(guard.requestheaders(f))
             assert f.response is not None and f.response.status_code == 403
             assert "internal error in the organization check" in (f.response.text or "")
-    errors = [r for r in caplog.records if r.name == "claude_proxy.orgguard"]
+    errors = [r for r in caplog.records if r.name == "claude_proxy.proxy.org_guard"]
     assert [r.levelname for r in errors] == ["ERROR"]  # once, however often it fails
 
 
@@ -568,8 +569,9 @@ def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file
         "sandbox_probe_timeout=60",
     )
     size = 8 * 1024 * 1024
-    assert CLIENTS * held.PAUSE > held.TOTAL  # read only to the pause, they still fill it
-    assert CLIENTS * size >= 3 * held.TOTAL  # holding them all would show beyond doubt
+    # read only to the pause, they still fill it
+    assert CLIENTS * held_bodies.PAUSE > held_bodies.TOTAL
+    assert CLIENTS * size >= 3 * held_bodies.TOTAL  # holding them all would show beyond doubt
     head = "POST /v1/files HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: {}\r\n"
     request = (head.format(KEY_A2) + f"Content-Length: {size}\r\n\r\n").encode() + b"y" * size
     sockets = []
@@ -579,18 +581,20 @@ def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file
                 tls = open_tunnel(proxy, "api.anthropic.com")
                 tls.settimeout(0.5)
                 # Ended by the proxy, or no longer read: it stops reading a client that holds
-                # a few MiB (held.PAUSE) until its request can move.
+                # a few MiB (held_bodies.PAUSE) until its request can move.
                 with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
                     tls.sendall(request)
                 sockets.append(tls)
             wait_for_line(
-                proxy, f"more than {held.TOTAL // held.MIB} MiB held for all clients", after=0
+                proxy,
+                f"more than {held_bodies.TOTAL // held_bodies.MIB} MiB held for all clients",
+                after=0,
             )
-        growth = memory.growth // held.MIB
+        growth = memory.growth // held_bodies.MIB
         # The held bodies sit in ~64 KiB pieces on the allocator's heap, between the transient
         # copies of TLS and HTTP/1 parsing: RSS grew 1.1 to 1.3 times what is held (measured).
         # Holding every body would take at least the 480 MiB offered.
-        assert growth < 2 * held.TOTAL // held.MIB, f"grew {growth} MiB"
+        assert growth < 2 * held_bodies.TOTAL // held_bodies.MIB, f"grew {growth} MiB"
         assert proxy.proc.poll() is None
     finally:
         for tls in sockets:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy import config
-from claude_proxy.policy import (
+from claude_proxy.policy import config_file
+from claude_proxy.policy.rules import (
     DEFAULT_RULES,
     DENY,
     WILDCARD,
@@ -196,7 +196,7 @@ def test_normalize_host() -> None:
 @pytest.mark.parametrize("host", ["2001:db8::5", "2001:db8::5%0", "[2001:db8::5%eth0]"])
 def test_a_scope_id_does_not_dodge_a_deny_under_an_allowed_network(host: str) -> None:
     text = b'[[allow]]\ncidr = "2001:db8::/32"\n[[deny]]\nip = "2001:db8::5"\n'
-    policy = config.build_policy(config.parse(Path("/c/config.toml"), text))
+    policy = config_file.build_policy(config_file.parse(Path("/c/config.toml"), text))
     assert policy.decide("2001:db8::6", 443).allowed  # the network is allowed
     decision = policy.decide(host, 443)
     assert not decision.allowed
@@ -204,8 +204,8 @@ def test_a_scope_id_does_not_dodge_a_deny_under_an_allowed_network(host: str) ->
 
 
 def test_a_rule_with_a_scope_id_is_refused() -> None:
-    with pytest.raises(config.ConfigError, match="scope id"):
-        config.parse(Path("/c/config.toml"), b'[[deny]]\nip = "fe80::1%eth0"\n')
+    with pytest.raises(config_file.ConfigError, match="scope id"):
+        config_file.parse(Path("/c/config.toml"), b'[[deny]]\nip = "fe80::1%eth0"\n')
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_rules_that_name_no_destination(text: str, message: str) -> None:
 
 
 def policy_from(toml: str, flags: tuple[str, ...] = ()) -> Policy:
-    return config.build_policy(config.parse(Path("/c/config.toml"), toml.encode()), flags)
+    return config_file.build_policy(config_file.parse(Path("/c/config.toml"), toml.encode()), flags)
 
 
 DENY_AND_ALLOW = (

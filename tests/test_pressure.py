@@ -324,7 +324,7 @@ def test_a_gate_closed_when_its_listener_stops_does_not_reopen_on_another_socket
     gate must not start accepting on a descriptor that is no longer its listener."""
     import asyncio
 
-    from claude_proxy.acceptgate import AcceptGate
+    from claude_proxy.proxy.accept_gate import AcceptGate
 
     room = [0]
     reopened: list[int] = []

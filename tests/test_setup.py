@@ -521,7 +521,7 @@ def test_commands_do_not_import_mitmproxy(home: Path, args: list[str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
-    assert "claude_proxy.cli" in imported  # the measurement saw our own imports
+    assert "claude_proxy.cli.main" in imported  # the measurement saw our own imports
     assert [name for name in imported if name.split(".")[0] == "mitmproxy"] == []
 
 

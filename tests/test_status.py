@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import trustme
 
-from claude_proxy import agent, probes
+from claude_proxy.cli import status_checks
+from claude_proxy.macos import agent
 from tests.conftest import EXECUTABLE, read_head, start_proxy
 from tests.macos import Mac
 from tests.mountns import MountNamespace
@@ -162,19 +163,19 @@ def keychain(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Mac
 def test_keychain_check_is_the_trust_decision(keychain: Mac, home: Path) -> None:
     cert = keychain.confdir / "mitmproxy-ca-cert.pem"
     fingerprint = sha1(cert)
-    check = probes.keychain(home, cert)
+    check = status_checks.keychain(home, cert)
     assert not check.ok  # not there at all
     assert check.fix == (
         "security add-trusted-cert -r trustRoot -p ssl -p basic -k "
         f"'{home}/Library/Keychains/login.keychain-db' '{cert}'"
     )
     keychain.put_in_keychain("0" * 40, "trusted")  # another mitmproxy CA is trusted, not ours
-    assert not probes.keychain(home, cert).ok
+    assert not status_checks.keychain(home, cert).ok
     keychain.put_in_keychain(fingerprint, "never")  # there, but marked Never Trust
-    check = probes.keychain(home, cert)
+    check = status_checks.keychain(home, cert)
     assert not check.ok and "CSSMERR_TP_NOT_TRUSTED" in check.detail
     keychain.put_in_keychain(fingerprint, "trusted")
-    assert probes.keychain(home, cert).ok
+    assert status_checks.keychain(home, cert).ok
 
 
 def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
@@ -205,7 +206,7 @@ def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
 def test_commands_that_run_no_proxy_do_not_import_mitmproxy(home: Path, args: list[str]) -> None:
     assert run_cli(home, "ca").returncode == 0  # making a CA needs mitmproxy; reading one does not
     code = (
-        "import sys\nfrom claude_proxy.cli import main\nmain(sys.argv[1:])\n"
+        "import sys\nfrom claude_proxy.cli.main import main\nmain(sys.argv[1:])\n"
         "print([m for m in sys.modules if m.split('.')[0] == 'mitmproxy'])"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}

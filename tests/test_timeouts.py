@@ -18,7 +18,7 @@ import pytest
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons
 
-from claude_proxy.timeouts import STEPS, Step, Timeouts
+from claude_proxy.proxy.upstream_timeouts import STEPS, Step, Timeouts
 from tests.conftest import SCRIPTS, ProxyProcess, open_tunnel, read_head
 from tests.support.waiting import wait_until
 from tests.upstream import Upstream, rss

@@ -11,8 +11,8 @@ from mitmproxy import connection, tls
 from mitmproxy.proxy import context
 from mitmproxy.test import taddons
 
-from claude_proxy import tlsguard
-from claude_proxy.tlsguard import GuardedTlsConfig
+from claude_proxy.proxy import tls_guard
+from claude_proxy.proxy.tls_guard import GuardedTlsConfig
 from tests.tlsclient import Hello, client_hello
 
 H2, H1, H10 = b"h2", b"http/1.1", b"http/1.0"
@@ -45,7 +45,7 @@ def parsed(hello: Hello) -> tls.ClientHello:
     ],
 )
 def test_choose_alpn(offers: list[bytes], http2: bool, chosen: bytes | None) -> None:
-    assert tlsguard.choose_alpn(offers, http2) == chosen
+    assert tls_guard.choose_alpn(offers, http2) == chosen
 
 
 @pytest.mark.parametrize(
@@ -60,13 +60,13 @@ def test_choose_alpn(offers: list[bytes], http2: bool, chosen: bytes | None) -> 
     ],
 )
 def test_alpn_refusal(alpn: list[bytes] | None, http2: bool, refused: bool) -> None:
-    reason = tlsguard.alpn_refusal(parsed(Hello("api.anthropic.com", alpn)), http2)
+    reason = tls_guard.alpn_refusal(parsed(Hello("api.anthropic.com", alpn)), http2)
     assert (reason is not None) == refused
     assert reason is None or reason.isprintable()
 
 
 def test_alpn_refusal_names_the_offers_safely() -> None:
-    reason = tlsguard.alpn_refusal(parsed(Hello("a.example", [b"h3", b"x\ny"])), True)
+    reason = tls_guard.alpn_refusal(parsed(Hello("a.example", [b"h3", b"x\ny"])), True)
     assert reason == ("the client offers no protocol the proxy serves over TCP (ALPN: h3, x\\ny)")
 
 
@@ -84,7 +84,7 @@ def test_alpn_refusal_names_the_offers_safely() -> None:
 )
 def test_hello_change(second: Hello, change: str | None) -> None:
     first = parsed(Hello("api.anthropic.com", [H1]))
-    found = tlsguard.hello_change(first, parsed(second))
+    found = tls_guard.hello_change(first, parsed(second))
     assert found == (change and f"the second ClientHello changes the {change}")
 
 
@@ -102,15 +102,15 @@ def split_record(record: bytes, at: int) -> bytes:
 
 def test_handshake_message_finds_the_hello_and_where_it_ends() -> None:
     record = hello_record(Hello("a.example", [H1]))
-    assert tlsguard.handshake_message(record, skip_ccs=False) == (record[5:], len(record))
+    assert tls_guard.handshake_message(record, skip_ccs=False) == (record[5:], len(record))
     rest = b"\x17\x03\x03\x00\x01x"
-    assert tlsguard.handshake_message(record + rest, skip_ccs=False) == (
+    assert tls_guard.handshake_message(record + rest, skip_ccs=False) == (
         record[5:],
         len(record),
     )
     split = split_record(record, 10)
-    assert tlsguard.handshake_message(split, skip_ccs=False) == (record[5:], len(split))
-    assert tlsguard.handshake_message(CCS + record, skip_ccs=True) == (
+    assert tls_guard.handshake_message(split, skip_ccs=False) == (record[5:], len(split))
+    assert tls_guard.handshake_message(CCS + record, skip_ccs=True) == (
         record[5:],
         len(CCS + record),
     )
@@ -119,8 +119,8 @@ def test_handshake_message_finds_the_hello_and_where_it_ends() -> None:
 @pytest.mark.parametrize("cut", [0, 3, 5, 40, -1])
 def test_handshake_message_waits_for_the_rest(cut: int) -> None:
     record = hello_record(Hello("a.example", [H1]))
-    assert tlsguard.handshake_message(record[:cut], skip_ccs=False) is None
-    assert tlsguard.handshake_message(split_record(record, 10)[:cut], skip_ccs=False) is None
+    assert tls_guard.handshake_message(record[:cut], skip_ccs=False) is None
+    assert tls_guard.handshake_message(split_record(record, 10)[:cut], skip_ccs=False) is None
 
 
 @pytest.mark.parametrize(
@@ -135,14 +135,14 @@ def test_handshake_message_waits_for_the_rest(cut: int) -> None:
 )
 def test_handshake_message_refuses_other_records(data: bytes, skip_ccs: bool) -> None:
     with pytest.raises(ValueError):
-        tlsguard.handshake_message(data, skip_ccs=skip_ccs)
+        tls_guard.handshake_message(data, skip_ccs=skip_ccs)
 
 
 def test_handshake_message_refuses_a_hello_sharing_its_record() -> None:
     first, second = (hello_record(Hello("a.example", [H1]))[5:] for _ in range(2))
     both = first + second
     with pytest.raises(ValueError, match="shares its record"):
-        tlsguard.handshake_message(b"\x16\x03\x03" + len(both).to_bytes(2) + both, skip_ccs=False)
+        tls_guard.handshake_message(b"\x16\x03\x03" + len(both).to_bytes(2) + both, skip_ccs=False)
 
 
 @pytest.mark.parametrize(
@@ -150,15 +150,15 @@ def test_handshake_message_refuses_a_hello_sharing_its_record() -> None:
 )
 def test_client_hello_refuses_what_is_not_one(message: bytes) -> None:
     with pytest.raises(ValueError):
-        tlsguard.client_hello(message)
+        tls_guard.client_hello(message)
 
 
 def test_is_hello_retry() -> None:
-    retry = b"\x16\x03\x03\x00\x58\x02\x00\x00\x54\x03\x03" + tlsguard.HELLO_RETRY_RANDOM
-    assert tlsguard.is_hello_retry(retry + b"\x20" + b"\x00" * 40)
-    assert not tlsguard.is_hello_retry(retry[:11] + os.urandom(32))
-    assert not tlsguard.is_hello_retry(b"\x15\x03\x03\x00\x02\x02\x28")
-    assert not tlsguard.is_hello_retry(b"")
+    retry = b"\x16\x03\x03\x00\x58\x02\x00\x00\x54\x03\x03" + tls_guard.HELLO_RETRY_RANDOM
+    assert tls_guard.is_hello_retry(retry + b"\x20" + b"\x00" * 40)
+    assert not tls_guard.is_hello_retry(retry[:11] + os.urandom(32))
+    assert not tls_guard.is_hello_retry(b"\x15\x03\x03\x00\x02\x02\x28")
+    assert not tls_guard.is_hello_retry(b"")
 
 
 # The addon: what OpenSSL may agree to with the client, and what the upstream is offered.
@@ -178,8 +178,8 @@ def client_context(tctx: taddons.context) -> context.Context:
     [
         ([b"h3", H2, H1], True, H2),
         ([H2, H1], False, H1),
-        ([b"h3"], True, tlsguard.NO_ALPN),
-        ([], True, tlsguard.NO_ALPN),
+        ([b"h3"], True, tls_guard.NO_ALPN),
+        ([], True, tls_guard.NO_ALPN),
     ],
 )
 def test_client_alpn_is_pinned_from_the_first_hello(

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from claude_proxy.urlpaths import AmbiguousPath, normalize, parse_pattern
+from claude_proxy.policy.url_paths import AmbiguousPath, normalize, parse_pattern
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 import sys
 
-from claude_proxy.cli import main
+from claude_proxy.cli.main import main
 
 sys.exit(main())

@@ -2,12 +2,12 @@
 
 from typing import Any
 
-from claude_proxy import policy
+from claude_proxy.policy import rules
 
 
-def _broken(self: policy.Policy, *args: Any) -> policy.Decision:
+def _broken(self: rules.Policy, *args: Any) -> rules.Decision:
     raise RuntimeError("simulated bug in the policy")
 
 
-policy.Policy.decide = _broken  # type: ignore[method-assign]
-policy.Policy.decide_request = _broken  # type: ignore[method-assign]
+rules.Policy.decide = _broken  # type: ignore[method-assign]
+rules.Policy.decide_request = _broken  # type: ignore[method-assign]

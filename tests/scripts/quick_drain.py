@@ -2,7 +2,7 @@
 
 import os
 
-from claude_proxy import service
+from claude_proxy.proxy import service
 
 _drain = service.drain
 SECONDS = float(os.environ.get("CLAUDE_PROXY_TEST_DRAIN", "1"))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from claude_proxy import auditlog
+from claude_proxy.cli import log_cmd
 from tests.conftest import ProxyProcess
 
 DEADLINE = 10  # seconds any awaited event may take; running out fails the test
@@ -20,7 +20,7 @@ def audit_db(proxy: ProxyProcess) -> Path:
 
 
 def decisions(proxy: ProxyProcess, where: str = "1", args: tuple[Any, ...] = ()) -> list[dict]:
-    conn = auditlog.connect(audit_db(proxy))
+    conn = log_cmd.connect(audit_db(proxy))
     if conn is None:
         return []  # not made yet
     with closing(conn):

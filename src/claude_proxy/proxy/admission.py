@@ -1,0 +1,425 @@
+"""What one client can make the proxy hold: bounded heads, deadlines, and a cap on clients.
+
+mitmproxy buffers an unterminated request head without limit and keeps a connection for as long as
+bytes trickle in. Here the HTTP layers that the Enforcer builds (`http_layer`) use servers that
+bound the head (size, header count, time), and the Limits addon bounds what happens before them:
+how many clients at once (below the open-files limit), how long a client may take to reach its
+first request, how large a TLS ClientHello may grow. It also raises the listen backlog and keeps a
+failing accept (out of descriptors) to one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import HTTPMode
+
+from claude_proxy.proxy import held_bodies, memory
+from claude_proxy.proxy.accept_gate import AcceptGate, descriptors_in_use, open_files_limit
+from claude_proxy.proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
+from claude_proxy.proxy.upstream_timeouts import Recheck
+
+logger = logging.getLogger(__name__)
+
+HEAD_TIMEOUT = 30  # seconds for a request head, from its first byte; and for a client to get there
+IDLE_TIMEOUT = 120  # seconds a kept-alive connection may wait for its next request
+FDS_PER_CLIENT = 6  # its own descriptor and up to 5 upstream ones (mitmproxy's per-address limit)
+SPARE_FDS = 32  # for log rotation, DNS lookups, certificates, the audit log
+# Descriptors kept for refused clients: each holds one until its refusal is sent, and the
+# clients admitted cannot take them. Never more than a quarter of what there is.
+REFUSAL_RESERVE = 32
+BACKLOG = 4096  # the kernel caps it at somaxconn (Linux 4096, macOS 128)
+OVERLOAD_LINGER = 2  # seconds a refused client that does not send its request is kept at most
+LOG_EVERY = 10.0  # seconds between two lines about the same repeated failure
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Throttle:
+    """At most one line per `interval` seconds; the caller learns how many were left out."""
+
+    def __init__(self, interval: float = LOG_EVERY) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.skipped = 0
+
+    def allow(self) -> int | None:
+        """None: stay quiet. Else the number of lines left out since the last one."""
+        now = time.monotonic()
+        if now < self.next_at:
+            self.skipped += 1
+            return None
+        self.next_at = now + self.interval
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+class Overloaded(layer.Layer):
+    """Answers 503 at once and closes: the proxy has as many clients as its descriptors allow.
+
+    The descriptor goes back as soon as the request head has been read (closing with unread
+    bytes would reset the connection and could destroy the answer before the client reads it),
+    at once when the refusals' reserve is used up, and after OVERLOAD_LINGER seconds at most.
+    """
+
+    def __init__(self, context: Context, reason: str, at_once: bool = False) -> None:
+        super().__init__(context)
+        self.reason = reason
+        self.at_once = at_once
+        self.received = b""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        client = self.context.client
+        if isinstance(event, events.Start):
+            yield commands.SendData(client, answer_bytes(503, self.reason))
+            if self.at_once:
+                yield commands.CloseConnection(client)
+                return
+            yield commands.CloseTcpConnection(client, half_close=True)
+            yield commands.RequestWakeup(OVERLOAD_LINGER)
+        elif isinstance(event, events.DataReceived):
+            self.received = (self.received + event.data)[-4:]
+            if b"\r\n\r\n" in self.received:  # all it sent is read: a close is a clean FIN
+                yield commands.CloseConnection(client)
+        elif isinstance(event, (events.ConnectionClosed, events.Wakeup)):
+            yield commands.CloseConnection(client)
+
+
+class Limits:
+    def __init__(self) -> None:
+        self.bounds = Bounds()
+        self.cap = 1 << 20  # until `running` has measured the descriptors
+        self.fd_limit = 0  # the open-files limit the cap was computed for
+        self.fds_at_start = 0  # descriptors open before the first client
+        self.reserve = 0  # descriptors kept for refused clients
+        self.clients = 0  # every client connected, admitted or refused
+        self.over_cap: set[str] = set()  # client ids to answer 503
+        self.setup: dict[str, asyncio.TimerHandle] = {}  # client id → its deadline to get to HTTP
+        self.cap_log = Throttle()
+        self.errors = Throttle()
+        self.accept_failures = 0
+        self.gate = AcceptGate(lambda: open_files_limit() - SPARE_FDS)
+        self.waves = memory.Waves()
+        self.release_at: asyncio.TimerHandle | None = None  # a memory release is due
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "sandbox_head_timeout",
+            int,
+            HEAD_TIMEOUT,
+            "Seconds a client has to send a complete request head, from its first byte; also "
+            "how long a new connection (and a new tunnel, TLS handshake included) may take to "
+            "start its first request. Answered 408, or closed.",
+        )
+        loader.add_option(
+            "sandbox_idle_timeout",
+            int,
+            IDLE_TIMEOUT,
+            "Seconds a kept-alive connection may wait for its next request before it is closed.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"sandbox_head_timeout", "sandbox_idle_timeout"}:
+            head, idle = ctx.options.sandbox_head_timeout, ctx.options.sandbox_idle_timeout
+            if head <= 0 or idle <= 0:
+                raise exceptions.OptionsError(
+                    "sandbox_head_timeout and sandbox_idle_timeout must be positive seconds"
+                )
+            self.bounds = Bounds(head_timeout=head, idle_timeout=idle)
+
+    def running(self) -> None:
+        preload()
+        self.fds_at_start = descriptors_in_use()
+        self.follow_limit()
+        logger.debug(  # not INFO: startup errors are meant to be the only line on the console
+            "accepting at most %d clients at once (open-files limit %d)", self.cap, self.fd_limit
+        )
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(QuietLoopErrors(loop.get_exception_handler(), self))
+        if proxyserver := ctx.master.addons.get("proxyserver"):
+            self._listeners_changed(proxyserver)
+            proxyserver.servers.changed.connect(self._servers_changed)
+        held_bodies.HELD.flow_control = self.set_reading
+        held_bodies.HELD.upstream_control = self.set_upstream_reading
+
+    def done(self) -> None:
+        held_bodies.HELD.flow_control = None
+        held_bodies.HELD.upstream_control = None
+        if self.release_at is not None:
+            self.release_at.cancel()
+
+    async def _servers_changed(self) -> None:
+        self._listeners_changed(ctx.master.addons.get("proxyserver"))
+
+    def _listeners_changed(self, proxyserver: Any) -> None:
+        servers = asyncio_servers(proxyserver)
+        raise_backlog(servers)
+        self.gate.install(asyncio.get_running_loop(), servers)
+
+    # Clients
+
+    def client_connected(self, client: connection.Client) -> None:
+        self.clients += 1
+        self.gate.client_connected()
+        self.waves.count(self.clients)
+        try:
+            self._admit(client)
+        except Exception as e:  # fail closed: a client we cannot account for is refused
+            self.over_cap.add(client.id)
+            if self.errors.allow() is not None:
+                logger.error("refusing a client: the limits check failed: %r", e)
+
+    def _admit(self, client: connection.Client) -> None:
+        if self.accept_failures:
+            logger.warning(
+                "accepting connections again after %d failed accepts", self.accept_failures
+            )
+            self.accept_failures = 0
+        self.follow_limit()
+        if self.clients - len(self.over_cap) > self.cap:  # refused clients take no admitted place
+            self.over_cap.add(client.id)
+            if (skipped := self.cap_log.allow()) is not None:
+                more = f"; {skipped} more refused since the last line" if skipped else ""
+                log_block(503, f"{self.over_cap_reason()}{more}", client=client)
+            # A refused client that sends nothing costs its descriptor no longer than this.
+            self._arm_setup(client, "no request within {} s of its refusal", OVERLOAD_LINGER)
+            return
+        self._arm_setup(client, "no request within {} s of connecting")
+
+    def follow_limit(self) -> None:
+        """The cap follows the open-files limit in force (it can change while the proxy runs)."""
+        limit = open_files_limit()
+        if limit != self.fd_limit:
+            self.fd_limit = limit
+            self.cap, self.reserve = client_cap(limit, self.fds_at_start)
+
+    def refusals_pressed(self) -> bool:
+        """Whether refused clients hold the whole reserve: the next one is closed at once."""
+        return len(self.over_cap) > self.reserve
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.clients -= 1
+        self.gate.client_disconnected()
+        if self.waves.count(self.clients) and self.release_at is None:
+            # Memory follows the clients open, not the most there ever were.
+            loop = asyncio.get_running_loop()
+            self.release_at = loop.call_later(memory.DELAY, self._release, loop)
+        self.over_cap.discard(client.id)
+        held_bodies.HELD.disconnected(client.id)  # its streams, if paused still, will never go on
+        self._cancel_setup(client.id)
+        # The socket mitmproxy can leave open when it closes a client still sending is closed by
+        # closing.install, the one fix for it.
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.run_in_executor(None, memory.release).add_done_callback(self._released)
+
+    def _released(self, done: asyncio.Future[None]) -> None:
+        self.release_at = None
+        if (e := done.exception()) is not None and self.errors.allow() is not None:
+            logger.error("could not give memory back: %r", e)
+
+    def server_connected(self, data: Any) -> None:
+        self.gate.upstream_connected()
+
+    def server_disconnected(self, data: Any) -> None:
+        self.gate.upstream_disconnected()
+
+    def set_upstream_reading(self, client_id: str, paused: bool) -> None:
+        """Stop reading the upstream connections that serve a client, or read them again
+        (response flow control: the client does not take what is sent to it)."""
+        try:
+            handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+            if handler is None:
+                return  # gone already
+            for conn, io in list(handler.transports.items()):
+                if conn is handler.client or io.writer is None or io.writer.is_closing():
+                    continue
+                if paused:
+                    io.writer.transport.pause_reading()
+                else:
+                    io.writer.transport.resume_reading()
+        except Exception as e:  # the client's own window still bounds what it is sent
+            if self.errors.allow() is not None:
+                logger.error("could not pause or resume reading an upstream: %r", e)
+
+    def set_reading(self, client_id: str, paused: bool) -> None:
+        """Stop reading a client's socket, or read it again (held-body flow control)."""
+        try:
+            handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+            io = handler.transports.get(handler.client) if handler is not None else None
+            if io is None or io.writer is None:
+                return  # gone already
+            if paused:
+                io.writer.transport.pause_reading()
+            else:
+                io.writer.transport.resume_reading()
+        except Exception as e:  # the held-body limits still apply
+            if self.errors.allow() is not None:
+                logger.error("could not pause or resume reading a client: %r", e)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None:  # the tunnel opens: its TLS and first request are due
+            self._arm_setup(flow.client_conn, "no TLS handshake and request within {} s of CONNECT")
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """Runs after the Enforcer: a ClientHello it still waits for may not grow without end."""
+        if nextlayer.layer is not None:
+            return
+        try:
+            size = sum(len(e.data) for e in nextlayer.events if isinstance(e, events.DataReceived))
+            if size > self.bounds.max_head:
+                log_block(
+                    None,
+                    f"TLS ClientHello larger than {self.bounds.max_head // 1024} KiB",
+                    client=nextlayer.context.client,
+                )
+                nextlayer.layer = close_layer(nextlayer.context)
+        except Exception:
+            logger.exception("closing a tunnel: the ClientHello size check failed")
+            nextlayer.layer = close_layer(nextlayer.context)
+
+    def http_layer(
+        self, context: Context, mode: HTTPMode, recheck: Recheck | None = None
+    ) -> layer.Layer:
+        if mode is HTTPMode.regular and context.client.id in self.over_cap:
+            # Its deadline stays: a refused client that never reads is still closed in time.
+            return Overloaded(context, self.over_cap_reason(), at_once=self.refusals_pressed())
+        built = BoundedHttpLayer(context, mode, self.bounds, recheck)
+        self._cancel_setup(context.client.id)  # only once its own deadlines have taken over
+        return built
+
+    def over_cap_reason(self) -> str:
+        return f"too many clients at once (at most {self.cap} for {self.fd_limit} open files)"
+
+    # The deadline for a client to get to an HTTP layer (no layer exists yet to keep the time)
+
+    def _arm_setup(self, client: connection.Client, why: str, seconds: float = 0) -> None:
+        self._cancel_setup(client.id)
+        seconds = seconds or self.bounds.head_timeout
+        loop = asyncio.get_running_loop()
+        self.setup[client.id] = loop.call_later(
+            seconds, self._setup_expired, client.id, why.format(seconds)
+        )
+
+    def _cancel_setup(self, client_id: str) -> None:
+        if timer := self.setup.pop(client_id, None):
+            timer.cancel()
+
+    def _setup_expired(self, client_id: str, why: str) -> None:
+        self.setup.pop(client_id, None)
+        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+        if handler is None:
+            return
+        log_block(None, why, client=handler.client)
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
+
+
+def http_layer(context: Context, mode: HTTPMode, recheck: Recheck | None = None) -> layer.Layer:
+    """The HTTP layer for a client connection (`regular`) or inside a tunnel (`transparent`);
+    `recheck` decides again a request that waited for its upstream connection."""
+    limits = ctx.master.addons.get("limits")
+    if limits is None:  # an Enforcer without this addon (unit tests): bounds with defaults
+        return BoundedHttpLayer(context, mode, Bounds(), recheck)
+    return limits.http_layer(context, mode, recheck)
+
+
+def tunnel_spliced(context: Context) -> None:
+    """A pass-through tunnel has no request to wait for: its deadline to get there ends."""
+    if (limits := ctx.master.addons.get("limits")) is not None:
+        limits._cancel_setup(context.client.id)
+
+
+def close_layer(context: Context) -> layer.Layer:
+    from claude_proxy.proxy.enforcer import CloseTunnel  # enforcer.py imports this module
+
+    return CloseTunnel(context)
+
+
+def client_cap(limit: int, in_use: int) -> tuple[int, int]:
+    """How many clients are admitted at once below `limit`, and the descriptors kept for the
+    clients refused meanwhile (each holds one until its refusal is sent)."""
+    budget = max(0, limit - in_use - SPARE_FDS)
+    reserve = min(REFUSAL_RESERVE, budget // 4)
+    return max(1, (budget - reserve) // FDS_PER_CLIENT), reserve
+
+
+def preload() -> None:
+    """Import now what serving clients would import on first use.
+
+    An import opens files: one that first happens while the descriptors are all taken fails,
+    and the layer that needed it crashes with its client left hanging.
+    """
+    import encodings.idna  # noqa: F401  (mitmproxy parses every CONNECT authority with it)
+
+    from claude_proxy.proxy import enforcer  # noqa: F401  (close_layer's import)
+
+
+def asyncio_servers(proxyserver: Any) -> list[asyncio.Server]:
+    return [
+        server
+        for instance in proxyserver.servers
+        for server in getattr(instance, "_servers", ())
+        if isinstance(server, asyncio.Server)
+    ]
+
+
+def raise_backlog(servers: list[asyncio.Server]) -> None:
+    """asyncio listens with a backlog of 100: a burst of connects would wait in SYN retries."""
+    for server in servers:
+        for sock in server.sockets:
+            # listen() again on the same socket changes its backlog (Linux and macOS).
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as same:
+                same.listen(BACKLOG)
+
+
+Handler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+class QuietLoopErrors:
+    """The event loop's error handler: no traceback per attempt for errors that repeat.
+
+    An accept that fails for want of descriptors (asyncio retries it every second) is one line,
+    then one summary line per LOG_EVERY seconds; any other error goes to the previous handler
+    (mitmproxy's, with its traceback) at most once per LOG_EVERY seconds per kind.
+    """
+
+    def __init__(self, previous: Handler | None, limits: Limits) -> None:
+        self.previous = previous
+        self.limits = limits
+        self.accept_log = Throttle()
+        self.others: dict[tuple[str, str], Throttle] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            self.limits.accept_failures += 1
+            if (skipped := self.accept_log.allow()) is None:
+                return
+            if self.limits.accept_failures == 1:
+                logger.error(
+                    "cannot accept connections: %s (open-files limit %d); retrying every second",
+                    exc.strerror,
+                    open_files_limit(),  # the one in force now: it may have changed since start
+                )
+            else:
+                logger.error("accepts still failing: %d more since the last line", skipped + 1)
+            return
+        key = (str(context.get("message")), type(exc).__name__)
+        if len(self.others) > 100:
+            self.others.clear()
+        if self.others.setdefault(key, Throttle()).allow() is None:
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
