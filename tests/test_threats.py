@@ -17,7 +17,7 @@ from tests.conftest import (
     read_until_closed,
     send_connect,
 )
-from tests.support.h2 import h2_request
+from tests.support.h2 import h2_request, h2_tunnel
 from tests.support.net import REFUSED_CONNECTS
 from tests.upstream import Upstream
 
@@ -157,12 +157,7 @@ def test_second_request_on_kept_alive_tunnel_naming_another_host(
 def test_http2_authority_must_name_the_connect_host(
     proxy: ProxyProcess, upstream: Upstream, authority: str, status: int, reached: int
 ) -> None:
-    sock = send_connect(proxy, b"api.anthropic.com:443")
-    assert read_head(sock).startswith(b"HTTP/1.1 200")
-    context = proxy.client_context()
-    context.set_alpn_protocols(["h2"])
-    tls = context.wrap_socket(sock, server_hostname="api.anthropic.com")
-    assert tls.selected_alpn_protocol() == "h2"
+    tls = h2_tunnel(proxy)
     assert h2_request(tls, authority) == status
     tls.close()
     assert len(upstream.seen.requests) == reached

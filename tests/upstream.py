@@ -475,8 +475,12 @@ class SlowConnect(SilentUpstream):
             client.close()
             return
         self.held.append(upstream)
-        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        threading.Thread(target=self._pipe_down, args=(upstream, client), daemon=True).start()
         self._pipe(client, upstream)
+
+    def _pipe_down(self, source: socket.socket, sink: socket.socket) -> None:
+        """What the upstream sends toward the proxy."""
+        self._pipe(source, sink)
 
     @staticmethod
     def _pipe(source: socket.socket, sink: socket.socket) -> None:
@@ -525,17 +529,7 @@ class CountingRelay(SlowConnect):
         self.relayed = 0
         super().__init__(port, 0)
 
-    def _relay(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-        except OSError:
-            client.close()
-            return
-        self.held.append(upstream)
-        threading.Thread(target=self._count, args=(upstream, client), daemon=True).start()
-        self._pipe(client, upstream)
-
-    def _count(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe_down(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(1 << 16):
                 sink.sendall(data)

@@ -644,6 +644,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     listen = loaded.listen
     hosts = (args.host,) if args.host else listen.hosts or ()
     if not args.expose_to_network:
+        from claude_proxy.policy.addresses import is_loopback
+
         for host in hosts:
             if not is_loopback(host):
                 raise ProxyError(
@@ -692,20 +694,6 @@ def state_ready(state: Path) -> None:
         fix = "; the state folder must be writable (or set XDG_STATE_HOME to one that is)"
         fix = fix if str(e).startswith("cannot") else ""  # a damaged key says its own fix
         raise ProxyError(f"cannot start: {e}{fix}", ExitCode.STATE) from None
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def first(*values: int | None) -> int:

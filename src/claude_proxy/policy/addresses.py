@@ -156,3 +156,16 @@ def install_checked_resolver(loop: asyncio.AbstractEventLoop) -> None:
         return infos
 
     loop.getaddrinfo = checked_getaddrinfo  # type: ignore[method-assign]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name, or an IP with or without a scope id) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback

@@ -8,7 +8,6 @@ client's own TLS to a pass-through destination of the user's policy (passthrough
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from claude_proxy.policy import rules
+from claude_proxy.policy.addresses import is_loopback
 from claude_proxy.policy.rules import Decision, Policy
 from claude_proxy.proxy import admission, passthrough, upstream_failures, wellformed
 from claude_proxy.proxy.tls_guard import GuardedClientTLSLayer
@@ -563,15 +563,3 @@ def check_listen(modes: Sequence[str], listen_host: str, remote_ok: bool) -> Non
                 f"listening on {host or 'all addresses'!r} would let other machines use the proxy; "
                 "use 127.0.0.1, or pass --expose-to-network if that is really meant"
             )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
