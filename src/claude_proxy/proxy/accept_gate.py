@@ -45,9 +45,12 @@ class CountingSocket:
         self.gate = gate
 
     def accept(self) -> tuple[socket.socket, Any]:
-        accepted = self.sock.accept()
-        self.gate.unclaimed += 1
-        return accepted
+        while True:  # asyncio stops at the BlockingIOError when none is waiting
+            conn, address = self.sock.accept()
+            if self.gate.refuse is not None and self.gate.refuse(conn, self.sock):
+                continue  # answered here: mitmproxy never sees it
+            self.gate.unclaimed += 1
+            return conn, address
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -67,15 +70,21 @@ class AcceptGate:
         self.recheck: asyncio.TimerHandle | None = None
         self.closed_at = 0.0  # when the gate closed (monotonic)
         self.said = False  # whether that was logged
+        # Answers a connection past the client cap on its raw socket and keeps it until it is
+        # closed (True), or lets it through (False); set by the addon that keeps the cap.
+        self.refuse: Callable[[socket.socket, socket.socket], bool] | None = None
+        self.refusing = 0  # refused connections still open
 
     def estimate(self) -> int:
-        return self.base + self.clients + self.upstreams + self.unclaimed
+        return self.base + self.clients + self.upstreams + self.unclaimed + self.refusing
 
     def room(self) -> int:
         room = self.ceiling() - self.estimate()
         if room <= 0:  # the estimate may have drifted: read the truth
             truth = descriptors_in_use()
-            self.unclaimed = max(0, truth - self.base - self.clients - self.upstreams)
+            self.unclaimed = max(
+                0, truth - self.base - self.clients - self.upstreams - self.refusing
+            )
             room = self.ceiling() - truth
         return room
 

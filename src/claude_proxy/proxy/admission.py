@@ -11,6 +11,7 @@ failing accept (out of descriptors) to one log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -38,6 +39,7 @@ SPARE_FDS = 32  # for log rotation, DNS lookups, certificates, the audit log
 # clients admitted cannot take them. Never more than a quarter of what there is.
 REFUSAL_RESERVE = 32
 BACKLOG = 4096  # the kernel caps it at somaxconn (Linux 4096, macOS 128)
+SOCKS_NO_METHOD = b"\x05\xff"  # SOCKS5: no acceptable method, the only refusal before a greeting
 OVERLOAD_LINGER = 2  # seconds a refused client that does not send its request is kept at most
 LOG_EVERY = 10.0  # seconds between two lines about the same repeated failure
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -109,6 +111,7 @@ class Limits:
         self.gate = AcceptGate(lambda: open_files_limit() - SPARE_FDS)
         self.waves = memory.Waves()
         self.release_at: asyncio.TimerHandle | None = None  # a memory release is due
+        self.socks_listeners: set[int] = set()  # descriptors of the SOCKS5 listening sockets
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -162,7 +165,86 @@ class Limits:
     def _listeners_changed(self, proxyserver: Any) -> None:
         servers = asyncio_servers(proxyserver)
         raise_backlog(servers)
+        self.socks_listeners = {
+            sock.fileno()
+            for instance in proxyserver.servers
+            if instance.mode.type_name == "socks5"
+            for server in getattr(instance, "_servers", ())
+            if isinstance(server, asyncio.Server)
+            for sock in server.sockets
+        }
+        self.gate.refuse = self.refuse_at_accept
         self.gate.install(asyncio.get_running_loop(), servers)
+
+    # Clients past the cap, answered where they are accepted
+
+    def refuse_at_accept(self, conn: socket.socket, listener: socket.socket) -> bool:
+        """Past the cap, answer a new connection on its raw socket, before mitmproxy makes a
+        connection of it: 503 (HTTP) or "no acceptable method" (SOCKS5). Through mitmproxy a
+        refusal costs about half a millisecond, and a burst of hundreds waits for it in turn.
+        False lets the connection through (mitmproxy's path refuses it, if it must)."""
+        try:
+            self.follow_limit()
+            if self.clients - len(self.over_cap) + self.gate.unclaimed < self.cap:
+                return False
+            socks = listener.fileno() in self.socks_listeners
+            reason = self.over_cap_reason()
+            if (skipped := self.cap_log.allow()) is not None:
+                more = f"; {skipped} more refused since the last line" if skipped else ""
+                log_block(503, f"{reason}{more}")
+            conn.setblocking(False)
+            try:
+                conn.send(SOCKS_NO_METHOD if socks else answer_bytes(503, reason))
+            except OSError:
+                conn.close()
+                return True
+            if self.gate.refusing >= self.reserve:  # the reserve is used up: its descriptor now
+                conn.close()
+                return True
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+            # Closing with unread bytes would reset the connection, and the reset can destroy
+            # the answer before the client reads it: its request is read first (2 s at most).
+            self.gate.refusing += 1
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(OVERLOAD_LINGER, self._close_refused, loop, conn, None)
+            loop.add_reader(conn.fileno(), self._read_refused, loop, conn, timer, socks)
+            return True
+        except Exception as e:  # mitmproxy's path still refuses it
+            if self.errors.allow() is not None:
+                logger.error("answering a client past the cap failed: %r", e)
+            return False
+
+    def _read_refused(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: socket.socket,
+        timer: asyncio.TimerHandle,
+        socks: bool,
+    ) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data or socks or b"\r\n\r\n" in data:  # all it meant to send has come
+            self._close_refused(loop, conn, timer)
+
+    def _close_refused(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: socket.socket,
+        timer: asyncio.TimerHandle | None,
+    ) -> None:
+        if conn.fileno() == -1:
+            return  # closed already
+        if timer is not None:
+            timer.cancel()
+        loop.remove_reader(conn.fileno())
+        conn.close()
+        self.gate.refusing -= 1
+        self.gate.reopen()
 
     # Clients
 
