@@ -11,12 +11,13 @@ import contextlib
 import os
 import selectors
 import socket
-import stat
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from tests.support import processes
 
 CHURN_CLIENTS = 10  # threads opening, using and closing tunnels as fast as they can
 IDLE_TUNNELS = 2000
@@ -122,11 +123,7 @@ def memory(
 
 def limited(executable: Path, work: Path) -> Path:
     """A stand-in for `executable` started under an open-files limit of BURST_LIMIT."""
-    wrapper = work / f"limited-{executable.parent.parent.name}-{executable.name}"
-    limit = f"{BURST_LIMIT}:{BURST_LIMIT}"
-    wrapper.write_text(f'#!/bin/sh\nexec prlimit --nofile={limit} "{executable}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return wrapper
+    return processes.limited(executable, work, BURST_LIMIT)
 
 
 def burst(port: int) -> dict[str, float]:

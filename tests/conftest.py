@@ -275,3 +275,34 @@ def managed_etc(tmp_path: Path) -> Iterator[MountNamespace]:
             pytest.skip(f"{program} (util-linux) is needed; .ci/run installs it")
     with MountNamespace(tmp_path / "etc") as namespace:
         yield namespace
+
+
+DESCRIPTOR_LIMIT = 256  # a macOS terminal's soft open-files limit, and launchd's default
+
+
+@pytest.fixture
+def limited_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start proxies under an open-files limit, as a terminal or launchd does."""
+    from tests.support.processes import limited
+
+    monkeypatch.setattr(
+        sys.modules[__name__], "EXECUTABLE", limited(EXECUTABLE, tmp_path, DESCRIPTOR_LIMIT)
+    )
+
+
+@pytest.fixture(scope="session")
+def made_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HOME with a CA (made once: it takes mitmproxy) for the commands that read it."""
+    from tests.support.cli import run_cli
+
+    home = tmp_path_factory.mktemp("ca-home")
+    assert run_cli(home, "ca").returncode == 0
+    return home
+
+
+@pytest.fixture
+def ca_home(made_ca: Path, tmp_path: Path) -> Path:
+    """A HOME of its own for a test, with the session's CA in it."""
+    home = tmp_path / "home"
+    shutil.copytree(made_ca, home)
+    return home

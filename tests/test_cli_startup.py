@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from tests.support.cli import run_cli
 
 HEAVY = ("mitmproxy", "cryptography", "asyncio")
 PROGRAM = """
@@ -25,21 +22,6 @@ except SystemExit as e:
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
 print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 """
-
-
-@pytest.fixture(scope="module")
-def made_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A HOME with a CA (made once: it takes mitmproxy) for the commands that read it."""
-    home = tmp_path_factory.mktemp("ca-home")
-    assert run_cli(home, "ca").returncode == 0
-    return home
-
-
-@pytest.fixture
-def ca_home(made_ca: Path, tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    shutil.copytree(made_ca, home)
-    return home
 
 
 def loaded_modules(home: Path, *args: str) -> dict[str, object]:

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXECUTABLE
-from tests.support.cli import run_cli
 
 
 def cli(home: Path, *args: str, env: dict[str, str] | None = None,
@@ -33,20 +32,6 @@ def one_line_usage_error(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def made_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("ca-home")
-    assert run_cli(home, "ca").returncode == 0
-    return home
-
-
-@pytest.fixture
-def ca_home(made_ca: Path, tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    shutil.copytree(made_ca, home)
-    return home
 
 
 def cert(home: Path) -> Path:

@@ -9,7 +9,6 @@ import select
 import signal
 import socket
 import ssl
-import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -23,8 +22,8 @@ import h2.settings
 import pytest
 
 from claude_proxy.proxy.held_bodies import PAUSE, PER_CLIENT
-from tests import conftest
 from tests.conftest import (
+    DESCRIPTOR_LIMIT,
     ProxyFactory,
     ProxyProcess,
     curl,
@@ -39,7 +38,6 @@ from tests.upstream import CountingRelay, PeakRss, SilentUpstream, SlowConnect, 
 MIB = 1024 * 1024
 OFFERED = 40 * MIB  # what a hostile client offers; the proxy must stop taking it long before
 ANSWER_SECONDS = 10  # bound on every wait for the proxy; running into it fails the test
-DESCRIPTOR_LIMIT = 256  # launchd's default soft limit
 
 
 def rss(pid: int) -> int:
@@ -345,16 +343,6 @@ def test_response_in_flight_is_not_idle(impatient: ProxyProcess, upstream: Upstr
 
 
 # Descriptors and bursts
-
-
-@pytest.fixture
-def limited_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start proxies under an open-files limit, as launchd does."""
-    wrapper = tmp_path / "limited-claude-proxy"
-    limit = f"{DESCRIPTOR_LIMIT}:{DESCRIPTOR_LIMIT}"
-    wrapper.write_text(f'#!/bin/sh\nexec prlimit --nofile={limit} "{conftest.EXECUTABLE}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(conftest, "EXECUTABLE", wrapper)
 
 
 def connect_answer(proxy: ProxyProcess, authority: bytes) -> tuple[socket.socket, bytes]:

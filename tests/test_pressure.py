@@ -12,15 +12,14 @@ import json
 import selectors
 import signal
 import socket
-import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests import conftest
 from tests.conftest import (
+    DESCRIPTOR_LIMIT,
     ProxyProcess,
     curl,
     open_tunnel,
@@ -31,22 +30,11 @@ from tests.conftest import (
 )
 from tests.upstream import Upstream
 
-DESCRIPTOR_LIMIT = 256  # a macOS terminal's soft limit, and launchd's default
 BURST = 500  # clients at once: about twice the descriptors the proxy may open
 ANSWER_SECONDS = 20  # bound on the whole burst; running into it fails the test
 CONNECT = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
 SOCKS_GREETING = b"\x05\x01\x00"
 SOCKS_CONNECT = b"\x05\x01\x00\x03\x11api.anthropic.com\x01\xbb"
-
-
-@pytest.fixture
-def limited_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start proxies under an open-files limit, as a terminal or launchd does."""
-    wrapper = tmp_path / "limited-claude-proxy"
-    limit = f"{DESCRIPTOR_LIMIT}:{DESCRIPTOR_LIMIT}"
-    wrapper.write_text(f'#!/bin/sh\nexec prlimit --nofile={limit} "{conftest.EXECUTABLE}" "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(conftest, "EXECUTABLE", wrapper)
 
 
 def burst(port: int, first: bytes, complete: bytes) -> list[bytes]:
