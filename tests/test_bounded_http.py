@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from claude_proxy.proxy.bounded_http import (
+from claude_proxy.mitm.bounded_http import (
     CONTINUATION,
     END_HEADERS,
     HEADERS,

@@ -17,7 +17,7 @@ from mitmproxy.proxy import server
 from mitmproxy.proxy.layers import http, modes, tcp, tls
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
-from claude_proxy.proxy.upstream_timeouts import TimedHttpLayer
+from claude_proxy.mitm.timed_http import TimedHttpLayer
 from tests.support.sansio import client_context
 
 # (module, attribute path): private names imported, patched or subclassed.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import ReceiveHttp, RequestHeaders
 
-from claude_proxy.proxy.bounded_http import BoundedHttp1Server, Bounds
+from claude_proxy.mitm.bounded_http import BoundedHttp1Server, Bounds
 from tests.support.sansio import Clock, Driver, client_context
 from tests.support.sansio import clock as clock
 

@@ -24,9 +24,9 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from claude_proxy.mitm.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
 from claude_proxy.proxy import held_bodies, memory
 from claude_proxy.proxy.accept_gate import AcceptGate, descriptors_in_use, open_files_limit
-from claude_proxy.proxy.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
 from claude_proxy.proxy.upstream_timeouts import Recheck
 
 logger = logging.getLogger(__name__)

@@ -29,10 +29,11 @@ from mitmproxy.proxy.layers.http import ErrorCode, HTTPMode, ReceiveHttp, Reques
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
+from claude_proxy.mitm.timed_http import TimedHttpLayer
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import held_bodies
 from claude_proxy.proxy.deadline import Deadline
-from claude_proxy.proxy.upstream_timeouts import Recheck, TimedHttpLayer
+from claude_proxy.proxy.upstream_timeouts import Recheck
 from claude_proxy.record.decisions import log_line, printable, proxy_answer
 
 MAX_HEAD = 64 * 1024
