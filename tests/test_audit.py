@@ -701,7 +701,7 @@ def test_suggested_rules_are_allowlist_rules(db: Path) -> None:
 
 @pytest.mark.parametrize("option", ["sandbox_audit_days", "sandbox_audit_max_mb"])
 def test_retention_options_must_be_positive(option: str) -> None:
-    audit_log = decisions.AuditLog()
+    audit_log = decisions.AuditLog(decisions.Recorder())
     with taddons.context(audit_log) as tctx:
         with pytest.raises(OptionsError, match="must be at least 1"):
             tctx.configure(audit_log, **{option: 0})

@@ -13,11 +13,15 @@ import h2.config
 import h2.connection
 import pytest
 from mitmproxy import addonmanager, master
-from mitmproxy.proxy import server
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy import mode_servers, server
+from mitmproxy.proxy import server as server_module
 from mitmproxy.proxy.layers import http, modes, tcp, tls
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
 from claude_proxy.mitm.timed_http import TimedHttpLayer
+from claude_proxy.proxy.held_bodies import Held
+from claude_proxy.record.decisions import Recorder
 from tests.support.sansio import client_context
 
 # (module, attribute path): private names imported, patched or subclassed.
@@ -84,7 +88,7 @@ def test_the_instance_state_the_proxy_reads_is_there() -> None:
     stream = http.HttpStream(context.fork(), 1)
     assert hasattr(stream, "_paused") and hasattr(stream, "_paused_event_queue")
     assert {"client_state", "server_state", "state_errored", "state_done"} <= set(dir(stream))
-    parent = TimedHttpLayer(context.fork(), http.HTTPMode.regular)
+    parent = TimedHttpLayer(context.fork(), http.HTTPMode.regular, Held(), Recorder())
     for name in ("waiting_for_establishment", "command_sources", "connections", "streams"):
         assert hasattr(parent, name), name
     connection = _http_h2.BufferedH2Connection(h2.config.H2Configuration(client_side=False))
@@ -101,3 +105,14 @@ def test_the_instance_state_the_proxy_reads_is_there() -> None:
         )
     finally:
         loop.close()
+
+
+def test_what_connections_reads_of_the_proxyserver_is_there() -> None:
+    """mitm/connections.py reads the listening servers, each client's handler and its
+    transports: renamed, the proxy could no longer close, pause or count a connection."""
+    assert "self._servers = []" in inspect.getsource(mode_servers.AsyncioServerInstance.__init__)
+    server = Proxyserver()
+    assert isinstance(server.connections, dict)
+    assert hasattr(server.servers, "changed") and hasattr(server.servers, "__iter__")
+    fields = server_module.ConnectionIO.__dataclass_fields__
+    assert {"handler", "reader", "writer"} <= set(fields), fields

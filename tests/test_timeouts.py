@@ -18,6 +18,7 @@ import pytest
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons
 
+from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import STEPS, Step, Timeouts
 from tests.conftest import SCRIPTS, ProxyProcess, open_tunnel, read_head
 from tests.support.waiting import wait_until
@@ -227,7 +228,7 @@ def test_a_long_keep_alive_connection_costs_no_memory_per_request(
 
 @pytest.mark.parametrize("step", STEPS, ids=lambda step: step.option)
 def test_a_limit_must_be_positive(step: Step) -> None:
-    timeouts = Timeouts()
+    timeouts = Timeouts(Held())
     with taddons.context(timeouts) as tctx:
         tctx.configure(timeouts, **{step.option: 1})
         with pytest.raises(OptionsError, match=f"{step.option} must be at least 1"):

@@ -21,8 +21,6 @@ import h2.events
 import h2.exceptions
 import h11
 from h11._receivebuffer import ReceiveBuffer
-from mitmproxy import connection, http
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import ErrorCode, HTTPMode, ReceiveHttp, RequestProtocolError
@@ -30,11 +28,11 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
 from claude_proxy.mitm.timed_http import TimedHttpLayer
-from claude_proxy.policy.rules import Decision
-from claude_proxy.proxy import held_bodies
+from claude_proxy.proxy import answers
 from claude_proxy.proxy.deadline import Deadline
+from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import Recheck
-from claude_proxy.record.decisions import log_line, printable, proxy_answer
+from claude_proxy.record.decisions import Recorder
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
@@ -44,7 +42,6 @@ MAX_STREAMS = 100  # HTTP/2 streams open at once on one client connection
 # read makes the proxy hold this much, not the whole response.
 UNSENT_HIGH = 4 * 1024 * 1024
 UNSENT_LOW = 1024 * 1024
-PROXY_STATUS_ERRORS = {503: "connection_limit_reached"}  # else http_request_error (RFC 9209)
 Phase = Literal["head", "idle"] | None
 
 
@@ -54,36 +51,6 @@ class Bounds:
     idle_timeout: float = 120
     max_head: int = MAX_HEAD
     max_headers: int = MAX_HEADERS
-
-
-def answer(status: int, reason: str) -> http.Response:
-    body = (
-        f"claude-proxy refused this request: {printable(reason)}.\n"
-        "This is a limit of the sandbox's proxy, not a network fault.\n"
-    )
-    error = PROXY_STATUS_ERRORS.get(status, "http_request_error")
-    return proxy_answer(
-        status, "", body, kind="refused", error=error, details=reason,
-        headers={"Connection": "close"},
-    )  # fmt: skip
-
-
-def answer_bytes(status: int, reason: str) -> bytes:
-    return http1.assemble_response(answer(status, reason))
-
-
-def log_block(
-    status: int | None,
-    reason: str,
-    context: Context | None = None,
-    since: float | None = None,
-    client: connection.Client | None = None,
-) -> None:
-    """One decision line; the destination is known inside a tunnel only."""
-    host, port = (context.server.address if context is not None else None) or (None, None)
-    started = time.time() - (time.monotonic() - since if since is not None else 0)
-    client = context.client if context is not None else client
-    log_line("-", host, port, "-", status, Decision(False, reason), started=started, client=client)
 
 
 class BoundedReceiveBuffer(ReceiveBuffer):
@@ -148,9 +115,10 @@ class BoundedHttp1Server(Http1Server):
             self.body_reader = TrailerDroppingReader(self.body_reader)  # type: ignore[assignment]
         yield from super().read_body(event)
 
-    def __init__(self, context: Context, bounds: Bounds) -> None:
+    def __init__(self, context: Context, bounds: Bounds, recorder: Recorder) -> None:
         super().__init__(context)
         self.bounds = bounds
+        self.recorder = recorder
         self.buf: BoundedReceiveBuffer = BoundedReceiveBuffer(bounds)
         self.deadline = Deadline()
         self.phase: Phase = None
@@ -206,9 +174,9 @@ class BoundedHttp1Server(Http1Server):
         in_flight = self.state != self.read_headers
         self.buf = BoundedReceiveBuffer(self.bounds)  # let go of what was buffered
         self.deadline.clear()
-        log_block(None if in_flight else status, reason, self.context, self.head_started)
+        self.recorder.block(None if in_flight else status, reason, self.context, self.head_started)
         if not in_flight and status is not None:
-            yield commands.SendData(self.conn, answer_bytes(status, reason))
+            yield commands.SendData(self.conn, answers.limit_bytes(status, reason))
         yield commands.CloseConnection(self.conn)
         if in_flight:
             code = ErrorCode.GENERIC_CLIENT_ERROR
@@ -280,9 +248,11 @@ class FrameGuard:
 
 
 class BoundedHttp2Server(Http2Server):
-    def __init__(self, context: Context, bounds: Bounds) -> None:
+    def __init__(self, context: Context, bounds: Bounds, recorder: Recorder, held: Held) -> None:
         super().__init__(context)
         self.bounds = bounds
+        self.recorder = recorder
+        self.held = held  # its upstream_control stops reading the upstreams serving a client
         # Streams at once, as the RFC recommends at the least (RFC 9113 §6.5.2): with the head
         # limit, what one connection's streams can hold is bounded before any budget applies.
         self.h2_conn.local_settings.max_concurrent_streams = MAX_STREAMS
@@ -300,7 +270,7 @@ class BoundedHttp2Server(Http2Server):
                 yield from self.on_deadline()
             return
         if isinstance(event, events.DataReceived) and (why := self.frames.feed(event.data)):
-            log_block(None, why, self.context, self.head_started)
+            self.recorder.block(None, why, self.context, self.head_started)
             self.deadline.clear()
             yield from self.protocol_error(why, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return
@@ -310,7 +280,7 @@ class BoundedHttp2Server(Http2Server):
 
     def follow_unsent(self) -> None:
         """Read its upstreams only while what waits for the client's window stays small."""
-        control = held_bodies.HELD.upstream_control
+        control = self.held.upstream_control
         if control is None:
             return
         # mitmproxy's BufferedH2Connection: stream id → what waits for the client's window
@@ -336,15 +306,15 @@ class BoundedHttp2Server(Http2Server):
             fields = sum(1 for name, _ in event.headers if not name.startswith(b":"))
             if fields > self.bounds.max_headers:
                 reason = f"more than {self.bounds.max_headers} header fields"
-                log_block(431, reason, self.context, self.head_started)
+                self.recorder.block(431, reason, self.context, self.head_started)
                 self.refuse_stream(event.stream_id, 431, reason, ended=bool(event.stream_ended))
                 return False
         elif isinstance(event, h2.exceptions.DenialOfServiceError):  # hpack: list over 64 KiB
-            log_block(None, f"HTTP/2 {event}", self.context, self.head_started)
+            self.recorder.block(None, f"HTTP/2 {event}", self.context, self.head_started)
         return (yield from super().handle_h2_event(event))
 
     def refuse_stream(self, stream_id: int, status: int, reason: str, *, ended: bool) -> None:
-        response = answer(status, reason)
+        response = answers.limit(status, reason)
         fields = [(k.lower(), v) for k, v in response.headers.fields if k.lower() != b"connection"]
         self.h2_conn.send_headers(stream_id, [(b":status", b"%d" % status), *fields])
         self.h2_conn.send_data(stream_id, response.content or b"", end_stream=True)
@@ -368,7 +338,7 @@ class BoundedHttp2Server(Http2Server):
     def on_deadline(self) -> layer.CommandGenerator[None]:
         if self.phase == "head":
             reason = f"request head not complete within {self.bounds.head_timeout:g} s"
-            log_block(None, reason, self.context, self.head_started)
+            self.recorder.block(None, reason, self.context, self.head_started)
             yield from self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, reason)
         elif self.phase == "idle":
             yield from self.goaway(h2.errors.ErrorCodes.NO_ERROR, "idle")
@@ -383,16 +353,25 @@ class BoundedHttpLayer(TimedHttpLayer):
     """The HTTP layer with bounded servers for the client connection (and timed upstream waits)."""
 
     def __init__(
-        self, context: Context, mode: HTTPMode, bounds: Bounds, recheck: Recheck | None = None
+        self,
+        context: Context,
+        mode: HTTPMode,
+        bounds: Bounds,
+        held: Held,
+        recorder: Recorder,
+        recheck: Recheck | None = None,
     ) -> None:
-        super().__init__(context, mode, recheck)
+        super().__init__(context, mode, held, recorder, recheck)
         self.bounds = bounds
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Start):
-            alpn = self.context.client.alpn
-            server = BoundedHttp2Server if alpn == b"h2" else BoundedHttp1Server
-            self.connections.setdefault(
-                self.context.client, server(self.context.fork(), self.bounds)
-            )
+            client = self.context.client
+            if client.alpn == b"h2":
+                server: layer.Layer = BoundedHttp2Server(
+                    self.context.fork(), self.bounds, self.recorder, self.held
+                )
+            else:
+                server = BoundedHttp1Server(self.context.fork(), self.bounds, self.recorder)
+            self.connections.setdefault(client, server)
         yield from super()._handle_event(event)

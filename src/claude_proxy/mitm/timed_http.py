@@ -47,8 +47,9 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
 from claude_proxy.policy.rules import Decision
-from claude_proxy.proxy import held_bodies, upstream_failures
+from claude_proxy.proxy import answers, upstream_failures
 from claude_proxy.proxy.deadline import Deadline
+from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import (
     CANCELLED_ON_WAIT,
     CONNECT,
@@ -64,11 +65,9 @@ from claude_proxy.proxy.wellformed import BODY_FOLLOWS
 from claude_proxy.record.decisions import (
     FAILURE,
     REFUSED,
-    log_decision,
-    log_line,
+    Recorder,
     loggable_path,
     printable,
-    proxy_answer,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,9 +80,16 @@ class TimedHttpLayer(layers.HttpLayer):
     """mitmproxy's HTTP layer, whose streams bound their waits on the upstream."""
 
     def __init__(
-        self, context: context.Context, mode: HTTPMode, recheck: Recheck | None = None
+        self,
+        context: context.Context,
+        mode: HTTPMode,
+        held: Held,
+        recorder: Recorder,
+        recheck: Recheck | None = None,
     ) -> None:
         super().__init__(context, mode)
+        self.held = held  # what its streams hold while they wait, counted for the whole proxy
+        self.recorder = recorder
         self.recheck = recheck
         self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
         self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (monotonic)
@@ -164,8 +170,8 @@ class TimedHttpStream(HttpStream):
         self.waiting: str | None = None  # "connection" or "response"
         self.since = 0.0
         self.timed_out: tuple[Step, str] | None = None
-        self.held = 0  # request-body bytes queued while paused, counted in held_bodies.HELD
-        self.cost = 0  # what this HTTP/2 stream itself holds, counted in held_bodies.HELD
+        self.held = 0  # request-body bytes queued while paused, counted in the proxy's Held
+        self.cost = 0  # what this HTTP/2 stream itself holds, counted in the proxy's Held
         self.refused = False  # refused when its upstream connection came: it has its answer
         self.dropped = False  # the HTTP layer has forgotten this stream
         self.ended = False  # ended for holding too much: every later event is dropped
@@ -189,7 +195,7 @@ class TimedHttpStream(HttpStream):
 
     def _release(self) -> None:
         if self.cost or self.held:
-            held_bodies.HELD.release(self.context.client.id, self.cost + self.held)
+            self.clock.held.release(self.context.client.id, self.cost + self.held)
             self.cost = self.held = 0
 
     def _handle(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -199,7 +205,7 @@ class TimedHttpStream(HttpStream):
             self.body_follows = not event.end_stream
             if self.context.client.alpn == b"h2":
                 cost = stream_cost(event.request)
-                if too_much := held_bodies.HELD.add(self.context.client.id, cost, pausable=False):
+                if too_much := self.clock.held.add(self.context.client.id, cost, pausable=False):
                     yield from self._refuse_stream(event, too_much)
                     return
                 self.cost = cost
@@ -229,7 +235,7 @@ class TimedHttpStream(HttpStream):
             # stream's upstream connection to close (mitmproxy opens five per destination), and
             # that one's body would never come. There the held limits alone apply.
             pausable = self.context.client.alpn != b"h2"
-            if too_much := held_bodies.HELD.add(self.context.client.id, len(event.data), pausable):
+            if too_much := self.clock.held.add(self.context.client.id, len(event.data), pausable):
                 yield from self._end_held(too_much)
                 return
             self.held += len(event.data)
@@ -249,20 +255,20 @@ class TimedHttpStream(HttpStream):
             count = sum(len(e.data) for e in self._paused_event_queue if isinstance(e, RequestData))
         else:
             return
-        held_bodies.HELD.release(self.context.client.id, self.held - count)
+        self.clock.held.release(self.context.client.id, self.held - count)
         self.held = count
 
     def _end_held(self, too_much: str) -> layer.CommandGenerator[None]:
         """End the stream, forwarding nothing: HTTP/1 closes the client, HTTP/2 resets it."""
         self.ended = True
         self._stop_checking()
-        held_bodies.HELD.release(self.context.client.id, self.held)
+        self.clock.held.release(self.context.client.id, self.held)
         self.held = 0
         self._paused_event_queue.clear()
         reason = f"request body arrived faster than it could be passed on: {too_much}"
         request = self.flow.request
         if self.flow.metadata.get("claude_proxy.decision") is None:  # else the error hook logs it
-            log_decision(
+            self.clock.recorder.decision(
                 self.flow,
                 Decision(False, reason),
                 host=request.host,
@@ -286,7 +292,7 @@ class TimedHttpStream(HttpStream):
         self.ended = True
         request = event.request
         reason = f"too many requests waiting at once: {too_much}"
-        log_line(
+        self.clock.recorder.line(
             request.method,
             request.host,
             request.port,
@@ -301,7 +307,7 @@ class TimedHttpStream(HttpStream):
             "This is a limit of the sandbox's proxy, not a network fault: send fewer requests "
             "at once.\n"
         )
-        response = proxy_answer(
+        response = answers.proxy_answer(
             503, request.method, body, kind="refused", error="connection_limit_reached",
             details=reason,
         )  # fmt: skip
@@ -352,7 +358,7 @@ class TimedHttpStream(HttpStream):
         # A connection we closed on a timeout fails like any other: answer with the reason.
         if self.timed_out and isinstance(event, ResponseProtocolError):
             step, reason = self.timed_out
-            response = timeout_response(self.flow.request.method, step, reason)
+            response = answers.timeout(self.flow.request.method, step, reason)
             yield from self._answer(response, reason)
             return
         if self.refused and isinstance(event, ResponseProtocolError):
@@ -547,14 +553,3 @@ def limit(context: context.Context, step: Step) -> int:
 
 def timed_out(step: Step, host: str, port: int, seconds: int) -> str:
     return f"{step.doing.format(printable(f'{host}:{port}'))} timed out after {seconds} s"
-
-
-def timeout_response(method: str, step: Step, reason: str) -> http.Response:
-    body = (
-        f"claude-proxy: {reason}.\n"
-        "The upstream did not answer in time: a network or upstream fault, not the sandbox's "
-        "policy.\n"
-        f"The limit is the proxy option {step.option} "
-        f"(claude-proxy run --set {step.option}=SECONDS).\n"
-    )
-    return proxy_answer(504, method, body, kind="timeout", error=step.error, details=reason)

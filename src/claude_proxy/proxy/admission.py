@@ -24,10 +24,13 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from claude_proxy.mitm.bounded_http import BoundedHttpLayer, Bounds, answer_bytes, log_block
-from claude_proxy.proxy import held_bodies, memory
+from claude_proxy.mitm.bounded_http import BoundedHttpLayer, Bounds
+from claude_proxy.mitm.connections import SOCKS5, Connections
+from claude_proxy.proxy import answers, memory
 from claude_proxy.proxy.accept_gate import AcceptGate, descriptors_in_use, open_files_limit
+from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import Recheck
+from claude_proxy.record.decisions import Recorder
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class Overloaded(layer.Layer):
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         client = self.context.client
         if isinstance(event, events.Start):
-            yield commands.SendData(client, answer_bytes(503, self.reason))
+            yield commands.SendData(client, answers.limit_bytes(503, self.reason))
             if self.at_once:
                 yield commands.CloseConnection(client)
                 return
@@ -95,8 +98,29 @@ class Overloaded(layer.Layer):
             yield commands.CloseConnection(client)
 
 
+class CloseTunnel(layer.Layer):
+    """Closes the client connection at once: nothing inside the tunnel goes anywhere."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield commands.CloseConnection(self.context.client)
+
+
 class Limits:
-    def __init__(self) -> None:
+    """What one client can make the proxy hold, and how many clients at once.
+
+    `held` is the proxy's budget for what waiting requests hold; `connections` (mitmproxy's,
+    from `service.build_master`) reaches the sockets, to stop reading a client or the upstreams
+    serving it, and to close a client that missed its deadline. Without it (unit tests) nothing
+    is paused or closed.
+    """
+
+    def __init__(
+        self, held: Held, recorder: Recorder, connections: Connections | None = None
+    ) -> None:
+        self.held = held
+        self.recorder = recorder
+        self.connections = connections
         self.bounds = Bounds()
         self.cap = 1 << 20  # until `running` has measured the descriptors
         self.fd_limit = 0  # the open-files limit the cap was computed for
@@ -147,31 +171,29 @@ class Limits:
         )
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(QuietLoopErrors(loop.get_exception_handler(), self))
-        if proxyserver := ctx.master.addons.get("proxyserver"):
-            self._listeners_changed(proxyserver)
-            proxyserver.servers.changed.connect(self._servers_changed)
-        held_bodies.HELD.flow_control = self.set_reading
-        held_bodies.HELD.upstream_control = self.set_upstream_reading
+        if self.connections is not None:
+            self._listeners_changed()
+            self.connections.on_listeners_changed(self._servers_changed)
+        self.held.flow_control = self.set_reading
+        self.held.upstream_control = self.set_upstream_reading
 
     def done(self) -> None:
-        held_bodies.HELD.flow_control = None
-        held_bodies.HELD.upstream_control = None
+        self.held.flow_control = None
+        self.held.upstream_control = None
         if self.release_at is not None:
             self.release_at.cancel()
 
     async def _servers_changed(self) -> None:
-        self._listeners_changed(ctx.master.addons.get("proxyserver"))
+        self._listeners_changed()
 
-    def _listeners_changed(self, proxyserver: Any) -> None:
-        servers = asyncio_servers(proxyserver)
+    def _listeners_changed(self) -> None:
+        if self.connections is None:
+            return
+        listening = list(self.connections.listening())
+        servers = [server for _, server in listening]
         raise_backlog(servers)
         self.socks_listeners = {
-            sock.fileno()
-            for instance in proxyserver.servers
-            if instance.mode.type_name == "socks5"
-            for server in getattr(instance, "_servers", ())
-            if isinstance(server, asyncio.Server)
-            for sock in server.sockets
+            sock.fileno() for mode, server in listening if mode == SOCKS5 for sock in server.sockets
         }
         self.gate.refuse = self.refuse_at_accept
         self.gate.install(asyncio.get_running_loop(), servers)
@@ -191,10 +213,10 @@ class Limits:
             reason = self.over_cap_reason()
             if (skipped := self.cap_log.allow()) is not None:
                 more = f"; {skipped} more refused since the last line" if skipped else ""
-                log_block(503, f"{reason}{more}")
+                self.log_block(503, f"{reason}{more}")
             conn.setblocking(False)
             try:
-                conn.send(SOCKS_NO_METHOD if socks else answer_bytes(503, reason))
+                conn.send(SOCKS_NO_METHOD if socks else answers.limit_bytes(503, reason))
             except OSError:
                 conn.close()
                 return True
@@ -270,7 +292,7 @@ class Limits:
             self.over_cap.add(client.id)
             if (skipped := self.cap_log.allow()) is not None:
                 more = f"; {skipped} more refused since the last line" if skipped else ""
-                log_block(503, f"{self.over_cap_reason()}{more}", client=client)
+                self.log_block(503, f"{self.over_cap_reason()}{more}", client=client)
             # A refused client that sends nothing costs its descriptor no longer than this.
             self._arm_setup(client, "no request within {} s of its refusal", OVERLOAD_LINGER)
             return
@@ -295,7 +317,7 @@ class Limits:
             loop = asyncio.get_running_loop()
             self.release_at = loop.call_later(memory.DELAY, self._release, loop)
         self.over_cap.discard(client.id)
-        held_bodies.HELD.disconnected(client.id)  # its streams, if paused still, will never go on
+        self.held.disconnected(client.id)  # its streams, if paused still, will never go on
         self._cancel_setup(client.id)
         # The socket mitmproxy can leave open when it closes a client still sending is closed by
         # closing.install, the one fix for it.
@@ -318,16 +340,8 @@ class Limits:
         """Stop reading the upstream connections that serve a client, or read them again
         (response flow control: the client does not take what is sent to it)."""
         try:
-            handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
-            if handler is None:
-                return  # gone already
-            for conn, io in list(handler.transports.items()):
-                if conn is handler.client or io.writer is None or io.writer.is_closing():
-                    continue
-                if paused:
-                    io.writer.transport.pause_reading()
-                else:
-                    io.writer.transport.resume_reading()
+            if self.connections is not None:
+                self.connections.set_upstream_reading(client_id, paused)
         except Exception as e:  # the client's own window still bounds what it is sent
             if self.errors.allow() is not None:
                 logger.error("could not pause or resume reading an upstream: %r", e)
@@ -335,14 +349,8 @@ class Limits:
     def set_reading(self, client_id: str, paused: bool) -> None:
         """Stop reading a client's socket, or read it again (held-body flow control)."""
         try:
-            handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
-            io = handler.transports.get(handler.client) if handler is not None else None
-            if io is None or io.writer is None:
-                return  # gone already
-            if paused:
-                io.writer.transport.pause_reading()
-            else:
-                io.writer.transport.resume_reading()
+            if self.connections is not None:
+                self.connections.set_client_reading(client_id, paused)
         except Exception as e:  # the held-body limits still apply
             if self.errors.allow() is not None:
                 logger.error("could not pause or resume reading a client: %r", e)
@@ -358,15 +366,15 @@ class Limits:
         try:
             size = sum(len(e.data) for e in nextlayer.events if isinstance(e, events.DataReceived))
             if size > self.bounds.max_head:
-                log_block(
+                self.log_block(
                     None,
                     f"TLS ClientHello larger than {self.bounds.max_head // 1024} KiB",
                     client=nextlayer.context.client,
                 )
-                nextlayer.layer = close_layer(nextlayer.context)
+                nextlayer.layer = CloseTunnel(nextlayer.context)
         except Exception:
             logger.exception("closing a tunnel: the ClientHello size check failed")
-            nextlayer.layer = close_layer(nextlayer.context)
+            nextlayer.layer = CloseTunnel(nextlayer.context)
 
     def http_layer(
         self, context: Context, mode: HTTPMode, recheck: Recheck | None = None
@@ -374,7 +382,7 @@ class Limits:
         if mode is HTTPMode.regular and context.client.id in self.over_cap:
             # Its deadline stays: a refused client that never reads is still closed in time.
             return Overloaded(context, self.over_cap_reason(), at_once=self.refusals_pressed())
-        built = BoundedHttpLayer(context, mode, self.bounds, recheck)
+        built = BoundedHttpLayer(context, mode, self.bounds, self.held, self.recorder, recheck)
         self._cancel_setup(context.client.id)  # only once its own deadlines have taken over
         return built
 
@@ -397,34 +405,19 @@ class Limits:
 
     def _setup_expired(self, client_id: str, why: str) -> None:
         self.setup.pop(client_id, None)
-        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
-        if handler is None:
+        if self.connections is None or (client := self.connections.client(client_id)) is None:
             return
-        log_block(None, why, client=handler.client)
-        io = handler.transports.get(handler.client)
-        if io is not None and io.handler is not None:
-            io.handler.cancel(f"claude-proxy: {why}")  # as mitmproxy's own idle timeout does
+        self.log_block(None, why, client=client)
+        self.connections.close(client_id, why)
 
+    def tunnel_spliced(self, context: Context) -> None:
+        """A pass-through tunnel has no request to wait for: its deadline to get there ends."""
+        self._cancel_setup(context.client.id)
 
-def http_layer(context: Context, mode: HTTPMode, recheck: Recheck | None = None) -> layer.Layer:
-    """The HTTP layer for a client connection (`regular`) or inside a tunnel (`transparent`);
-    `recheck` decides again a request that waited for its upstream connection."""
-    limits = ctx.master.addons.get("limits")
-    if limits is None:  # an Enforcer without this addon (unit tests): bounds with defaults
-        return BoundedHttpLayer(context, mode, Bounds(), recheck)
-    return limits.http_layer(context, mode, recheck)
-
-
-def tunnel_spliced(context: Context) -> None:
-    """A pass-through tunnel has no request to wait for: its deadline to get there ends."""
-    if (limits := ctx.master.addons.get("limits")) is not None:
-        limits._cancel_setup(context.client.id)
-
-
-def close_layer(context: Context) -> layer.Layer:
-    from claude_proxy.proxy.enforcer import CloseTunnel  # enforcer.py imports this module
-
-    return CloseTunnel(context)
+    def log_block(
+        self, status: int | None, reason: str, client: connection.Client | None = None
+    ) -> None:
+        self.recorder.block(status, reason, client=client)
 
 
 def client_cap(limit: int, in_use: int) -> tuple[int, int]:
@@ -442,17 +435,6 @@ def preload() -> None:
     and the layer that needed it crashes with its client left hanging.
     """
     import encodings.idna  # noqa: F401  (mitmproxy parses every CONNECT authority with it)
-
-    from claude_proxy.proxy import enforcer  # noqa: F401  (close_layer's import)
-
-
-def asyncio_servers(proxyserver: Any) -> list[asyncio.Server]:
-    return [
-        server
-        for instance in proxyserver.servers
-        for server in getattr(instance, "_servers", ())
-        if isinstance(server, asyncio.Server)
-    ]
 
 
 def raise_backlog(servers: list[asyncio.Server]) -> None:

@@ -18,8 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mitmproxy import ctx
-
+from claude_proxy.mitm.connections import SOCKS5, Connections
 from claude_proxy.policy import config_file
 from claude_proxy.policy.config_file import Config, ConfigError
 from claude_proxy.policy.rules import Policy
@@ -52,9 +51,15 @@ class ConfigWatcher:
     """Keeps the Enforcer's policy in step with config.toml (a mitmproxy addon for its hooks)."""
 
     def __init__(
-        self, path: Path, flags: Sequence[str], enforcer: Enforcer, loaded: Config
+        self,
+        path: Path,
+        flags: Sequence[str],
+        enforcer: Enforcer,
+        loaded: Config,
+        connections: Connections | None = None,  # where the proxy listens, for the run state
     ) -> None:
         self.path = path
+        self.connections = connections
         self.flags = tuple(flags)
         self.enforcer = enforcer
         self.current = loaded  # the config the policy in force was built from
@@ -74,13 +79,11 @@ class ConfigWatcher:
     # mitmproxy hooks
 
     def running(self) -> None:
-        for instance in ctx.master.addons.get("proxyserver").servers:
-            if not instance.listen_addrs:
-                continue
-            if instance.mode.type_name == "socks5":
-                self.socks_port = self.socks_port or instance.listen_addrs[0][1]
+        for mode, (_, port) in self.connections.listen_addresses() if self.connections else ():
+            if mode == SOCKS5:
+                self.socks_port = self.socks_port or port
             elif not self.port:
-                self.port = instance.listen_addrs[0][1]
+                self.port = port
         # From here on a change is seen; one made since the policy was read is applied now.
         self.signature = signature(self.path)
         with contextlib.suppress(OSError):

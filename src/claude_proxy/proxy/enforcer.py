@@ -16,26 +16,27 @@ from typing import Any
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import commands, events, layer, layers, mode_specs, server_hooks
+from mitmproxy.proxy import layer, layers, mode_specs, server_hooks
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from claude_proxy.mitm.connections import Connections
 from claude_proxy.policy import rules
 from claude_proxy.policy.addresses import is_loopback
 from claude_proxy.policy.rules import Decision, Policy
-from claude_proxy.proxy import admission, passthrough, upstream_failures, wellformed
+from claude_proxy.proxy import answers, passthrough, upstream_failures, wellformed
+from claude_proxy.proxy.admission import CloseTunnel, Limits
+from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.tls_guard import GuardedClientTLSLayer
 from claude_proxy.record.decisions import (
     FAILURE,
     REFUSED,
     SENT_DOWN,
     SENT_UP,
+    Recorder,
     count_body,
-    log_decision,
-    log_line,
     printable,
-    proxy_answer,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,16 +78,25 @@ MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, 
 Target = tuple[str, int]
 
 
-class CloseTunnel(layer.Layer):
-    """Closes the client connection at once: nothing inside the tunnel goes anywhere."""
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start):
-            yield commands.CloseConnection(self.context.client)
-
-
 class Enforcer:
-    def __init__(self) -> None:
+    """Decides every point where a destination is named: CONNECT, SOCKS5, the TLS ClientHello
+    inside a tunnel, every request, every upstream connection.
+
+    `service.build_master` gives it what it works with: the recorder that writes each decision,
+    the client limits that build its HTTP layers, and mitmproxy's connections (to close a
+    tunnel a new policy refuses). Left out (unit tests): a recorder that only logs, default
+    limits, and no connection to close.
+    """
+
+    def __init__(
+        self,
+        recorder: Recorder | None = None,
+        limits: Limits | None = None,
+        connections: Connections | None = None,
+    ) -> None:
+        self.recorder = recorder or Recorder()
+        self.limits = limits or Limits(Held(), self.recorder)
+        self.connections = connections
         self.policy = Policy((), source="no policy yet")  # refuses everything until one is given
         self.generation = 0  # how many policies there have been
         self.tunnels: dict[str, Target] = {}  # client connection id → its CONNECT target
@@ -104,21 +114,14 @@ class Enforcer:
             except Exception:
                 logger.exception("closing the tunnels the new policy refuses failed")
 
-    @staticmethod
-    def client_handler(client_id: str) -> Any:
-        """mitmproxy's handler of a client connection still open, or None."""
-        try:
-            server = ctx.master.addons.get("proxyserver")
-        except (AttributeError, ValueError):
-            return None  # no running master (a policy given before start, or a unit test)
-        handler = server.connections.get(client_id) if server is not None else None
-        io = handler.transports.get(handler.client) if handler is not None else None
-        return handler if io is not None and io.handler is not None else None
+    def open_client(self, client_id: str) -> connection.Client | None:
+        """A client connection still open, or None (also before the proxy runs)."""
+        return self.connections.client(client_id) if self.connections is not None else None
 
-    @staticmethod
-    def close_client(handler: Any, why: str) -> None:
+    def close_client(self, client_id: str, why: str) -> None:
         """Close a client connection at once, as mitmproxy's own idle timeout does."""
-        handler.transports[handler.client].handler.cancel(f"claude-proxy: {why}")
+        if self.connections is not None:
+            self.connections.close(client_id, why)
 
     def close_refused(self) -> None:
         for client_id, (host, port) in list(self.tunnels.items()):
@@ -126,13 +129,13 @@ class Enforcer:
             spliced = client_id in self.spliced
             if decision.allowed and decision.inspect != spliced:
                 continue
-            if (handler := self.client_handler(client_id)) is None:
+            if (client := self.open_client(client_id)) is None:
                 continue
             why = f"closed: the policy now refuses {host}:{port}"
             if decision.allowed:  # allowed, but inspected where it was passed through, or back
                 why = f"closed: the policy now {'inspects' if spliced else 'passes through'} it"
-            socks = handler.client.proxy_mode.type_name == "socks5"
-            log_line(
+            socks = client.proxy_mode.type_name == "socks5"
+            self.recorder.line(
                 PASS if spliced else ("SOCKS5" if socks else "CONNECT"),
                 host,
                 port,
@@ -140,9 +143,9 @@ class Enforcer:
                 None,
                 Decision(False, f"{why} ({decision.reason})" if not decision.allowed else why),
                 started=time.time(),
-                client=handler.client,
+                client=client,
             )
-            self.close_client(handler, why)
+            self.close_client(client_id, why)
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -196,7 +199,7 @@ class Enforcer:
             if decision.allowed:
                 if flow.request.host != host:
                     flow.request.host = host  # the A-label the client sent, not the U-label
-                log_decision(flow, decision, host=host, port=port, status=200)
+                self.recorder.decision(flow, decision, host=host, port=port, status=200)
                 return
         except Exception:
             logger.exception("refusing a CONNECT: the check failed")
@@ -229,31 +232,31 @@ class Enforcer:
         target = self.tunnels.get(context.client.id)
         if target is None:
             if len(context.layers) == 1 and type(context.layers[0]) is layers.modes.HttpProxy:
-                return admission.http_layer(context, HTTPMode.regular, self.recheck_waiting)
+                return self.limits.http_layer(context, HTTPMode.regular, self.recheck_waiting)
             return CloseTunnel(context)
         if context.client.tls:
             # Inside our TLS only HTTP goes, so that every request is checked.
-            return admission.http_layer(context, HTTPMode.transparent, self.recheck_waiting)
+            return self.limits.http_layer(context, HTTPMode.transparent, self.recheck_waiting)
         data = nextlayer.data_client()
         if len(data) < 3:
             return None  # wait for more bytes
         if not starts_like_tls_record(data):
-            return close_tunnel(context, target, "it does not start with TLS")
+            return self.close_tunnel(context, target, "it does not start with TLS")
         try:
             hello = parse_client_hello(data)
         except ValueError:
-            return close_tunnel(context, target, "malformed TLS ClientHello")
+            return self.close_tunnel(context, target, "malformed TLS ClientHello")
         if hello is None:
             return None  # the ClientHello is not complete yet
         decision = self.decide(*target)  # again: the policy may have changed since the CONNECT
         if not decision.allowed:
-            return close_tunnel(context, target, decision.reason)
+            return self.close_tunnel(context, target, decision.reason)
         if not decision.inspect:
             return self.splice(context, target, hello, decision)
         if hello.sni is not None and not names_target(hello.sni, target, port_allowed=False):
-            return close_tunnel(context, target, f"SNI {hello.sni} does not name {target[0]}")
+            return self.close_tunnel(context, target, f"SNI {hello.sni} does not name {target[0]}")
         server_tls = layers.ServerTLSLayer(context)
-        server_tls.child_layer = GuardedClientTLSLayer(context)
+        server_tls.child_layer = GuardedClientTLSLayer(context, self.recorder)
         return server_tls
 
     def splice(
@@ -261,13 +264,14 @@ class Enforcer:
     ) -> layer.Layer:
         """A pass-through tunnel: the client's TLS goes to the upstream as it is."""
         started = time.time()
+        client = context.client
         if reason := passthrough.hello_refusal(hello, target[0]):
             refused = Decision(False, reason)
-            log_line(PASS, *target, "-", "-", refused, started=started, client=context.client)
+            self.recorder.line(PASS, *target, "-", "-", refused, started=started, client=client)
             return CloseTunnel(context)
-        log_line(PASS, *target, "-", "-", decision, started=started, client=context.client)
+        self.recorder.line(PASS, *target, "-", "-", decision, started=started, client=client)
         self.spliced.add(context.client.id)
-        admission.tunnel_spliced(context)
+        self.limits.tunnel_spliced(context)
         generation = self.generation
 
         def refusal() -> str | None:
@@ -280,7 +284,9 @@ class Enforcer:
                 return None
             reason = now.reason if not now.allowed else "its destination is inspected now"
             refused = Decision(False, reason)
-            log_line(PASS, *target, "-", "-", refused, started=time.time(), client=context.client)
+            self.recorder.line(
+                PASS, *target, "-", "-", refused, started=time.time(), client=context.client
+            )
             return reason
 
         return passthrough.SplicedTunnel(context, refusal)
@@ -340,7 +346,9 @@ class Enforcer:
                 # mitmproxy reads a refused request's whole body before it answers: close instead.
                 flow.kill()
                 reason = f"{decision.reason}; closed without reading the request body"
-                log_decision(flow, Decision(False, reason), host=host, port=port, status=None)
+                self.recorder.decision(
+                    flow, Decision(False, reason), host=host, port=port, status=None
+                )
             else:
                 self.refuse(flow, host, port, decision, status)
             return
@@ -398,7 +406,7 @@ class Enforcer:
             if not decision.allowed:  # refused since (a switch to raw bytes): nothing was sent
                 status = None
                 flow.metadata.pop(FAILURE, None)
-            log_decision(flow, refused or decision, host=host, port=port, status=status)
+            self.recorder.decision(flow, refused or decision, host=host, port=port, status=status)
 
     # Helpers
 
@@ -453,34 +461,17 @@ class Enforcer:
     def refuse(
         self, flow: http.HTTPFlow, host: str, port: int, decision: Decision, status: int = 403
     ) -> None:
-        flow.response = refusal(
+        flow.response = answers.refusal(
             flow.request.method, host, port, decision, status, source=self.policy.source
         )
-        log_decision(flow, decision, host=host, port=port, status=status)
+        self.recorder.decision(flow, decision, host=host, port=port, status=status)
 
-
-def close_tunnel(context: layer.Context, target: Target, why: str) -> CloseTunnel:
-    refused = Decision(False, why)
-    client = context.client
-    log_line("-", *target, "-", None, refused, started=client.timestamp_start, client=client)
-    return CloseTunnel(context)
-
-
-def refusal(
-    method: str, host: str, port: int, decision: Decision, status: int = 403, *, source: str
-) -> http.Response:
-    where = printable(f"{host}:{port}")
-    reason = decision.reason
-    decided = f"Decided by the rule at {printable(decision.origin)}.\n" if decision.origin else ""
-    body = (
-        f"claude-proxy refused {where}: {printable(reason)}.\n"
-        "This is the sandbox's policy, not a network fault: do not retry another way.\n"
-        f"{decided}"
-        f"The policy is {printable(source)}; "
-        "`claude-proxy check HOST[:PORT] [METHOD PATH]` shows which rule decides.\n"
-    )
-    error = "http_request_denied" if status == 403 else "http_request_error"
-    return proxy_answer(status, method, body, kind="refused", error=error, details=reason)
+    def close_tunnel(self, context: layer.Context, target: Target, why: str) -> CloseTunnel:
+        refused = Decision(False, why)
+        client = context.client
+        started = client.timestamp_start
+        self.recorder.line("-", *target, "-", None, refused, started=started, client=client)
+        return CloseTunnel(context)
 
 
 def requested_host(request: http.Request) -> str:

@@ -17,8 +17,9 @@ from mitmproxy import connection, http
 from claude_proxy.policy import rules, server_fetch
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import held_bodies
-from claude_proxy.proxy.enforcer import Enforcer, body_follows, refusal, refused_body_too_large
-from claude_proxy.record.decisions import SENT_UP, BodyCount, log_decision, printable
+from claude_proxy.proxy.answers import refusal
+from claude_proxy.proxy.enforcer import Enforcer, body_follows, refused_body_too_large
+from claude_proxy.record.decisions import SENT_UP, BodyCount, printable
 from claude_proxy.state import accounts
 
 logger = logging.getLogger(__name__)
@@ -133,13 +134,15 @@ class FetchGuard:
             # mitmproxy reads a refused request's whole body before it answers: close instead.
             flow.kill()
             reason = f"{why}; closed without reading the request body"
-            log_decision(flow, Decision(False, reason), host=host, port=port, status=None)
+            self.enforcer.recorder.decision(
+                flow, Decision(False, reason), host=host, port=port, status=None
+            )
             return
         flow.request.stream = False  # mitmproxy refuses a response set while the request streams
         flow.response = refusal(
             flow.request.method, host, port, decision, status, source=self.enforcer.policy.source
         )
-        log_decision(flow, decision, host=host, port=port, status=status)
+        self.enforcer.recorder.decision(flow, decision, host=host, port=port, status=status)
         logger.debug("server-fetch guard: %s", printable(why))
 
     def release(self, flow: http.HTTPFlow) -> None:

@@ -2,7 +2,8 @@
 
 While a request waits for its upstream connection or for a hook (the organization probe),
 mitmproxy keeps reading the client's body and queues it in memory without limit. The HTTP streams
-(upstream_timeouts.TimedHttpStream) count what they queue here.
+(mitm.timed_http.TimedHttpStream) count what they queue in the proxy's one `Held`, which
+`service.build_master` makes and hands to the parts that count or pause.
 
 Once an HTTP/1 client has PAUSE bytes held, its connection is not read until they have moved on
 (down to half of that): the rest of an upload waits in the client and the kernel, as TCP intends,
@@ -74,6 +75,3 @@ class Held:
     def disconnected(self, client: str) -> None:
         self.bytes -= self.clients.pop(client, 0)
         self.paused.discard(client)
-
-
-HELD = Held()  # one per proxy process

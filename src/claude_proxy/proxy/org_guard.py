@@ -22,8 +22,9 @@ from mitmproxy import connection, ctx, exceptions, http
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import org_probe, wellformed
-from claude_proxy.proxy.enforcer import Enforcer, body_follows, refusal, refused_body_too_large
-from claude_proxy.record.decisions import FINGERPRINTS, log_decision, printable
+from claude_proxy.proxy.answers import refusal
+from claude_proxy.proxy.enforcer import Enforcer, body_follows, refused_body_too_large
+from claude_proxy.record.decisions import FINGERPRINTS, printable
 from claude_proxy.state import accounts
 from claude_proxy.state.accounts import Credential, Pin, StateError, short
 
@@ -182,7 +183,9 @@ class OrgGuard:
             # mitmproxy reads a refused request's whole body before it answers: close instead.
             flow.kill()
             reason = f"{reason}; closed without reading the request body"
-            log_decision(flow, Decision(False, reason), host=host, port=port, status=None)
+            self.enforcer.recorder.decision(
+                flow, Decision(False, reason), host=host, port=port, status=None
+            )
             return
         flow.request.stream = False  # mitmproxy refuses a response set while the request streams
         decision = Decision(False, reason)
@@ -196,7 +199,7 @@ class OrgGuard:
                 f"Only credentials of the pinned organization reach Anthropic. {HOW_TO_PIN}\n"
             )
         flow.response = response
-        log_decision(flow, decision, host=host, port=port, status=403)
+        self.enforcer.recorder.decision(flow, decision, host=host, port=port, status=403)
 
     # Open connections under a new pin
 
@@ -225,9 +228,10 @@ class OrgGuard:
             why = f"closed: the pin now refuses it: {reason}"
             if flow.metadata.pop(DECISION, None) is not None:
                 self.enforcer.in_flight -= 1  # ended here: the Enforcer will not finish it
-                log_decision(flow, Decision(False, why), host=host, port=port, status=None)
-            if (handler := self.enforcer.client_handler(flow.client_conn.id)) is not None:
-                self.enforcer.close_client(handler, why)
+                self.enforcer.recorder.decision(
+                    flow, Decision(False, why), host=host, port=port, status=None
+                )
+            self.enforcer.close_client(flow.client_conn.id, why)
 
     def refused_now(self, flow: http.HTTPFlow) -> str | None:
         """Why the pin in force refuses a request it let through before, from what is known."""

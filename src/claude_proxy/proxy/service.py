@@ -21,6 +21,7 @@ from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.mitm import closing, framing, hook_cache, wakeups
+from claude_proxy.mitm.connections import SOCKS5, Connections
 from claude_proxy.policy import addresses
 from claude_proxy.policy.config_file import Config
 from claude_proxy.policy.rules import Policy
@@ -29,10 +30,11 @@ from claude_proxy.proxy.admission import Limits
 from claude_proxy.proxy.config_watcher import ConfigWatcher
 from claude_proxy.proxy.enforcer import Enforcer
 from claude_proxy.proxy.fetch_guard import FetchGuard
+from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.org_guard import OrgGuard
 from claude_proxy.proxy.tls_guard import GuardedTlsConfig
 from claude_proxy.proxy.upstream_timeouts import Timeouts
-from claude_proxy.record.decisions import AuditLog
+from claude_proxy.record.decisions import AuditLog, Recorder
 from claude_proxy.state import paths
 
 logger = logging.getLogger(__name__)
@@ -81,9 +83,10 @@ class StartupCheck(errorcheck.ErrorCheck):
 
     name = "errorcheck"  # Master.run looks the check up by this name
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, connections: Connections) -> None:
         super().__init__()
         self.settings = settings
+        self.connections = connections
         self.consoles = [
             h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler
         ]
@@ -110,9 +113,8 @@ class StartupCheck(errorcheck.ErrorCheck):
             return
         http_at: list[str] = []
         socks_at: list[str] = []
-        for instance in ctx.master.addons.get("proxyserver").servers:
-            where = socks_at if instance.mode.type_name == "socks5" else http_at
-            where += [listeners.format_address(a[0], a[1]) for a in instance.listen_addrs]
+        for mode, (host, port) in self.connections.listen_addresses():
+            (socks_at if mode == SOCKS5 else http_at).append(listeners.format_address(host, port))
         message = "claude-proxy listening on " + ", ".join(http_at)
         if socks_at:
             message += "; SOCKS5 on " + ", ".join(socks_at)
@@ -155,14 +157,15 @@ def check_option_names(assignments: Sequence[str]) -> None:
             logger.warning("--set %s: %s", name, why)
 
 
-def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWatcher]:
+def build_master(
+    settings: Settings,
+) -> tuple[master.Master, Enforcer, ConfigWatcher, Connections]:
     """Assemble the master; must run inside an event loop (mitmproxy requires one)."""
     check_option_names(settings.mitmproxy_options)
     framing.install()
     closing.install()
     crash_guard.install()
     wakeups.install()
-    socks.install()
     try:
         modes = listeners.mode_specs(
             settings.hosts or listeners.loopback_hosts(), settings.port, settings.socks_port
@@ -170,15 +173,25 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     except OSError as e:
         raise ProxyError(f"cannot listen: {e.strerror}", ExitCode.ADDRESS) from e
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
-    enforcer = Enforcer()
+    # What the addons share, made here and handed to each one that needs it: no addon looks
+    # another up, and nothing of a running proxy lives in a module.
+    server = proxyserver.Proxyserver()
+    connections = Connections(server)
+    recorder = Recorder()
+    held = Held()
+    limits = Limits(held, recorder, connections)
+    enforcer = Enforcer(recorder, limits, connections)
     enforcer.use_policy(settings.policy)
-    watcher = ConfigWatcher(settings.config.path, settings.flags, enforcer, settings.config)
+    socks.install(enforcer.open_tunnel, limits.over_cap.__contains__, recorder)
+    watcher = ConfigWatcher(
+        settings.config.path, settings.flags, enforcer, settings.config, connections
+    )
     m = master.Master(options.Options(), with_termlog=False)
     hook_cache.install(m)
     try:
         # Proxyserver registers connection_strategy with the default "eager", which the Enforcer
         # refuses; set "lazy" before the Enforcer arrives.
-        m.addons.add(core.Core(), proxyserver.Proxyserver())
+        m.addons.add(core.Core(), server)
         # The Enforcer refuses these defaults: eager connects before a check, rawtcp relays the
         # bytes after any 101 unchecked, and upstream_cert connects upstream during the client's
         # handshake. The leaf certificate comes from the SNI (already checked against the CONNECT
@@ -190,13 +203,15 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
             enforcer,
             OrgGuard(enforcer, paths.state_dir()),  # acts only on requests the Enforcer allowed
             FetchGuard(enforcer),  # after the pin: a Messages body is read only for the right org
-            Timeouts(),
-            Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
+            Timeouts(held),
+            limits,  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
             GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
-            AuditLog(),  # before StartupCheck: recording starts before "listening on" is said
-            StartupCheck(settings),
+            AuditLog(
+                recorder
+            ),  # before StartupCheck: recording starts before "listening on" is said
+            StartupCheck(settings, connections),
             watcher,
         )
         m.options.update(
@@ -207,7 +222,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
         m.options.set(*settings.mitmproxy_options, defer=True)
     except exceptions.OptionsError as e:
         raise ProxyError(str(e), ExitCode.USAGE) from e
-    return m, enforcer, watcher
+    return m, enforcer, watcher, connections
 
 
 async def serve(settings: Settings) -> None:
@@ -215,7 +230,7 @@ async def serve(settings: Settings) -> None:
 
     SIGHUP reads config.toml again at once.
     """
-    m, enforcer, watcher = build_master(settings)
+    m, enforcer, watcher, connections = build_master(settings)
     loop = asyncio.get_running_loop()
     addresses.install_checked_resolver(loop)
     draining: list[asyncio.Task[None]] = []
@@ -225,7 +240,7 @@ async def serve(settings: Settings) -> None:
             m.shutdown()
             return
         logger.warning("%s: draining, then stopping", signal.Signals(signum).name)
-        draining.append(loop.create_task(drain(m, enforcer, settings.drain_seconds)))
+        draining.append(loop.create_task(drain(m, enforcer, connections, settings.drain_seconds)))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -238,7 +253,9 @@ async def serve(settings: Settings) -> None:
     logger.info("claude-proxy stopped")
 
 
-async def drain(m: master.Master, enforcer: Enforcer, seconds: float) -> None:
+async def drain(
+    m: master.Master, enforcer: Enforcer, connections: Connections, seconds: float
+) -> None:
     """Stop listening, let responses in flight finish (at most `seconds`), then shut down.
 
     Streams still open then are closed here, each connection's handler left to end as it
@@ -255,19 +272,13 @@ async def drain(m: master.Master, enforcer: Enforcer, seconds: float) -> None:
             enforcer.in_flight,
             seconds,
         )
-    await close_connections(m, CLOSE_SECONDS)
+    await close_connections(connections, CLOSE_SECONDS)
     m.shutdown()
 
 
-async def close_connections(m: master.Master, seconds: float) -> None:
+async def close_connections(connections: Connections, seconds: float) -> None:
     """Close every client connection and wait (at most `seconds`) for their handlers to end."""
-    server = m.addons.get("proxyserver")
-    if server is None:
-        return
-    for handler in list(server.connections.values()):
-        io = handler.transports.get(handler.client)
-        if io is not None and io.handler is not None:
-            io.handler.cancel("claude-proxy: stopping")
+    connections.close_all("stopping")
     deadline = asyncio.get_running_loop().time() + seconds
-    while server.connections and asyncio.get_running_loop().time() < deadline:
+    while connections.count() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)

@@ -10,33 +10,42 @@ and UDP ASSOCIATE (0x07: command not supported) are refused by mitmproxy's own l
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from mitmproxy import ctx
+from mitmproxy import connection
 from mitmproxy.proxy import commands, layer
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.mode_servers import Socks5Instance
 
 from claude_proxy.defaults import SOCKS_PROBE_METHOD
-from claude_proxy.record.decisions import log_line, proves_probe
+from claude_proxy.policy.rules import Decision
+from claude_proxy.record.decisions import Recorder, proves_probe
 
 METHOD = "SOCKS5"  # how these tunnels appear in the decision log
 REPLY_NOT_ALLOWED = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"
 REPLY_NO_METHOD = b"\x05\xff"  # RFC 1928: no acceptable methods; the client then closes
 
 
-def over_cap(client_id: str) -> bool:
-    """Whether the client cap refused this client when it connected."""
-    limits = ctx.master.addons.get("limits")
-    return limits is not None and client_id in limits.over_cap
+OpenTunnel = Callable[[connection.Client, str, int], Decision]  # Enforcer.open_tunnel
+OverCap = Callable[[str], bool]  # whether the client cap refused this client id on connect
 
 
 class CheckedSocks5Proxy(modes.Socks5Proxy):
     refused = False
     probe = False  # `claude-proxy status` proved itself in its private method: a probe
 
+    def __init__(
+        self, context: Context, open_tunnel: OpenTunnel, over_cap: OverCap, recorder: Recorder
+    ) -> None:
+        super().__init__(context)
+        self.open_tunnel = open_tunnel
+        self.over_cap = over_cap
+        self.recorder = recorder
+
     def state_greet(self) -> layer.CommandGenerator[None]:
         if len(self.buf) >= 2:
-            if over_cap(self.context.client.id):
+            if self.over_cap(self.context.client.id):
                 # The client cap counts SOCKS clients too; Limits logged the refusal on accept.
                 # In SOCKS5 the only answer before a method is agreed is "no acceptable method".
                 yield commands.SendData(self.context.client, REPLY_NO_METHOD)
@@ -98,8 +107,8 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
             decision = None
         else:
             host, port = address
-            decision = ctx.master.addons.get("enforcer").open_tunnel(client, host, port)
-            log_line(
+            decision = self.open_tunnel(client, host, port)
+            self.recorder.line(
                 METHOD,
                 host,
                 port,
@@ -120,6 +129,10 @@ class CheckedSocks5Proxy(modes.Socks5Proxy):
         return reason
 
 
-def install() -> None:
+def install(open_tunnel: OpenTunnel, over_cap: OverCap, recorder: Recorder) -> None:
     """mitmproxy's SOCKS5 listener builds its first layer itself: make it this one."""
-    Socks5Instance.make_top_layer = lambda self, context: CheckedSocks5Proxy(context)  # type: ignore[method-assign]
+
+    def make_top_layer(self: Socks5Instance, context: Context) -> layer.Layer:
+        return CheckedSocks5Proxy(context, open_tunnel, over_cap, recorder)
+
+    Socks5Instance.make_top_layer = make_top_layer  # type: ignore[method-assign]

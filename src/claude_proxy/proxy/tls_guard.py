@@ -19,7 +19,7 @@ from mitmproxy.proxy import commands, context, layer, layers
 from mitmproxy.proxy.layers.tls import TLSLayer
 
 from claude_proxy.policy.rules import Decision
-from claude_proxy.record.decisions import log_line, printable
+from claude_proxy.record.decisions import Recorder, printable
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,9 @@ class GuardedClientTLSLayer(layers.ClientTLSLayer):
     the same SNI and ALPN offers reaches OpenSSL.
     """
 
-    def __init__(self, context: context.Context) -> None:
+    def __init__(self, context: context.Context, recorder: Recorder) -> None:
         super().__init__(context)
+        self.recorder = recorder
         self.held = bytearray()  # received, not yet given to OpenSSL
         self.first: tls.ClientHello | None = None
         self.checked = False  # nothing left to check: bytes go straight to OpenSSL
@@ -222,7 +223,8 @@ class GuardedClientTLSLayer(layers.ClientTLSLayer):
         host, port = self.context.server.address or (None, None)
         client = self.context.client
         refused = Decision(False, self.refusal)
-        log_line("-", host, port, "-", None, refused, started=client.timestamp_start, client=client)
+        started = client.timestamp_start
+        self.recorder.line("-", host, port, "-", None, refused, started=started, client=client)
         # Skip ClientTLSLayer's own message: it would blame the client's trust in our CA.
         yield from TLSLayer.on_handshake_error(self, err)
         self.event_to_child = self.errored  # type: ignore[method-assign]

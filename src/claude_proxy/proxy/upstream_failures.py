@@ -21,7 +21,8 @@ from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy.layers.http import RequestProtocolError, ResponseProtocolError
 
 from claude_proxy.policy.addresses import NOT_RESOLVED
-from claude_proxy.record.decisions import printable, proxy_answer
+from claude_proxy.proxy.answers import proxy_answer
+from claude_proxy.record.decisions import printable
 
 REFUSED = "claude-proxy: "  # starts a refusal made on the way upstream (addon, addresses, held)
 KILLED = "Connection killed: "  # mitmproxy's prefix when a server_connect hook refused

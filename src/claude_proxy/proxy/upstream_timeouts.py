@@ -59,9 +59,9 @@ SLOT = Step(
     CONNECT.help,
 )
 
-# What an HTTP/2 stream costs while it lives, counted in held_bodies.HELD with the bodies: its head
-# and its own objects. Measured (1,000 streams waiting): 18.5 KiB each with an empty head, 83 KiB
-# with a 60 KB one.
+# What an HTTP/2 stream costs while it lives, counted with the bodies in the proxy's Held budget:
+# its head and its own objects. Measured (1,000 streams waiting): 18.5 KiB each with an empty
+# head, 83 KiB with a 60 KB one.
 STREAM_OVERHEAD = 20 * 1024
 HELD_OPTION = "sandbox_waiting_memory_mib"
 
@@ -73,7 +73,11 @@ Recheck = Callable[[http.HTTPFlow], bool]
 
 
 class Timeouts:
-    """Declares the limits; TimedHttpLayer, which the Enforcer puts in place, applies them."""
+    """Declares the limits; TimedHttpLayer, which the Enforcer puts in place, applies them.
+    `held` is the proxy's budget for what waiting requests hold, sized by HELD_OPTION."""
+
+    def __init__(self, held: held_bodies.Held) -> None:
+        self.held = held
 
     def load(self, loader: object) -> None:
         for step in STEPS:
@@ -95,6 +99,7 @@ class Timeouts:
         if HELD_OPTION in updated:
             if (mib := getattr(ctx.options, HELD_OPTION)) < 1:
                 raise exceptions.OptionsError(f"{HELD_OPTION} must be at least 1 (MiB)")
-            held_bodies.HELD.total = mib * held_bodies.MIB
-            held_bodies.HELD.per_client = min(held_bodies.PER_CLIENT, held_bodies.HELD.total)
-            held_bodies.HELD.pause = min(held_bodies.PAUSE, held_bodies.HELD.per_client // 2)
+            held = self.held
+            held.total = mib * held_bodies.MIB
+            held.per_client = min(held_bodies.PER_CLIENT, held.total)
+            held.pause = min(held_bodies.PAUSE, held.per_client // 2)

@@ -10,11 +10,13 @@ import hmac
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy.context import Context
 
-from claude_proxy.defaults import PROBE_HEADER, REFUSAL_HEADER
+from claude_proxy.defaults import PROBE_HEADER
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy.listeners import format_address
 from claude_proxy.proxy.org_probe import ORG_HEADER
@@ -30,7 +32,6 @@ SENT_UP = "claude_proxy.bytes_up"  # flow.metadata: the request body's BodyCount
 SENT_DOWN = "claude_proxy.bytes_down"  # flow.metadata: the response body's BodyCount
 FINGERPRINTS = "claude_proxy.fingerprints"  # flow.metadata: the credentials' (OrgGuard's)
 LISTENERS = {"regular": "http"}  # mitmproxy's mode names, as the audit log calls them
-_writer: audit_db.Writer | None = None  # the running proxy's audit writer, if any
 SUMMARY_SECONDS = 10  # refusals alike within this long: one line and one row, with a count
 MAX_RUNS = 4096  # refusal runs followed at once; past it the oldest is summed up early
 
@@ -41,8 +42,9 @@ class Repeats:
     the count follow when the interval ends. A flood costs a line per interval and erases nothing.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, summarize: Callable[..., None]) -> None:
         self.interval = interval
+        self.summarize = summarize  # (more, seconds, **fields): the run's one line and row
         self.runs: dict[tuple[Any, ...], list[Any]] = {}  # key → [started, last, more, fields]
 
     def counted(self, key: tuple[Any, ...], now: float, fields: dict[str, Any]) -> bool:
@@ -65,44 +67,7 @@ class Repeats:
     def _close(self, key: tuple[Any, ...]) -> None:
         started, last, more, fields = self.runs.pop(key)
         if more:
-            _summary(more, last - started, **fields)
-
-
-_repeats: Repeats | None = None  # the running proxy's refusal runs, if any
-
-
-def _summary(more: int, seconds: float, **fields: Any) -> None:
-    decision: Decision = fields["decision"]
-    reason = f"{decision.reason} ({more} more like it in {seconds:.0f} s)"
-    logger.info(
-        'BLOCK %s %s %s %s "%s"',
-        printable(fields["method"]),
-        fields["destination"],
-        printable(fields["path"]),
-        "-" if fields["status"] is None else fields["status"],
-        printable(reason),
-    )
-    if (writer := _writer) is not None:
-        writer.submit(
-            audit_db.Record(
-                time=time.time(),
-                client=fields["client"],
-                listener=fields["listener"],
-                method=None if fields["method"] == "-" else printable(fields["method"]),
-                host=fields["host"],
-                port=fields["port"],
-                path=None if fields["path"] == "-" else printable(fields["path"]),
-                decision="block",
-                rule=decision.rule,
-                reason=printable(reason),
-                status=fields["status"] if isinstance(fields["status"], int) else None,
-                bytes_up=0,
-                bytes_down=0,
-                duration_ms=0,
-                organization=fields["organization"],
-                fingerprint=fields["fingerprint"],
-            )
-        )
+            self.summarize(more, last - started, **fields)
 
 
 def printable(text: str) -> str:
@@ -132,32 +97,6 @@ def count_body(flow: http.HTTPFlow, key: str) -> BodyCount:
     return counter
 
 
-def proxy_answer(
-    status: int,
-    method: str,
-    body: str,
-    *,
-    kind: str,
-    error: str,
-    details: str,
-    headers: dict[str, str] | None = None,
-) -> http.Response:
-    """An answer the proxy makes itself: `X-Claude-Proxy: kind` and an RFC 9209 Proxy-Status."""
-    fields = {
-        REFUSAL_HEADER: kind,
-        "Proxy-Status": f'claude-proxy; error={error}; details="{status_details(details)}"',
-        "Content-Type": "text/plain; charset=utf-8",
-        "Cache-Control": "no-store",
-        **(headers or {}),
-    }
-    return http.Response.make(status, b"" if method == "HEAD" else body.encode(), fields)
-
-
-def status_details(text: str) -> str:
-    """`text` as the inside of an RFC 8941 string: printable ASCII, no quote or backslash."""
-    return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
-
-
 def loggable_path(target: str) -> str:
     """The path without what may carry a secret: the query, a fragment, and every segment's
     parameters (`;jsessionid=…`)."""
@@ -180,156 +119,221 @@ def proves_probe(shown: str | bytes | None) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-def log_decision(
-    flow: http.HTTPFlow,
-    decision: Decision,
-    *,
-    host: str,
-    port: int,
-    status: int | None,
-    organization: str | None = None,
-    fingerprint: str | None = None,
-) -> None:
-    request = flow.request
-    path = "-" if request.method == "CONNECT" else loggable_path(request.path)
-    up, down = flow.metadata.get(SENT_UP), flow.metadata.get(SENT_DOWN)
-    response = flow.response
-    if found := flow.metadata.get(FINGERPRINTS):
-        fingerprint = fingerprint or ",".join(found)
-        if organization is None and response is not None and len(set(found)) == 1:
-            # Anthropic names the organization of the one credential in every answer.
-            organization = accounts.organization(response.headers.get(ORG_HEADER))
-    if down is None and response is not None:
-        down_size = len(response.raw_content or b"")  # our own answer: a refusal, a 504
-    else:
-        down_size = down.size if down is not None else 0
-    probe = request.method == "CONNECT" and proves_probe(request.headers.get(PROBE_HEADER))
-    log_line(
-        request.method,
-        host,
-        port,
-        path,
-        status,
-        decision,
-        started=request.timestamp_start,
-        failure=flow.metadata.get(FAILURE),
-        client=flow.client_conn,
-        bytes_up=up.size if up is not None else 0,
-        bytes_down=down_size,
-        organization=organization,
-        fingerprint=fingerprint,
-        probe=probe,
-    )
+class Recorder:
+    """Writes every decision's log line and audit row; one per proxy (`service.build_master`
+    makes it and hands it to every part that decides). The AuditLog addon opens and closes its
+    writer and its refusal runs with the proxy."""
 
+    def __init__(self) -> None:
+        self.writer: audit_db.Writer | None = None  # the audit database, while the proxy runs
+        self.repeats: Repeats | None = None  # refusals alike, summed up
 
-def log_line(
-    method: str,
-    host: str | None,
-    port: int | None,
-    path: str,
-    status: int | str | None,
-    decision: Decision,
-    *,
-    started: float,
-    failure: str | None = None,
-    client: connection.Client | None = None,
-    bytes_up: int | None = None,
-    bytes_down: int | None = None,
-    organization: str | None = None,
-    fingerprint: str | None = None,
-    probe: bool = False,
-) -> None:
-    """One decision: `method` is the HTTP method, or how a tunnel was asked for (SOCKS5), or "-".
-
-    `host` None: the destination is not known. `client` gives the audit row its address and
-    listener; `organization` and `fingerprint` (of a credential, never the credential) are for
-    the exfiltration guard. A tunnel `claude-proxy status` opens (`probe`) is no one's traffic:
-    when allowed, it is logged at DEBUG, marked, and not recorded. Its requests, if any were
-    sent, would each be logged as usual; a refused probe is a decision like any other.
-    """
-    now = time.time()
-    if not decision.allowed and (repeats := _repeats) is not None:
-        peer = client.peername if client is not None else None
-        mode = client.proxy_mode.type_name if client is not None else None
-        fields: dict[str, Any] = {  # each capped (printable): a run costs a few hundred bytes
-            "method": printable(method),
-            "destination": "-" if host is None else f"{printable(host)}:{port}",
-            "host": None if host is None else printable(host),
-            "port": port,
-            "path": printable(path),
-            "status": status,
-            "decision": Decision(False, printable(decision.reason), decision.rule),
-            "client": str(peer[0]) if peer else None,
-            "listener": LISTENERS.get(mode, mode) if mode else None,
-            "organization": printable(organization) if organization else None,
-            "fingerprint": printable(fingerprint) if fingerprint else None,
-        }
-        key = (
-            *(fields[k] for k in ("client", "listener", "method", "destination", "path")),
-            status,
-            fields["decision"].reason,
-            printable(failure) if failure else None,
-            fields["organization"],
-            fields["fingerprint"],  # a refusal under another credential is another run
+    def summary(self, more: int, seconds: float, **fields: Any) -> None:
+        """The line and the row that close a run of refusals alike: how many more there were."""
+        decision: Decision = fields["decision"]
+        reason = f"{decision.reason} ({more} more like it in {seconds:.0f} s)"
+        logger.info(
+            'BLOCK %s %s %s %s "%s"',
+            printable(fields["method"]),
+            fields["destination"],
+            printable(fields["path"]),
+            "-" if fields["status"] is None else fields["status"],
+            printable(reason),
         )
-        if repeats.counted(key, now, fields):
-            return
-    elapsed_ms = (now - started) * 1000
-    why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
-    if failure:
-        why += f' "{printable(failure)}"'
-    quiet = probe and decision.allowed  # no one's traffic: at DEBUG, and recorded as a probe
-    logger.log(
-        logging.DEBUG if quiet else logging.INFO,
-        "%s%s %s %s %s %s %s %.0fms",
-        "probe: " if quiet else "",
-        "ALLOW" if decision.allowed else "BLOCK",
-        printable(method),
-        "-" if host is None else f"{printable(host)}:{port}",
-        printable(path),
-        "-" if status is None else status,
-        why,
-        elapsed_ms,
-    )
-    if (writer := _writer) is None:
-        return
-    try:
-        peer = client.peername if client is not None else None
-        mode = client.proxy_mode.type_name if client is not None else None
-        reason = failure if decision.allowed else decision.reason
-        if failure and not decision.allowed:
-            reason = f"{decision.reason}; {failure}"
-        if quiet:
-            reason = PROBE_REASON
-        writer.submit(
-            audit_db.Record(
-                time=now,
-                client=format_address(str(peer[0]), int(peer[1])) if peer else None,
-                listener=LISTENERS.get(mode, mode) if mode else None,
-                method=None if method == "-" else printable(method),
-                host=None if host is None else printable(host),
-                port=port,
-                path=None if path == "-" else printable(path),
-                decision="allow" if decision.allowed else "block",
-                rule=decision.rule,
-                reason=printable(reason) if reason else None,
-                status=status if isinstance(status, int) else None,
-                bytes_up=bytes_up,
-                bytes_down=bytes_down,
-                duration_ms=round(elapsed_ms),
-                organization=printable(organization) if organization else None,
-                fingerprint=printable(fingerprint) if fingerprint else None,
+        if (writer := self.writer) is not None:
+            writer.submit(
+                audit_db.Record(
+                    time=time.time(),
+                    client=fields["client"],
+                    listener=fields["listener"],
+                    method=None if fields["method"] == "-" else printable(fields["method"]),
+                    host=fields["host"],
+                    port=fields["port"],
+                    path=None if fields["path"] == "-" else printable(fields["path"]),
+                    decision="block",
+                    rule=decision.rule,
+                    reason=printable(reason),
+                    status=fields["status"] if isinstance(fields["status"], int) else None,
+                    bytes_up=0,
+                    bytes_down=0,
+                    duration_ms=0,
+                    organization=fields["organization"],
+                    fingerprint=fields["fingerprint"],
+                )
             )
+
+    def block(
+        self,
+        status: int | None,
+        reason: str,
+        context: Context | None = None,
+        since: float | None = None,
+        client: connection.Client | None = None,
+    ) -> None:
+        """A refusal by one of the proxy's limits (no rule of the policy): one decision line.
+        The destination is known inside a tunnel only; `since` is the monotonic time the refused
+        request began."""
+        host, port = (context.server.address if context is not None else None) or (None, None)
+        started = time.time() - (time.monotonic() - since if since is not None else 0)
+        client = context.client if context is not None else client
+        refused = Decision(False, reason)
+        self.line("-", host, port, "-", status, refused, started=started, client=client)
+
+    def decision(
+        self,
+        flow: http.HTTPFlow,
+        decision: Decision,
+        *,
+        host: str,
+        port: int,
+        status: int | None,
+        organization: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        request = flow.request
+        path = "-" if request.method == "CONNECT" else loggable_path(request.path)
+        up, down = flow.metadata.get(SENT_UP), flow.metadata.get(SENT_DOWN)
+        response = flow.response
+        if found := flow.metadata.get(FINGERPRINTS):
+            fingerprint = fingerprint or ",".join(found)
+            if organization is None and response is not None and len(set(found)) == 1:
+                # Anthropic names the organization of the one credential in every answer.
+                organization = accounts.organization(response.headers.get(ORG_HEADER))
+        if down is None and response is not None:
+            down_size = len(response.raw_content or b"")  # our own answer: a refusal, a 504
+        else:
+            down_size = down.size if down is not None else 0
+        probe = request.method == "CONNECT" and proves_probe(request.headers.get(PROBE_HEADER))
+        self.line(
+            request.method,
+            host,
+            port,
+            path,
+            status,
+            decision,
+            started=request.timestamp_start,
+            failure=flow.metadata.get(FAILURE),
+            client=flow.client_conn,
+            bytes_up=up.size if up is not None else 0,
+            bytes_down=down_size,
+            organization=organization,
+            fingerprint=fingerprint,
+            probe=probe,
         )
-    except Exception as e:  # the audit row is a record, never a reason to fail a decision
-        writer.refused += 1
-        if not writer.record_failed:
-            writer.record_failed = True
-            logger.warning("audit log: a decision could not be recorded: %r", e)
+
+    def line(
+        self,
+        method: str,
+        host: str | None,
+        port: int | None,
+        path: str,
+        status: int | str | None,
+        decision: Decision,
+        *,
+        started: float,
+        failure: str | None = None,
+        client: connection.Client | None = None,
+        bytes_up: int | None = None,
+        bytes_down: int | None = None,
+        organization: str | None = None,
+        fingerprint: str | None = None,
+        probe: bool = False,
+    ) -> None:
+        """One decision: `method` is the HTTP method, how a tunnel was asked for (SOCKS5), or "-".
+
+        `host` None: the destination is not known. `client` gives the audit row its address and
+        listener; `organization` and `fingerprint` (of a credential, never the credential) are for
+        the exfiltration guard. A tunnel `claude-proxy status` opens (`probe`) is no one's traffic:
+        when allowed, it is logged at DEBUG, marked, and not recorded. Its requests, if any were
+        sent, would each be logged as usual; a refused probe is a decision like any other.
+        """
+        now = time.time()
+        if not decision.allowed and (repeats := self.repeats) is not None:
+            peer = client.peername if client is not None else None
+            mode = client.proxy_mode.type_name if client is not None else None
+            fields: dict[str, Any] = {  # each capped (printable): a run costs a few hundred bytes
+                "method": printable(method),
+                "destination": "-" if host is None else f"{printable(host)}:{port}",
+                "host": None if host is None else printable(host),
+                "port": port,
+                "path": printable(path),
+                "status": status,
+                "decision": Decision(False, printable(decision.reason), decision.rule),
+                "client": str(peer[0]) if peer else None,
+                "listener": LISTENERS.get(mode, mode) if mode else None,
+                "organization": printable(organization) if organization else None,
+                "fingerprint": printable(fingerprint) if fingerprint else None,
+            }
+            key = (
+                *(fields[k] for k in ("client", "listener", "method", "destination", "path")),
+                status,
+                fields["decision"].reason,
+                printable(failure) if failure else None,
+                fields["organization"],
+                fields["fingerprint"],  # a refusal under another credential is another run
+            )
+            if repeats.counted(key, now, fields):
+                return
+        elapsed_ms = (now - started) * 1000
+        why = f"rule={decision.rule}" if decision.allowed else f'"{printable(decision.reason)}"'
+        if failure:
+            why += f' "{printable(failure)}"'
+        quiet = probe and decision.allowed  # no one's traffic: at DEBUG, and recorded as a probe
+        logger.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "%s%s %s %s %s %s %s %.0fms",
+            "probe: " if quiet else "",
+            "ALLOW" if decision.allowed else "BLOCK",
+            printable(method),
+            "-" if host is None else f"{printable(host)}:{port}",
+            printable(path),
+            "-" if status is None else status,
+            why,
+            elapsed_ms,
+        )
+        if (writer := self.writer) is None:
+            return
+        try:
+            peer = client.peername if client is not None else None
+            mode = client.proxy_mode.type_name if client is not None else None
+            reason = failure if decision.allowed else decision.reason
+            if failure and not decision.allowed:
+                reason = f"{decision.reason}; {failure}"
+            if quiet:
+                reason = PROBE_REASON
+            writer.submit(
+                audit_db.Record(
+                    time=now,
+                    client=format_address(str(peer[0]), int(peer[1])) if peer else None,
+                    listener=LISTENERS.get(mode, mode) if mode else None,
+                    method=None if method == "-" else printable(method),
+                    host=None if host is None else printable(host),
+                    port=port,
+                    path=None if path == "-" else printable(path),
+                    decision="allow" if decision.allowed else "block",
+                    rule=decision.rule,
+                    reason=printable(reason) if reason else None,
+                    status=status if isinstance(status, int) else None,
+                    bytes_up=bytes_up,
+                    bytes_down=bytes_down,
+                    duration_ms=round(elapsed_ms),
+                    organization=printable(organization) if organization else None,
+                    fingerprint=printable(fingerprint) if fingerprint else None,
+                )
+            )
+        except Exception as e:  # the audit row is a record, never a reason to fail a decision
+            writer.refused += 1
+            if not writer.record_failed:
+                writer.record_failed = True
+                logger.warning("audit log: a decision could not be recorded: %r", e)
 
 
 class AuditLog:
-    """Runs the audit database's writer for as long as the proxy runs."""
+    """Runs the recorder's audit database writer and refusal runs for as long as the proxy runs."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.flusher: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -368,17 +372,18 @@ class AuditLog:
                 raise exceptions.OptionsError(
                     "sandbox_audit_days and sandbox_audit_max_mb must be at least 1"
                 )
-            if _writer is not None:
-                _writer.retention = retention()
+            if self.recorder.writer is not None:
+                self.recorder.writer.retention = retention()
 
     def running(self) -> None:
-        global _writer, _repeats
-        if ctx.options.sandbox_audit and _writer is None:
-            _writer = audit_db.Writer(paths.audit_db(), retention())
-            _writer.start()
+        recorder = self.recorder
+        if ctx.options.sandbox_audit and recorder.writer is None:
+            recorder.writer = audit_db.Writer(paths.audit_db(), retention())
+            recorder.writer.start()
         if ctx.options.sandbox_refusal_summary_seconds > 0:
-            _repeats = Repeats(ctx.options.sandbox_refusal_summary_seconds)
-            self.flusher = asyncio.get_running_loop().create_task(self._flush(_repeats))
+            repeats = Repeats(ctx.options.sandbox_refusal_summary_seconds, recorder.summary)
+            recorder.repeats = repeats
+            self.flusher = asyncio.get_running_loop().create_task(self._flush(repeats))
 
     async def _flush(self, repeats: Repeats) -> None:
         while True:
@@ -389,13 +394,13 @@ class AuditLog:
                 logger.exception("summing up repeated refusals failed")
 
     def done(self) -> None:
-        global _writer, _repeats
-        repeats, _repeats = _repeats, None
-        if (flusher := getattr(self, "flusher", None)) is not None:
-            flusher.cancel()
+        recorder = self.recorder
+        repeats, recorder.repeats = recorder.repeats, None
+        if self.flusher is not None:
+            self.flusher.cancel()
         if repeats is not None:
             repeats.flush(float("inf"))  # every run still counting: its line and row now
-        writer, _writer = _writer, None
+        writer, recorder.writer = recorder.writer, None
         if writer is not None:
             writer.stop()
 
