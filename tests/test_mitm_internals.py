@@ -16,7 +16,7 @@ from mitmproxy import addonmanager, master
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import mode_servers, server
 from mitmproxy.proxy import server as server_module
-from mitmproxy.proxy.layers import http, modes, tcp, tls
+from mitmproxy.proxy.layers import http, modes, tls
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
 
 from claude_proxy.mitm.timed_http import TimedHttpLayer
@@ -60,7 +60,6 @@ OVERRIDDEN = [
     (tls.ClientTLSLayer, "receive_handshake_data", ["self", "data"]),
     (tls.ClientTLSLayer, "on_handshake_error", ["self", "err"]),
     (tls.TLSLayer, "tls_interact", ["self"]),
-    (tcp.TCPLayer, "relay_messages", ["self", "event"]),
     (server.ConnectionHandler, "handle_connection", ["self", "connection"]),
     (addonmanager.AddonManager, "trigger_event", ["self", "event"]),
 ]

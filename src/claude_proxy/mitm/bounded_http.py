@@ -33,6 +33,7 @@ from claude_proxy.proxy.deadline import Deadline
 from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import Recheck
 from claude_proxy.record.decisions import Recorder
+from claude_proxy.record.throttle import Throttle
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
@@ -360,8 +361,9 @@ class BoundedHttpLayer(TimedHttpLayer):
         held: Held,
         recorder: Recorder,
         recheck: Recheck | None = None,
+        failures: Throttle | None = None,
     ) -> None:
-        super().__init__(context, mode, held, recorder, recheck)
+        super().__init__(context, mode, held, recorder, recheck, failures)
         self.bounds = bounds
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:

@@ -69,6 +69,7 @@ from claude_proxy.record.decisions import (
     loggable_path,
     printable,
 )
+from claude_proxy.record.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,13 @@ class TimedHttpLayer(layers.HttpLayer):
         held: Held,
         recorder: Recorder,
         recheck: Recheck | None = None,
+        failures: Throttle | None = None,
     ) -> None:
         super().__init__(context, mode)
         self.held = held  # what its streams hold while they wait, counted for the whole proxy
         self.recorder = recorder
+        # The line a failing timer writes: shared by every connection (Limits gives its own).
+        self.failures = failures or Throttle(ERROR_LOG_SECONDS)
         self.recheck = recheck
         self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
         self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (monotonic)
@@ -160,8 +164,6 @@ class CheckDue(events.Event):
 
 
 class TimedHttpStream(HttpStream):
-    last_error_log = 0.0
-
     def __init__(self, context: context.Context, stream_id: int, clock: TimedHttpLayer) -> None:
         super().__init__(context, stream_id)
         self.clock = clock  # the HTTP layer: it checks this stream when asked to
@@ -331,10 +333,9 @@ class TimedHttpStream(HttpStream):
     def _broke(self, e: Exception) -> None:
         self.broken = True
         self._stop_checking()
-        now = time.monotonic()
-        if now - TimedHttpStream.last_error_log > ERROR_LOG_SECONDS:
-            TimedHttpStream.last_error_log = now
-            logger.error("upstream timeouts failed, a request goes without them: %r", e)
+        if (skipped := self.clock.failures.allow()) is not None:
+            more = f" ({skipped} more since the last line)" if skipped else ""
+            logger.error("upstream timeouts failed, a request goes without them: %r%s", e, more)
 
     def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
         if request:

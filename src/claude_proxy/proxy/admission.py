@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +25,13 @@ from mitmproxy.proxy.layers.http import HTTPMode
 
 from claude_proxy.mitm.bounded_http import BoundedHttpLayer, Bounds
 from claude_proxy.mitm.connections import SOCKS5, Connections
+from claude_proxy.mitm.timed_http import ERROR_LOG_SECONDS as TIMER_FAILURE_SECONDS
 from claude_proxy.proxy import answers, memory
 from claude_proxy.proxy.accept_gate import AcceptGate, descriptors_in_use, open_files_limit
 from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import Recheck
 from claude_proxy.record.decisions import Recorder
+from claude_proxy.record.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -44,27 +45,7 @@ REFUSAL_RESERVE = 32
 BACKLOG = 4096  # the kernel caps it at somaxconn (Linux 4096, macOS 128)
 SOCKS_NO_METHOD = b"\x05\xff"  # SOCKS5: no acceptable method, the only refusal before a greeting
 OVERLOAD_LINGER = 2  # seconds a refused client that does not send its request is kept at most
-LOG_EVERY = 10.0  # seconds between two lines about the same repeated failure
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-
-
-class Throttle:
-    """At most one line per `interval` seconds; the caller learns how many were left out."""
-
-    def __init__(self, interval: float = LOG_EVERY) -> None:
-        self.interval = interval
-        self.next_at = 0.0
-        self.skipped = 0
-
-    def allow(self) -> int | None:
-        """None: stay quiet. Else the number of lines left out since the last one."""
-        now = time.monotonic()
-        if now < self.next_at:
-            self.skipped += 1
-            return None
-        self.next_at = now + self.interval
-        skipped, self.skipped = self.skipped, 0
-        return skipped
 
 
 class Overloaded(layer.Layer):
@@ -131,6 +112,7 @@ class Limits:
         self.setup: dict[str, asyncio.TimerHandle] = {}  # client id → its deadline to get to HTTP
         self.cap_log = Throttle()
         self.errors = Throttle()
+        self.timer_failures = Throttle(TIMER_FAILURE_SECONDS)  # the HTTP layers' timers
         self.accept_failures = 0
         self.gate = AcceptGate(lambda: open_files_limit() - SPARE_FDS)
         self.waves = memory.Waves()
@@ -382,7 +364,9 @@ class Limits:
         if mode is HTTPMode.regular and context.client.id in self.over_cap:
             # Its deadline stays: a refused client that never reads is still closed in time.
             return Overloaded(context, self.over_cap_reason(), at_once=self.refusals_pressed())
-        built = BoundedHttpLayer(context, mode, self.bounds, self.held, self.recorder, recheck)
+        built = BoundedHttpLayer(
+            context, mode, self.bounds, self.held, self.recorder, recheck, self.timer_failures
+        )
         self._cancel_setup(context.client.id)  # only once its own deadlines have taken over
         return built
 

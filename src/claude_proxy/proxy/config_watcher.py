@@ -22,8 +22,8 @@ from claude_proxy.mitm.connections import SOCKS5, Connections
 from claude_proxy.policy import config_file
 from claude_proxy.policy.config_file import Config, ConfigError
 from claude_proxy.policy.rules import Policy
-from claude_proxy.proxy.admission import Throttle
 from claude_proxy.proxy.enforcer import Enforcer
+from claude_proxy.record.throttle import Throttle
 from claude_proxy.state import files, logs, run_state
 
 logger = logging.getLogger(__name__)

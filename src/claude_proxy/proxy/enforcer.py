@@ -272,24 +272,9 @@ class Enforcer:
         self.recorder.line(PASS, *target, "-", "-", decision, started=started, client=client)
         self.spliced.add(context.client.id)
         self.limits.tunnel_spliced(context)
-        generation = self.generation
-
-        def refusal() -> str | None:
-            nonlocal generation
-            if generation == self.generation:
-                return None
-            now = self.decide(*target)
-            if now.allowed and not now.inspect:
-                generation = self.generation
-                return None
-            reason = now.reason if not now.allowed else "its destination is inspected now"
-            refused = Decision(False, reason)
-            self.recorder.line(
-                PASS, *target, "-", "-", refused, started=time.time(), client=context.client
-            )
-            return reason
-
-        return passthrough.SplicedTunnel(context, refusal)
+        # Bytes relayed, never kept. A policy that no longer passes it through closes it at
+        # once (close_refused): the relay itself asks nothing.
+        return layers.TCPLayer(context, ignore=True)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Backstop: no upstream connection the policy (and the tunnel) would not allow."""

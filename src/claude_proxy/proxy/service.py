@@ -20,12 +20,12 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
-from claude_proxy.mitm import closing, framing, hook_cache, wakeups
+from claude_proxy.mitm import closing, crash_guard, framing, hook_cache, wakeups
 from claude_proxy.mitm.connections import SOCKS5, Connections
 from claude_proxy.policy import addresses
 from claude_proxy.policy.config_file import Config
 from claude_proxy.policy.rules import Policy
-from claude_proxy.proxy import crash_guard, listeners, socks
+from claude_proxy.proxy import listeners, socks
 from claude_proxy.proxy.admission import Limits
 from claude_proxy.proxy.config_watcher import ConfigWatcher
 from claude_proxy.proxy.enforcer import Enforcer

@@ -16,18 +16,17 @@ from typing import Any
 
 from mitmproxy.proxy import commands, events, layer, server
 
-from claude_proxy.proxy.admission import Throttle
+from claude_proxy.record.throttle import Throttle
 
 logger = logging.getLogger(__name__)
-
-CRASHES = Throttle()
 
 
 class CrashGuard:
     """Stands for a connection's top layer (server_event only calls its handle_event)."""
 
-    def __init__(self, inner: layer.Layer) -> None:
+    def __init__(self, inner: layer.Layer, crashes: Throttle) -> None:
         self.inner = inner
+        self.crashes = crashes  # the one line per interval, for every connection
         self.broken = False
 
     def __getattr__(self, name: str) -> Any:
@@ -41,7 +40,7 @@ class CrashGuard:
         except Exception as e:
             self.broken = True
             client = self.inner.context.client
-            if (skipped := CRASHES.allow()) is not None:
+            if (skipped := self.crashes.allow()) is not None:
                 more = f" ({skipped} more since the last line)" if skipped else ""
                 logger.error(
                     "closing a client (port %s): handling it failed: %r%s",
@@ -57,10 +56,13 @@ def _get_layer(handler: server.ConnectionHandler) -> Any:
     return handler.__dict__["_guarded_layer"]
 
 
-def _set_layer(handler: server.ConnectionHandler, top: layer.Layer) -> None:
-    """The handler sets its first layer, then the listener replaces it with its own."""
-    handler.__dict__["_guarded_layer"] = top if isinstance(top, CrashGuard) else CrashGuard(top)
-
-
 def install() -> None:
-    server.ConnectionHandler.layer = property(_get_layer, _set_layer)  # type: ignore[assignment]
+    """Every connection's top layer, as the handler sets it, is wrapped in a CrashGuard."""
+    crashes = Throttle()
+
+    def set_layer(handler: server.ConnectionHandler, top: layer.Layer) -> None:
+        """The handler sets its first layer, then the listener replaces it with its own."""
+        guarded = top if isinstance(top, CrashGuard) else CrashGuard(top, crashes)
+        handler.__dict__["_guarded_layer"] = guarded
+
+    server.ConnectionHandler.layer = property(_get_layer, set_layer)  # type: ignore[assignment]
