@@ -16,6 +16,7 @@ import json
 import os
 import plistlib
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -23,6 +24,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from tests.conftest import ProxyProcess, curl, read_head
 from tests.macos import (
     REAL_MACOS_MARKER,
     REAL_MACOS_VARIABLE,
+    ROOT,
     SCRIPTS,
     AnyMac,
     Mac,
@@ -271,6 +274,28 @@ def fake(tmp_path: Path, home: Path, built_tool: Path) -> Iterator[Mac]:
     host = Mac(tmp_path, home, built_tool)
     yield host
     host.cleanup()
+
+
+def test_the_macos_workflow_runs_the_real_variants_of_these_tests() -> None:
+    """.github/workflows/macos.yml and this file cannot drift apart: the workflow runs on a hosted
+    Mac, sets the variable and selects the marker that make the real variants run, and lets the
+    user's trust settings change unattended (else the keychain steps wait for a dialog)."""
+    from ruamel.yaml import YAML  # mitmproxy's own dependency
+
+    workflow = YAML(typ="safe").load((ROOT / ".github" / "workflows" / "macos.yml").read_text())
+    [job] = workflow["jobs"].values()
+    assert job["runs-on"].startswith("macos-")
+    assert job["env"][REAL_MACOS_VARIABLE] == "1"
+    assert any(step.get("uses", "").startswith("astral-sh/setup-uv@") for step in job["steps"])
+    commands = [step["run"] for step in job["steps"] if "run" in step]
+    assert "uv sync --locked" in commands
+    grant = "sudo security authorizationdb write com.apple.trust-settings.user allow"
+    assert commands.index(grant) < len(commands) - 1
+    argv = shlex.split(commands[-1])
+    assert argv[:4] == ["uv", "run", "pytest", "tests/test_agent.py"]
+    assert argv[argv.index("-m") + 1] == REAL_MACOS_MARKER
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
+    assert any(m.startswith(f"{REAL_MACOS_MARKER}:") for m in markers["ini_options"]["markers"])
 
 
 def test_the_real_variants_skip_off_macos_with_the_reason() -> None:
