@@ -4,7 +4,8 @@ Each logs its arguments to `$FAKE_STATE/calls`, one call per line, and behaves a
 does, on state kept in `$FAKE_STATE`:
 - launchctl loads the plist the script wrote and, as launchd does, starts its ProgramArguments
   with its EnvironmentVariables only, its WorkingDirectory, its log files and its open-files
-  limit; bootout stops it with SIGTERM (SIGKILL after 20 s, launchd's ExitTimeOut).
+  limit, and counts the starts since the load (`print`'s `runs`); bootout stops it with SIGTERM
+  (SIGKILL after 20 s, launchd's ExitTimeOut).
 - security keeps a keychain: certificates by SHA-1, and per-user trust settings, "trusted" or
   "never" (the user chose Never Trust); `verify-cert` answers with the trust decision.
 - uv's tool verbs link the tool the test session built once (the real `uv tool install` is the
@@ -121,7 +122,10 @@ def launchctl(args: list[str]) -> int:
         return 0
     if verb == "print":
         state = "running" if running(agent) else "not running"
-        print(f"{agent['label']} = {{\n\tstate = {state}\n\tpid = {agent.get('pid')}\n}}")
+        print(f"{agent['label']} = {{\n\tstate = {state}\n\truns = {agent.get('runs', 0)}")
+        if running(agent):
+            print(f"\tpid = {agent.get('pid')}")
+        print("}")
         return 0
     print(f"launchctl stand-in: unknown verb {verb}", file=sys.stderr)
     return 64
@@ -142,6 +146,8 @@ def start(agent: dict[str, object]) -> None:
     supervisor.stdout.close()
     agent["supervisor"] = supervisor.pid
     agent["pid"] = int(answer) if answer.isdigit() else None
+    runs = agent.get("runs", 0)
+    agent["runs"] = (runs if isinstance(runs, int) else 0) + 1  # since the load, as launchd counts
     save("launchd.json", agent)
     with open(STATE / "starts", "a") as starts:
         starts.write(f"{agent['pid']}\n")

@@ -1,7 +1,12 @@
 """The always-on agent: the plist, `paths`, the install/uninstall scripts, the agent launchd runs.
 
-The scripts run for real under bash with the stand-ins of tests/standins.py: launchctl starts the
-agent from the plist the script rendered, so "serving" means the installed agent serves.
+The scripts run for real under bash on a Mac (tests/macos.py): here with the stand-ins of
+tests/standins.py, whose launchctl starts the agent from the plist the script rendered, so
+"serving" means the installed agent serves. Each test that states what must be true on a Mac
+(`mac`) also runs against the real launchctl, security and plutil on macOS with
+CLAUDE_PROXY_REAL_MACOS=1 (`-m real_macos`; .github/workflows/macos.yml), and is skipped, with
+the reason, anywhere else. Tests marked `standins` check the stand-ins' own call logs, or make
+them fail on purpose: they use `fake` and run on the stand-ins only.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import os
 import plistlib
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -18,6 +24,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +34,18 @@ from claude_proxy.macos import agent
 from claude_proxy.state import paths
 from tests.conftest import EXECUTABLE as DEV_EXE
 from tests.conftest import ProxyProcess, curl, read_head
-from tests.macos import SCRIPTS, Mac, build_tool
+from tests.macos import (
+    REAL_MACOS_MARKER,
+    REAL_MACOS_VARIABLE,
+    ROOT,
+    SCRIPTS,
+    AnyMac,
+    Mac,
+    RealMac,
+    alive,
+    build_tool,
+    real_macos_skip_reason,
+)
 from tests.support.certs import sha1
 from tests.support.cli import run_cli
 from tests.support.ports import free_port
@@ -221,7 +239,10 @@ def test_paths_are_what_the_cli_and_the_agent_use(home: Path, tmp_path: Path) ->
     assert shell_values(cli("paths"))["CONFIG_DIR"] == str(home / ".config" / "claude-proxy")
 
 
-# The scripts, on a fake Mac
+# The scripts, on a Mac: the stand-ins here, this Mac's own programs in the real macOS run
+
+REAL_SKIP = real_macos_skip_reason()
+STANDINS_ONLY = pytest.mark.standins  # the stand-ins' call logs, or failures made on purpose
 
 
 @pytest.fixture(scope="session")
@@ -230,15 +251,69 @@ def built_tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tool(tmp_path_factory.mktemp("built-tool"))
 
 
+REAL_MARKS = [getattr(pytest.mark, REAL_MACOS_MARKER),
+              pytest.mark.skipif(bool(REAL_SKIP), reason=REAL_SKIP or "")]  # fmt: skip
+
+
+@pytest.fixture(params=["standins", pytest.param("real", marks=REAL_MARKS)])
+def mac(request: pytest.FixtureRequest, tmp_path: Path, home: Path) -> Iterator[AnyMac]:
+    """Each test that states what must be true on a Mac runs twice: on the stand-ins, and on this
+    Mac's own launchctl, security and plutil (skipped unless CLAUDE_PROXY_REAL_MACOS=1 on macOS)."""
+    host: AnyMac
+    if request.param == "real":
+        host = RealMac(tmp_path, home)
+    else:
+        host = Mac(tmp_path, home, request.getfixturevalue("built_tool"))
+    yield host
+    host.cleanup()
+
+
 @pytest.fixture
-def mac(tmp_path: Path, home: Path, built_tool: Path) -> Iterator[Mac]:
-    fake = Mac(tmp_path, home, built_tool)
-    yield fake
-    fake.kill_agents()
+def fake(tmp_path: Path, home: Path, built_tool: Path) -> Iterator[Mac]:
+    """The stand-ins only: for the tests marked STANDINS_ONLY."""
+    host = Mac(tmp_path, home, built_tool)
+    yield host
+    host.cleanup()
+
+
+def test_the_macos_workflow_runs_the_real_variants_of_these_tests() -> None:
+    """.github/workflows/macos.yml and this file cannot drift apart: the workflow runs on a hosted
+    Mac, sets the variable and selects the marker that make the real variants run, and lets the
+    user's trust settings change unattended (else the keychain steps wait for a dialog)."""
+    from ruamel.yaml import YAML  # mitmproxy's own dependency
+
+    workflow = YAML(typ="safe").load((ROOT / ".github" / "workflows" / "macos.yml").read_text())
+    [job] = workflow["jobs"].values()
+    assert job["runs-on"].startswith("macos-")
+    assert job["env"][REAL_MACOS_VARIABLE] == "1"
+    assert any(step.get("uses", "").startswith("astral-sh/setup-uv@") for step in job["steps"])
+    commands = [step["run"] for step in job["steps"] if "run" in step]
+    assert "uv sync --locked" in commands
+    grant = "sudo security authorizationdb write com.apple.trust-settings.user allow"
+    assert commands.index(grant) < len(commands) - 1
+    argv = shlex.split(commands[-1])
+    assert argv[:4] == ["uv", "run", "pytest", "tests/test_agent.py"]
+    assert argv[argv.index("-m") + 1] == REAL_MACOS_MARKER
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
+    assert any(m.startswith(f"{REAL_MACOS_MARKER}:") for m in markers["ini_options"]["markers"])
+
+
+def test_the_real_variants_skip_off_macos_with_the_reason() -> None:
+    reason = real_macos_skip_reason()
+    if sys.platform != "darwin":
+        assert reason is not None and "needs macOS's launchctl, security and plutil" in reason
+    elif os.environ.get(REAL_MACOS_VARIABLE) != "1":
+        assert reason is not None and f"set {REAL_MACOS_VARIABLE}=1" in reason
+    else:
+        assert reason is None
 
 
 def ports() -> list[str]:
     return ["--port", str(free_port()), "--socks-port", str(free_port())]
+
+
+def ca_cert(mac: AnyMac) -> Path:
+    return mac.confdir / "mitmproxy-ca-cert.pem"
 
 
 def handshake_through(port: int, cafile: Path) -> None:
@@ -273,17 +348,21 @@ def install_calls(mac: Mac, *, trust: bool = True) -> list[str]:
     return calls
 
 
-def test_install(mac: Mac) -> None:
+def uninstall_keychain_calls(mac: Mac, sha1: str, *, trust: str = "removed") -> list[str]:
+    cert = "~/.config/claude-proxy/mitmproxy-ca-cert.pem"
+    calls = [f"security remove-trusted-cert {cert}"]
+    if trust != "removed":
+        calls.append("security trust-settings-export <tmp>")
+    calls.append("security find-certificate -a -Z ~/Library/Keychains/login.keychain-db")
+    calls.append(f"security delete-certificate -Z {sha1} ~/Library/Keychains/login.keychain-db")
+    return calls
+
+
+def test_install(mac: AnyMac) -> None:
     result = mac.run("install-agent.sh", *ports())
     assert result.returncode == 0, result.stderr
-    assert mac.calls() == install_calls(mac)
-    assert mac.calls("uv") == [
-        "uv tool dir --bin",
-        "uv export --quiet --frozen --no-dev --no-hashes --no-emit-project --no-header "
-        "--project <repo> --output-file <tmp>",
-        "uv tool install --reinstall --constraints <tmp> <repo>",
-    ]
     assert stat.S_IMODE(mac.plist.stat().st_mode) == 0o644
+    assert mac.plist_valid(mac.plist)
     document = plistlib.loads(mac.plist.read_bytes())
     port = int(document["ProgramArguments"][3])
     assert Path(document["ProgramArguments"][0]).resolve() == mac.exe.resolve()  # the tool's
@@ -291,9 +370,11 @@ def test_install(mac: Mac) -> None:
         "run", "--port", str(port), "--socks-port", document["ProgramArguments"][5],
         "--config-dir", str(mac.confdir), "--quiet",
     ]  # fmt: skip
-    assert len(mac.starts()) == 1  # started once: by the bootstrap (RunAtLoad), not again
-    cert = mac.confdir / "mitmproxy-ca-cert.pem"
-    assert mac.keychain_state()["trust"] == {sha1(cert): "trusted"}
+    assert mac.loaded()
+    assert mac.runs() == 1  # started once: by the bootstrap (RunAtLoad), not again
+    cert = ca_cert(mac)
+    assert mac.trust_settings() == {sha1(cert)} and mac.trusts(cert)
+    assert mac.certificates() == {sha1(cert)}  # in the login keychain the script named
     handshake_through(port, cert)  # the agent launchd started serves with the trusted CA
     assert stat.S_IMODE(mac.logdir.stat().st_mode) == 0o700
     assert "export HTTPS_PROXY='http://127.0.0.1:" in result.stdout
@@ -301,7 +382,7 @@ def test_install(mac: Mac) -> None:
 
 
 def test_install_with_xdg_config_home_makes_one_ca_the_agent_serves(
-    mac: Mac, tmp_path: Path
+    mac: AnyMac, tmp_path: Path
 ) -> None:
     xdg = tmp_path / "xdg & config"
     result = mac.run("install-agent.sh", *ports(), XDG_CONFIG_HOME=str(xdg))
@@ -309,34 +390,85 @@ def test_install_with_xdg_config_home_makes_one_ca_the_agent_serves(
     cert = xdg / "claude-proxy" / "mitmproxy-ca-cert.pem"
     cas = [p for p in [*mac.home.rglob("mitmproxy-ca.pem"), *xdg.rglob("mitmproxy-ca.pem")]]
     assert cas == [xdg / "claude-proxy" / "mitmproxy-ca.pem"]  # one CA, none in ~/.config
-    assert mac.keychain_state()["trust"] == {sha1(cert): "trusted"}
+    assert mac.trust_settings() == {sha1(cert)} and mac.trusts(cert)
     document = plistlib.loads(mac.plist.read_bytes())
     assert "XDG_CONFIG_HOME" not in document["EnvironmentVariables"]
     handshake_through(int(document["ProgramArguments"][3]), cert)
 
 
-def test_second_install_with_everything_in_place(mac: Mac) -> None:
+def test_second_install_with_everything_in_place(mac: AnyMac) -> None:
     args = ports()
     assert mac.run("install-agent.sh", *args).returncode == 0
     first = mac.agent_pid()
     result = mac.run("install-agent.sh", *args)
     assert result.returncode == 0, result.stderr
-    assert mac.calls() == install_calls(mac, trust=False)
     assert "already trusts this CA" in result.stderr
-    assert mac.starts() == [first, mac.agent_pid()]  # the old agent stopped, one new one
-    assert first is not None and not Path(f"/proc/{first}").exists()
+    second = mac.agent_pid()
+    assert first is not None and second is not None and second != first
+    assert not alive(first)  # the old agent stopped
+    assert mac.runs() == 1  # and one new one started, once
+    assert mac.trust_settings() == {sha1(ca_cert(mac))} and mac.trusts(ca_cert(mac))
 
 
-def test_install_trusts_a_certificate_marked_never_trust(mac: Mac) -> None:
+def test_install_trusts_a_certificate_marked_never_trust(mac: AnyMac) -> None:
     assert run_cli(mac.home, "ca").returncode == 0
-    cert = mac.confdir / "mitmproxy-ca-cert.pem"
-    mac.put_in_keychain(sha1(cert), "never")  # present, but the user chose "Never Trust"
+    cert = ca_cert(mac)
+    mac.mark_never_trust(cert)  # present, but the user chose "Never Trust"
+    assert not mac.trusts(cert)
     result = mac.run("install-agent.sh", *ports())
     assert result.returncode == 0, result.stderr
-    assert mac.calls() == install_calls(mac)
-    assert mac.keychain_state()["trust"] == {sha1(cert): "trusted"}
+    assert "already trusts this CA" not in result.stderr
+    assert mac.trust_settings() == {sha1(cert)} and mac.trusts(cert)
 
 
+@STANDINS_ONLY
+def test_the_calls_the_scripts_make(fake: Mac) -> None:
+    """The exact calls to launchctl, security, plutil, uname and uv, in order, through a life:
+    an uninstall with nothing there, a fresh install, a dry run and a second install with
+    everything in place, an install over a "Never Trust" entry, a dry run of the uninstall, and
+    the uninstall. What each leaves behind the shared tests check, here and on a real Mac."""
+    nothing = fake.run("uninstall-agent.sh")
+    assert nothing.returncode == 0, nothing.stderr
+    assert fake.calls() == ["uname -s", f"launchctl bootout gui/{fake.uid}/local.claude-proxy"]
+    args = ports()
+    result = fake.run("install-agent.sh", *args)
+    assert result.returncode == 0, result.stderr
+    assert fake.calls() == install_calls(fake)
+    assert fake.calls("uv") == [
+        "uv tool dir --bin",
+        "uv export --quiet --frozen --no-dev --no-hashes --no-emit-project --no-header "
+        "--project <repo> --output-file <tmp>",
+        "uv tool install --reinstall --constraints <tmp> <repo>",
+    ]
+    first = fake.agent_pid()
+    assert fake.starts() == [first]
+    dry = fake.run("install-agent.sh", "--dry-run", *args)
+    assert dry.returncode == 0, dry.stderr
+    assert fake.calls() == ["uname -s"]
+    assert "uv tool install" not in " ".join(fake.calls("uv"))
+    again = fake.run("install-agent.sh", *args)
+    assert again.returncode == 0, again.stderr
+    assert fake.calls() == install_calls(fake, trust=False)
+    assert fake.starts() == [first, fake.agent_pid()]  # the old agent stopped, one new one
+    fingerprint = sha1(ca_cert(fake))
+    fake.mark_never_trust(ca_cert(fake))
+    over = fake.run("install-agent.sh", *args)
+    assert over.returncode == 0, over.stderr
+    assert fake.calls() == install_calls(fake)
+    dry = fake.run("uninstall-agent.sh", "--purge", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not any(c.startswith(("launchctl", "security remove", "security delete"))
+                   for c in fake.calls())  # fmt: skip
+    result = fake.run("uninstall-agent.sh")
+    assert result.returncode == 0, result.stderr
+    assert fake.calls() == [
+        "uname -s",
+        f"launchctl bootout gui/{fake.uid}/local.claude-proxy",
+        *uninstall_keychain_calls(fake, fingerprint),
+    ]
+
+
+@STANDINS_ONLY
 @pytest.mark.parametrize(
     ("bootout", "bootstrap", "bootouts", "bootstraps"),
     [
@@ -348,19 +480,20 @@ def test_install_trusts_a_certificate_marked_never_trust(mac: Mac) -> None:
     ],
 )
 def test_install_tolerates_launchctl_states(
-    mac: Mac, bootout: tuple[int, ...], bootstrap: tuple[int, ...], bootouts: int, bootstraps: int,
+    fake: Mac, bootout: tuple[int, ...], bootstrap: tuple[int, ...], bootouts: int, bootstraps: int,
 ) -> None:  # fmt: skip
-    mac.answer("launchctl", "bootout", *bootout)
-    mac.answer("launchctl", "bootstrap", *bootstrap)
-    result = mac.run("install-agent.sh", *ports(), "--no-keychain")
+    fake.answer("launchctl", "bootout", *bootout)
+    fake.answer("launchctl", "bootstrap", *bootstrap)
+    result = fake.run("install-agent.sh", *ports(), "--no-keychain")
     assert result.returncode == 0, result.stderr
-    calls = mac.calls()
+    calls = fake.calls()
     assert sum(c.startswith("launchctl bootout") for c in calls) == bootouts
     assert sum(c.startswith("launchctl bootstrap") for c in calls) == bootstraps
     assert calls[-1].startswith("launchctl bootstrap")  # no kickstart: RunAtLoad started it
-    assert len(mac.starts()) == 1
+    assert len(fake.starts()) == 1
 
 
+@STANDINS_ONLY
 @pytest.mark.parametrize(
     ("bootstrap", "message"),
     [
@@ -371,31 +504,33 @@ def test_install_tolerates_launchctl_states(
     ],
 )
 def test_install_stops_on_launchctl_failure(
-    mac: Mac, bootstrap: tuple[int, ...], message: str
+    fake: Mac, bootstrap: tuple[int, ...], message: str
 ) -> None:
-    mac.answer("launchctl", "bootstrap", *bootstrap)
-    result = mac.run("install-agent.sh", "--no-keychain", *ports())
+    fake.answer("launchctl", "bootstrap", *bootstrap)
+    result = fake.run("install-agent.sh", "--no-keychain", *ports())
     assert result.returncode == 1
     assert message in result.stderr.strip().splitlines()[-1]
-    assert mac.starts() == []
+    assert fake.starts() == []
 
 
-def test_install_over_ssh_skips_the_keychain_with_instructions(mac: Mac) -> None:
+def test_install_over_ssh_skips_the_keychain_with_instructions(mac: AnyMac) -> None:
     result = mac.run("install-agent.sh", *ports(), SSH_CONNECTION="10.0.0.1 5000 10.0.0.2 22")
     assert result.returncode == 0, result.stderr
-    assert not any("add-trusted-cert" in c for c in mac.calls())
+    assert mac.trust_settings() == set() and not mac.trusts(ca_cert(mac))  # never asked
+    assert mac.certificates() == set()
     assert "security add-trusted-cert -r trustRoot -p ssl -p basic -k" in result.stderr
 
 
-def test_install_keychain_refusal_is_reported(mac: Mac) -> None:
-    mac.answer("security", "add-trusted-cert", 1)
-    result = mac.run("install-agent.sh", *ports())
+@STANDINS_ONLY
+def test_install_keychain_refusal_is_reported(fake: Mac) -> None:
+    fake.answer("security", "add-trusted-cert", 1)
+    result = fake.run("install-agent.sh", *ports())
     assert result.returncode == 1
     assert "the CA is not trusted yet" in result.stderr
     assert "export HTTPS_PROXY=" in result.stdout  # the rest was done
 
 
-def test_install_reports_an_agent_that_does_not_answer(mac: Mac) -> None:
+def test_install_reports_an_agent_that_does_not_answer(mac: AnyMac) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))  # another program holds the port: the agent cannot listen
         port = str(taken.getsockname()[1])
@@ -406,13 +541,14 @@ def test_install_reports_an_agent_that_does_not_answer(mac: Mac) -> None:
     assert "the agent did not start" in result.stderr
 
 
-def test_install_clears_proxy_variables_for_its_own_network_steps(mac: Mac) -> None:
+@STANDINS_ONLY
+def test_install_clears_proxy_variables_for_its_own_network_steps(fake: Mac) -> None:
     """A shell set up with `claude-proxy env`: uv must not go through the proxy."""
     proxy = "http://127.0.0.1:9"
-    result = mac.run("install-agent.sh", *ports(), "--no-keychain", HTTPS_PROXY=proxy,
-                     HTTP_PROXY=proxy, https_proxy=proxy, ALL_PROXY=proxy)  # fmt: skip
+    result = fake.run("install-agent.sh", *ports(), "--no-keychain", HTTPS_PROXY=proxy,
+                      HTTP_PROXY=proxy, https_proxy=proxy, ALL_PROXY=proxy)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "uv tool install --reinstall --constraints <tmp> <repo>" in mac.calls("uv")
+    assert "uv tool install --reinstall --constraints <tmp> <repo>" in fake.calls("uv")
 
 
 def tree_hashes(*roots: Path) -> dict[str, str]:
@@ -430,23 +566,26 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("before", ["nothing", "the tool", "everything"])
-def test_install_dry_run_changes_nothing(mac: Mac, before: str, built_tool: Path) -> None:
-    args = ports()
+def install_before_dry_run(mac: AnyMac, before: str, built_tool: Path, args: list[str]) -> None:
     if before == "the tool":
         mac.exe.parent.mkdir(parents=True)
         mac.exe.symlink_to(built_tool)
     elif before == "everything":
         assert mac.run("install-agent.sh", *args).returncode == 0
+
+
+@pytest.mark.parametrize("before", ["nothing", "the tool", "everything"])
+def test_install_dry_run_changes_nothing(mac: AnyMac, before: str, built_tool: Path) -> None:
+    args = ports()
+    install_before_dry_run(mac, before, built_tool, args)
     roots = (mac.home, mac.tools, built_tool.parent.parent)
     hashes = tree_hashes(*roots)
-    pid = mac.agent_pid()
+    pid, runs = mac.agent_pid(), mac.runs()
+    assert (pid is not None, runs) == ((True, 1) if before == "everything" else (False, 0))
     result = mac.run("install-agent.sh", "--dry-run", *args)
     assert result.returncode == 0, result.stderr
     assert tree_hashes(*roots) == hashes
-    assert mac.calls() == ["uname -s"]
-    assert "uv tool install" not in " ".join(mac.calls("uv"))
-    assert mac.agent_pid() == pid and len(mac.starts()) == (1 if pid else 0)
+    assert (mac.agent_pid(), mac.runs()) == (pid, runs)  # launchd neither stopped nor started it
     for step in ("uv tool install --reinstall", "launchctl bootout", "launchctl bootstrap",
                  "add-trusted-cert", "plist --port"):  # fmt: skip
         assert f"would run: {step}" in result.stderr or step in result.stderr
@@ -454,118 +593,126 @@ def test_install_dry_run_changes_nothing(mac: Mac, before: str, built_tool: Path
         assert "would run: " in result.stderr and " ca (makes the CA in" in result.stderr
 
 
-def test_install_refuses_other_systems_and_bad_options(mac: Mac) -> None:
-    mac.set("uname", "Linux")
-    result = mac.run("install-agent.sh")
+@STANDINS_ONLY
+@pytest.mark.parametrize("before", ["nothing", "the tool"])  # "everything": the calls test above
+def test_install_dry_run_calls_only_uname(fake: Mac, before: str, built_tool: Path) -> None:
+    args = ports()
+    install_before_dry_run(fake, before, built_tool, args)
+    result = fake.run("install-agent.sh", "--dry-run", *args)
+    assert result.returncode == 0, result.stderr
+    assert fake.calls() == ["uname -s"]
+    assert "uv tool install" not in " ".join(fake.calls("uv"))
+
+
+@STANDINS_ONLY
+def test_install_refuses_other_systems_and_bad_options(fake: Mac) -> None:
+    fake.say("uname", "Linux")
+    result = fake.run("install-agent.sh")
     assert result.returncode == 1 and "for macOS" in result.stderr
-    mac.set("uname", "Darwin")
+    fake.say("uname", "Darwin")
     for args in (["--port", "http"], ["--port", "70000"], ["--port", "0"],
                  ["--socks-port", "0"], ["--frobnicate"]):  # fmt: skip
-        result = mac.run("install-agent.sh", *args)
+        result = fake.run("install-agent.sh", *args)
         assert result.returncode == 1
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert mac.calls("uv") == []
+    assert fake.calls("uv") == []
 
 
-def uninstall_keychain_calls(mac: Mac, sha1: str, *, trust: str = "removed") -> list[str]:
-    cert = "~/.config/claude-proxy/mitmproxy-ca-cert.pem"
-    calls = [f"security remove-trusted-cert {cert}"]
-    if trust != "removed":
-        calls.append("security trust-settings-export <tmp>")
-    calls.append("security find-certificate -a -Z ~/Library/Keychains/login.keychain-db")
-    calls.append(f"security delete-certificate -Z {sha1} ~/Library/Keychains/login.keychain-db")
-    return calls
-
-
-def test_uninstall_after_install(mac: Mac) -> None:
+def test_uninstall_after_install(mac: AnyMac) -> None:
     assert mac.run("install-agent.sh", *ports()).returncode == 0
     pid = mac.agent_pid()
-    fingerprint = sha1(mac.confdir / "mitmproxy-ca-cert.pem")
     result = mac.run("uninstall-agent.sh")
     assert result.returncode == 0, result.stderr
-    assert mac.calls() == [
-        "uname -s",
-        f"launchctl bootout gui/{mac.uid}/local.claude-proxy",
-        *uninstall_keychain_calls(mac, fingerprint),
-    ]
-    assert mac.keychain_state() == {"certs": [], "trust": {}}
-    assert pid is not None and not Path(f"/proc/{pid}").exists()  # the agent stopped
+    assert not mac.loaded()
+    assert pid is not None and not alive(pid)  # the agent stopped
+    assert mac.trust_settings() == set() and not mac.trusts(ca_cert(mac))
+    assert mac.certificates() == set()
     assert not mac.plist.exists()
     assert not mac.exe.exists()
     assert (mac.confdir / "mitmproxy-ca.pem").exists()  # kept without --purge
     assert mac.logdir.exists()
 
 
-def test_uninstall_finds_the_installed_agents_ca(mac: Mac, tmp_path: Path) -> None:
+def test_uninstall_finds_the_installed_agents_ca(mac: AnyMac, tmp_path: Path) -> None:
     """Installed with XDG_CONFIG_HOME, uninstalled from a shell without it: the same CA."""
     xdg = tmp_path / "xdg"
     assert mac.run("install-agent.sh", *ports(), XDG_CONFIG_HOME=str(xdg)).returncode == 0
     result = mac.run("uninstall-agent.sh", "--purge-config")
     assert result.returncode == 0, result.stderr
-    assert mac.keychain_state() == {"certs": [], "trust": {}}
+    assert mac.trust_settings() == set() and mac.certificates() == set()
     assert not (xdg / "claude-proxy").exists()
     assert not mac.confdir.exists()  # and no second CA was made on the way
 
 
-def test_uninstall_with_nothing_installed(mac: Mac) -> None:
+def test_uninstall_with_nothing_installed(mac: AnyMac) -> None:
     result = mac.run("uninstall-agent.sh")
     assert result.returncode == 0, result.stderr
-    assert mac.calls() == ["uname -s", f"launchctl bootout gui/{mac.uid}/local.claude-proxy"]
+    assert not mac.loaded()
     assert "the agent was not loaded" in result.stderr
     assert "uninstalled" in result.stderr
 
 
-def test_uninstall_after_partial_install(mac: Mac) -> None:
-    """A plist and a CA, but no tool and no keychain entry: each step copes."""
+def partial_install(mac: AnyMac) -> None:
+    """A plist and a CA, but no tool and no keychain entry."""
     mac.plist.parent.mkdir(parents=True)
     mac.plist.write_bytes(render(str(mac.home)))
     assert run_cli(mac.home, "ca").returncode == 0
+
+
+def test_uninstall_after_partial_install(mac: AnyMac) -> None:
+    """Each step copes."""
+    partial_install(mac)
     result = mac.run("uninstall-agent.sh")
     assert result.returncode == 0, result.stderr
     assert not mac.plist.exists()
     assert "the CA had no trust settings" in result.stderr
     assert "holds no certificate with SHA-1" in result.stderr
-    assert not any("delete-certificate" in c for c in mac.calls())
 
 
-def test_uninstall_carries_on_past_failures(mac: Mac) -> None:
-    mac.plist.parent.mkdir(parents=True)
-    mac.plist.write_bytes(render(str(mac.home)))
-    assert run_cli(mac.home, "ca").returncode == 0
-    mac.put_in_keychain(sha1(mac.confdir / "mitmproxy-ca-cert.pem"), None)
-    mac.answer("launchctl", "bootout", 5)
-    mac.answer("security", "delete-certificate", 1)
-    result = mac.run("uninstall-agent.sh", "--purge")
+@STANDINS_ONLY
+def test_uninstall_after_partial_install_deletes_nothing(fake: Mac) -> None:
+    partial_install(fake)
+    result = fake.run("uninstall-agent.sh")
+    assert result.returncode == 0, result.stderr
+    assert not any("delete-certificate" in c for c in fake.calls())
+
+
+@STANDINS_ONLY
+def test_uninstall_carries_on_past_failures(fake: Mac) -> None:
+    partial_install(fake)
+    fake.put_in_keychain(sha1(ca_cert(fake)), None)
+    fake.answer("launchctl", "bootout", 5)
+    fake.answer("security", "delete-certificate", 1)
+    result = fake.run("uninstall-agent.sh", "--purge")
     assert result.returncode == 1
     assert "launchctl bootout" in result.stderr and "delete-certificate" in result.stderr
     assert "2 step(s) failed" in result.stderr
-    assert not mac.plist.exists()  # the later steps still ran
-    assert not mac.confdir.exists()
+    assert not fake.plist.exists()  # the later steps still ran
+    assert not fake.confdir.exists()
 
 
-def test_uninstall_failed_trust_removal_is_a_failure_and_keeps_the_ca(mac: Mac) -> None:
-    assert mac.run("install-agent.sh", *ports()).returncode == 0
-    cert = mac.confdir / "mitmproxy-ca-cert.pem"
-    mac.answer("security", "remove-trusted-cert", 1)  # say, the password prompt was cancelled
-    result = mac.run("uninstall-agent.sh", "--purge")
+@STANDINS_ONLY
+def test_uninstall_failed_trust_removal_is_a_failure_and_keeps_the_ca(fake: Mac) -> None:
+    assert fake.run("install-agent.sh", *ports()).returncode == 0
+    cert = ca_cert(fake)
+    fake.answer("security", "remove-trusted-cert", 1)  # say, the password prompt was cancelled
+    result = fake.run("uninstall-agent.sh", "--purge")
     assert result.returncode == 1
     assert "failed: security remove-trusted-cert" in result.stderr
     assert "had no trust settings" not in result.stderr
-    assert mac.keychain_state()["trust"] == {sha1(cert): "trusted"}
+    assert fake.keychain_state()["trust"] == {sha1(cert): "trusted"}
     assert cert.exists()  # needed to remove the trust later: --purge kept it, and says why
-    assert f"kept {mac.confdir}" in result.stderr
-    assert not mac.logdir.exists()
+    assert f"kept {fake.confdir}" in result.stderr
+    assert not fake.logdir.exists()
 
 
-def test_uninstall_purge_and_dry_run(mac: Mac) -> None:
+def test_uninstall_purge_and_dry_run(mac: AnyMac) -> None:
     assert run_cli(mac.home, "ca").returncode == 0
     mac.logdir.mkdir(parents=True)
     before = tree_hashes(mac.home)
     dry = mac.run("uninstall-agent.sh", "--purge", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert tree_hashes(mac.home) == before
-    assert not any(c.startswith(("launchctl", "security remove", "security delete"))
-                   for c in mac.calls())  # fmt: skip
     assert f"would run: rm -rf {mac.confdir / 'mitmproxy-ca.pem'}" in dry.stderr
     assert f"would run: rmdir {mac.confdir}" in dry.stderr
     result = mac.run("uninstall-agent.sh", "--purge")
@@ -573,8 +720,17 @@ def test_uninstall_purge_and_dry_run(mac: Mac) -> None:
     assert not mac.confdir.exists() and not mac.logdir.exists()
 
 
+@STANDINS_ONLY
+def test_uninstall_dry_run_calls_nothing_that_changes(fake: Mac) -> None:
+    assert run_cli(fake.home, "ca").returncode == 0
+    dry = fake.run("uninstall-agent.sh", "--purge", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not any(c.startswith(("launchctl", "security remove", "security delete"))
+                   for c in fake.calls())  # fmt: skip
+
+
 @pytest.mark.parametrize("flag", ["--purge", "--purge-config"])
-def test_uninstall_purge_keeps_the_policy_unless_asked(mac: Mac, flag: str) -> None:
+def test_uninstall_purge_keeps_the_policy_unless_asked(mac: AnyMac, flag: str) -> None:
     assert run_cli(mac.home, "ca").returncode == 0
     policy = mac.confdir / "config.toml"
     policy.write_text('[[allow]]\nhost = "pypi.org"\n')
@@ -588,7 +744,7 @@ def test_uninstall_purge_keeps_the_policy_unless_asked(mac: Mac, flag: str) -> N
         assert not mac.confdir.exists()
 
 
-def test_uninstall_takes_back_what_setup_wrote(mac: Mac) -> None:
+def test_uninstall_takes_back_what_setup_wrote(mac: AnyMac) -> None:
     assert mac.run("install-agent.sh", *ports()).returncode == 0
     user = mac.home / ".claude" / "settings.json"
     user.parent.mkdir()
@@ -604,9 +760,9 @@ def test_uninstall_takes_back_what_setup_wrote(mac: Mac) -> None:
     assert not mac.exe.exists()
 
 
-def test_uninstall_keeps_the_tool_when_settings_cannot_be_taken_back(mac: Mac) -> None:
+def test_uninstall_keeps_the_tool_when_settings_cannot_be_taken_back(mac: AnyMac) -> None:
     assert mac.run("install-agent.sh", *ports()).returncode == 0
-    record = mac.home / ".local" / "state" / "claude-proxy" / "setup-record.json"
+    record = mac.statedir / "setup-record.json"
     record.write_text("{damaged")
     result = mac.run("uninstall-agent.sh")
     assert result.returncode == 1

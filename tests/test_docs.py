@@ -110,9 +110,9 @@ def test_every_test_the_docs_name_exists() -> None:
 
 
 FILE_REFERENCE = re.compile(
-    r"`((?:src|tests|scripts|docs|\.ci)/[\w./-]*|(?:[\w-]+/)*[\w-]+\.(?:py|sh))[`\s]"
+    r"`((?:src|tests|scripts|docs|\.ci|\.github)/[\w./-]*|(?:[\w-]+/)*[\w-]+\.(?:py|sh))[`\s]"
 )
-ROOTS = ("src/", "tests/", "scripts/", "docs/", ".ci/")
+ROOTS = ("src/", "tests/", "scripts/", "docs/", ".ci/", ".github/")
 SUBPACKAGES = sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
 
 
