@@ -7,8 +7,8 @@ from __future__ import annotations
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import ReceiveHttp, RequestHeaders
 
-from claude_proxy.mitm.bounded_http import BoundedHttp1Server, Bounds
-from tests.support.sansio import Clock, Driver, client_context
+from claude_proxy.mitm.bounded_http import Bounds
+from tests.support.sansio import Clock, Driver, bounded_http1_server, client_context
 from tests.support.sansio import clock as clock
 
 BOUNDS = Bounds(head_timeout=30, idle_timeout=120)
@@ -16,7 +16,7 @@ BOUNDS = Bounds(head_timeout=30, idle_timeout=120)
 
 def server(clock: Clock) -> Driver:
     context = client_context()
-    driver = Driver(BoundedHttp1Server(context, BOUNDS), clock)
+    driver = Driver(bounded_http1_server(context, BOUNDS), clock)
     driver.feed(events.Start())
     return driver
 
