@@ -28,8 +28,10 @@ REQUEST = b"GET http://api.anthropic.com/v1/models HTTP/1.1\r\nHost: api.anthrop
 OURS, THEIRS = "timed", "mitmproxy"
 
 
-def start(clock: Clock, which: str, recheck: Recheck | None = None) -> Driver:
-    ctx = client_context(sandbox_connect_timeout=CONNECT, sandbox_response_timeout=RESPONSE)
+def start(clock: Clock, which: str, recheck: Recheck | None = None, tls: int = CONNECT) -> Driver:
+    ctx = client_context(
+        sandbox_connect_timeout=CONNECT, sandbox_tls_timeout=tls, sandbox_response_timeout=RESPONSE
+    )
     built: layer.Layer
     if which == OURS:
         built = timed_layer(ctx, HTTPMode.regular, recheck)
@@ -107,6 +109,19 @@ def test_a_connect_that_never_completes_gets_504_naming_the_step(
     assert status(answer) == 504, answer
     assert what.encode() in answer
     assert clock.now <= asked + CONNECT
+
+
+def test_a_tls_limit_shorter_than_the_connect_limit_counts(clock: Clock) -> None:
+    driver = start(clock, OURS, tls=5)
+    opened = ask(driver)
+    server = connecting(opened)
+    clock.advance(1)
+    server.timestamp_tcp_setup = time_now()  # connected after 1 s; the handshake never ends
+    got = driver.wake_until(clock.now + 5)
+    assert driver.closed(server, got)
+    answer = driver.sent(client(driver), failed(driver, opened, "connection cancelled"))
+    assert status(answer) == 504, answer
+    assert b"the TLS handshake with api.anthropic.com:80 timed out after 5 s" in answer
 
 
 @pytest.mark.parametrize("which", [OURS, THEIRS])
