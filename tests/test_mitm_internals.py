@@ -11,10 +11,11 @@ import inspect
 
 import h2.config
 import h2.connection
+import h2.stream
 import pytest
 from mitmproxy import addonmanager, master
 from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.proxy import mode_servers, server
+from mitmproxy.proxy import layer, mode_servers, server
 from mitmproxy.proxy import server as server_module
 from mitmproxy.proxy.layers import http, modes, tls
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
@@ -42,9 +43,13 @@ NAMES = [
     ("asyncio.selector_events", "BaseSelectorEventLoop._remove_reader"),
 ]
 
-# Methods the proxy overrides, with the parameters it was written against: a rename, or another
-# signature, and mitmproxy would call its own instead of ours.
+# Methods the proxy overrides (or calls from an override), with the parameters it was written
+# against: a rename, or another signature, and mitmproxy would call its own instead of ours.
 OVERRIDDEN = [
+    (http.HttpLayer, "_handle_event", ["self", "event"]),  # TimedHttpLayer, BoundedHttpLayer
+    (http.HttpLayer, "event_to_child", ["self", "child", "event"]),
+    (_http1.Http1Server, "_handle_event", ["self", "event"]),  # BoundedHttp1Server
+    (_http2.Http2Server, "_handle_event", ["self", "event"]),  # BoundedHttp2Server
     (http.HttpLayer, "make_stream", ["self", "stream_id"]),
     (http.HttpLayer, "register_connection", ["self", "command"]),
     (http.HttpLayer, "get_connection", ["self", "event", "reuse"]),
@@ -86,7 +91,21 @@ def test_the_instance_state_the_proxy_reads_is_there() -> None:
     context = client_context()
     stream = http.HttpStream(context.fork(), 1)
     assert hasattr(stream, "_paused") and hasattr(stream, "_paused_event_queue")
-    assert {"client_state", "server_state", "state_errored", "state_done"} <= set(dir(stream))
+    assert "command" in layer.Paused._fields  # what a paused stream waits for
+    states = {"client_state", "server_state", "state_errored", "state_done"}
+    assert states | {"state_wait_for_response_headers"} <= set(dir(stream))
+    server1 = _http1.Http1Server(context.fork())
+    for name in ("buf", "state", "stream_id", "conn"):
+        assert hasattr(server1, name), name
+    assert "body_reader" in _http1.Http1Connection.__annotations__  # set per message
+    assert "self.body_reader = " in inspect.getsource(_http1.Http1Server)
+    assert {"read_headers", "passthrough", "done"} <= set(dir(server1))
+    server2 = _http2.Http2Server(client_context(alpn=b"h2"))
+    assert isinstance(server2.h2_conn, _http_h2.BufferedH2Connection)
+    assert server2.h2_conn.state_machine.state is not h2.connection.ConnectionState.CLOSED
+    assert isinstance(server2.h2_conn.streams, dict)  # stream id → h2 stream, read when one ends
+    assert hasattr(h2.stream.H2Stream(1, h2.config.H2Configuration(), 0, 0), "state_machine")
+    assert h2.stream.StreamState.CLOSED
     parent = TimedHttpLayer(context.fork(), http.HTTPMode.regular, Held(), Recorder())
     for name in ("waiting_for_establishment", "command_sources", "connections", "streams"):
         assert hasattr(parent, name), name

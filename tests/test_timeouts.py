@@ -2,6 +2,11 @@
 
 Every limit is 1 s here (set with --set, as a user would); clients wait 10 s at most, so on a proxy
 without these limits each test fails on its bounded read instead of hanging.
+
+The timed layer's decisions (which step, when, a TLS limit shorter than the connect limit, a retry
+after a failed connection, a request decided again after its wait) are proved sans I/O, without
+waiting, in tests/test_sansio_timed.py; here each step is proved once through the real proxy. A
+retry on the same client connection is proved end to end in tests/test_upstream_failures.py.
 """
 
 from __future__ import annotations
@@ -105,15 +110,10 @@ def test_connect_that_never_completes(home: Path, upstream_ca_file: Path) -> Non
             assert proxy.stop() == 0
 
 
-@pytest.mark.parametrize(
-    "settings", [LIMITS, ["sandbox_tls_timeout=1"]], ids=["all limits 1 s", "connect limit 30 s"]
-)
-def test_upstream_that_never_speaks_tls(
-    home: Path, upstream_ca_file: Path, settings: list[str]
-) -> None:
-    """A TLS limit shorter than the connect limit counts too (the client waits 10 s at most)."""
+def test_upstream_that_never_speaks_tls(home: Path, upstream_ca_file: Path) -> None:
+    """(A TLS limit shorter than the connect limit counts too: tests/test_sansio_timed.py.)"""
     silent = SilentServer()
-    proxy = start_timed_proxy(home, silent.port, upstream_ca_file, settings)
+    proxy = start_timed_proxy(home, silent.port, upstream_ca_file)
     try:
         with client(proxy) as c:
             response = c.get("https://api.anthropic.com/v1/models")
@@ -133,24 +133,6 @@ def exchange(tls: ssl.SSLSocket, path: str) -> tuple[bytes, bytes]:
     while len(body) < length:
         body += tls.recv(length - len(body))
     return head, body
-
-
-def test_a_retry_on_the_same_connection_tries_again(home: Path, upstream_ca_file: Path) -> None:
-    """mitmproxy would fail it at once with the first failure; a timeout may have passed."""
-    silent = SilentServer()
-    proxy = start_timed_proxy(home, silent.port, upstream_ca_file)
-    what = b"the TLS handshake with api.anthropic.com:443 timed out after 1 s"
-    try:
-        with open_tunnel(proxy, "api.anthropic.com") as tls:
-            head, body = exchange(tls, "/first")
-            assert head.startswith(b"HTTP/1.1 504") and what in body, head + body
-            wait_until(lambda: len(silent.held) == 1)
-            head, body = exchange(tls, "/retry")
-            assert head.startswith(b"HTTP/1.1 504") and what in body, head + body
-            wait_until(lambda: len(silent.held) == 2)  # a new upstream connection was tried
-    finally:
-        assert proxy.stop() == 0
-        silent.close()
 
 
 def test_upstream_that_never_answers(timed_proxy: ProxyProcess, upstream: Upstream) -> None:

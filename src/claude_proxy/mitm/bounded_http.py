@@ -6,6 +6,54 @@ first byte (for a connection's first request: of the connection's start). A kept
 waits at most `idle_timeout` seconds for its next request. A refusal answers 414, 431 or 408 where
 an answer is possible (else closes, in HTTP/2 with a GOAWAY), writes one BLOCK line, and drops what
 was buffered. Nothing here runs while a request or its response is in flight.
+
+What mitmproxy 12.3 lacks, and the part here that makes up for it. Each part has a test that fails
+when that part alone is removed; tests/test_sansio_bounded.py runs each limit on mitmproxy's own
+server too, beside ours. tests/test_mitm_internals.py checks that every private name and overridden
+signature used here exists in the installed mitmproxy and h11.
+
+- `BoundedReceiveBuffer`, a subclass of h11's private `ReceiveBuffer`, as `Http1Server.buf`:
+  mitmproxy's HTTP/1 server parses any head that has arrived whole, however large and with however
+  many fields. Without it a 70 KB head, or one of 257 fields, arriving at once is passed on instead
+  of answered 431: `test_an_http1_head_over_the_limits_arriving_at_once_gets_431`, and
+  test_bounded_http.py `test_receive_buffer_hands_out_bounded_heads_only`. Not reported upstream:
+  "HTTP/1 server: no limit on the size or the field count of a request head".
+- `BoundedHttp1Server._handle_event` (its deadlines and `over_limit`): mitmproxy has no deadline for
+  a request head and none for a kept-alive connection but `tcp_timeout` (600 s of silence, which a
+  trickle resets), and buffers a head that has not ended without limit. Without the deadlines:
+  `test_a_first_head_not_complete_in_time_gets_408`,
+  `test_a_connection_that_never_sends_is_closed_at_the_head_deadline`,
+  `test_a_kept_alive_connection_idle_for_its_limit_is_closed_without_an_answer`; without
+  `over_limit`: `test_an_endless_request_line_gets_414_once_past_the_limit` and the 431 tests. Not
+  reported upstream: "no request-head timeout: a client that trickles a head holds its connection
+  and its buffer for as long as it likes".
+- `BoundedHttp1Server.read_body`, over `Http1Server.read_body`, with `TrailerDroppingReader`:
+  mitmproxy's HTTP/1 server raises NotImplementedError("HTTP trailers are not implemented yet") on a
+  chunked request with trailers: a traceback, and a client waiting for an answer that never comes.
+  Without it: `test_http1_request_trailers_end_the_message`. Upstream: mitmproxy/mitmproxy#2474
+  (HTTP trailers; HTTP/1 support is still missing).
+- `FrameGuard`, in `BoundedHttp2Server._handle_event`: h2 checks a frame's length only once all of
+  it has arrived (frames of 128 KiB here), and takes a header block of 64 CONTINUATION frames.
+  Without it: `test_an_http2_header_block_over_the_limit_is_refused_before_it_arrives`. Not reported
+  upstream: "HTTP/2 server: a header block is buffered whole, up to megabytes, before any limit".
+- `BoundedHttp2Server.handle_h2_event`, over `Http2Server.handle_h2_event`: the field count of an
+  HTTP/2 head, answered 431 on its own stream. Without it:
+  `test_an_http2_request_with_too_many_fields_gets_431_on_its_stream`. Not reported upstream (as
+  for HTTP/1).
+- `BoundedHttp2Server.follow_unsent`, which reads `BufferedH2Connection.stream_buffers`: mitmproxy
+  queues what waits for an HTTP/2 client's flow-control window without limit and reads on from the
+  upstream, so a client that stops reading makes it hold the whole response. Without it:
+  `test_an_http2_client_that_does_not_read_stops_the_reading_of_its_upstream`. Not reported
+  upstream: "HTTP/2 server: no backpressure from a client's flow-control window to the upstream".
+- The HTTP/2 deadlines (`follow_phase`, `on_deadline`), ending in a GOAWAY: as for HTTP/1. Without
+  them: `test_a_silent_http2_client_gets_goaway_at_the_head_deadline`.
+- `max_concurrent_streams = MAX_STREAMS`: h2 (4.x, as locked) already advertises 100 of its own
+  accord, so no test fails when this line alone goes
+  (`test_an_http2_client_may_open_at_most_a_hundred_streams` passes on mitmproxy's server too); it
+  keeps the bound should h2's default change.
+- `BoundedHttpLayer`, which puts the bounded servers where mitmproxy's `HttpLayer` puts its own:
+  without it none of the above applies
+  (`test_the_bounded_layer_serves_its_client_with_the_bounded_servers`).
 """
 
 from __future__ import annotations

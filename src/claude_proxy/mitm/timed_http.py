@@ -14,6 +14,69 @@ layer keeps one alarm (a deadline.Deadline) for all its streams, which asks for 
 only when a check is due before every one pending; a wakeup names no stream. A keep-alive
 connection with thousands of requests has a wakeup or two pending, never one per request (each
 would hold its request for minutes).
+
+What mitmproxy 12.3 lacks, and the part here that makes up for it. Each part has a test that fails
+when that part alone is removed; tests/test_sansio_timed.py runs the waits on mitmproxy's own
+HttpLayer too, beside ours. tests/test_mitm_internals.py checks that every private name and
+overridden signature used here exists in the installed mitmproxy and h2.
+
+- `TimedHttpLayer.make_stream` (our streams in place of mitmproxy's) and its alarm in
+  `_handle_event`: mitmproxy bounds no wait on an upstream. Without them no wait ends:
+  test_sansio_timed.py `test_a_connect_that_never_completes_gets_504_naming_the_step`,
+  `test_a_response_head_that_never_comes_gets_504`,
+  `test_a_request_waiting_for_a_free_connection_slot_gets_504_within_the_connect_limit`.
+  Upstream: mitmproxy/mitmproxy#1095 (a connect timeout); for the response head, not reported:
+  "no limit on the wait for a response head but tcp_timeout, which closes without a status".
+- `TimedHttpStream.handle_protocol_error`, over `HttpStream.handle_protocol_error`: the 504 naming
+  the step, and the proxy's own 502 for an upstream failure (mitmproxy answers an HTML 502, or an
+  HTTP/2 reset). Without it: the 504 tests above (a 502 instead), and test_upstream_failures.py
+  `test_an_unreachable_upstream_gets_the_proxy_answer`.
+- `_rearm` checking at the shorter of the connect and TLS limits:
+  `test_a_tls_limit_shorter_than_the_connect_limit_counts`. `_check_in` waking within half of
+  mitmproxy's `tcp_timeout`, which counts a wakeup as activity: without it mitmproxy closes a
+  connection waiting on its upstream without a status (test_timeouts.py
+  `test_response_limit_beyond_the_idle_timeout`).
+- `_give_up_waiting`, which edits `HttpLayer.waiting_for_establishment` and `command_sources`:
+  mitmproxy's connection handler opens at most five connections to one destination at once
+  (mitmproxy/mitmproxy#8322) and cannot cancel a wait for one; a request waiting for a slot would
+  wait without end. Without it:
+  `test_a_request_waiting_for_a_free_connection_slot_gets_504_within_the_connect_limit`.
+- `TimedHttpLayer.register_connection`, over `HttpLayer.register_connection`: mitmproxy keeps a
+  failed upstream connection and fails every later request to that destination on the same client
+  connection at once with its first error, though a timeout may pass and a name resolve again.
+  Without it: `test_a_retry_after_a_failed_connection_gets_a_new_connection`, and
+  test_upstream_failures.py `test_a_retry_on_the_same_connection_tries_the_upstream_again`. Not
+  reported upstream: "a failed upstream connection fails every later request on its client
+  connection". It also closes a connection that opens after every stream that waited for it gave
+  up, which would hold one of the five slots: test_limits.py
+  `test_a_stream_waiting_for_a_free_upstream_connection_gets_504_in_time`. Not reported upstream:
+  "HTTP/2 to HTTP/1: a connection no stream waits for any more is opened and kept".
+- `TimedHttpLayer.client_gave_up`, which reads the h2 stream's state: mitmproxy does not pass an
+  HTTP/2 client's reset on to a stream waiting for its connection, and sends the request once the
+  connection comes. Without it: test_limits.py
+  `test_a_stream_cancelled_while_it_waits_for_a_connection_is_never_sent`. Not reported upstream:
+  "an HTTP/2 stream reset while it waits for its upstream connection is still sent upstream".
+- The recheck when a stream's connection comes (`recheck`): a request that waited is decided again
+  under the policy in force; mitmproxy has no such point. Without it:
+  `test_a_request_that_waited_for_its_connection_is_decided_again`. (Our own need: nothing to
+  report upstream.)
+- `TimedHttpStream.check_invalid`, over `HttpStream.check_invalid`: tells the Enforcer whether an
+  HTTP/2 body follows its head (test_smuggling.py `test_h2_get_with_data_and_no_length_is_refused`),
+  and answers a malformed response head with the proxy's own 502 instead of mitmproxy's
+  (`test_an_unreachable_upstream_gets_the_proxy_answer[badheader-http1.1]`).
+- `TimedHttpStream.check_killed`, over `HttpStream.check_killed`: records why a client that left
+  while its stream waited is gone (test_upstream_failures.py
+  `test_a_client_that_leaves_mid_request_body`).
+- The counts of what streams hold, which read `HttpStream._paused` and `_paused_event_queue`:
+  mitmproxy queues a request body in memory without limit while its stream waits, and holds any
+  number of HTTP/2 streams waiting on their upstream. Without the held bodies: test_limits.py
+  `test_http2_streams_holding_bodies_are_reset`; without the stream cost:
+  `test_an_http2_stream_flood_is_held_within_the_memory_budget`. Not reported upstream: "no bound
+  on the request bodies and HTTP/2 streams held while they wait for an upstream connection".
+- `TimedHttpStream.handle_event` dropping a stream that mitmproxy ended without dropping (an
+  invalid request, a killed flow), which would stay, with its flow, until the client leaves
+  (the limit of mitmproxy/mitmproxy#4456). Without it: test_limits.py
+  `test_http2_streams_that_end_in_odd_ways_give_their_budget_back`.
 """
 
 from __future__ import annotations
