@@ -870,7 +870,7 @@ def cmd_plist(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from claude_proxy.cli import ports
+    from claude_proxy.cli import diagnostics, ports
     from claude_proxy.macos import agent
 
     found = ports.resolve(args.port, args.socks_port)
@@ -884,13 +884,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     ok = all(c.ok for c in checks)
     if args.json:
-        rows = [{"ok": c.ok, "what": c.what, "detail": c.detail, "fix": c.fix} for c in checks]
+        rows = diagnostics.status_rows(checks)
         print(json.dumps({"ok": ok, "ports": found.to_json(), "checks": rows}, indent=2))
-        return ExitCode.OK if ok else ExitCode.FAILURE
-    for check in checks:
-        print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
-        if not check.ok and check.fix:
-            print(f"     fix: {check.fix}")
+    else:
+        print("\n".join(diagnostics.status_lines(checks)))
     return ExitCode.OK if ok else ExitCode.FAILURE
 
 

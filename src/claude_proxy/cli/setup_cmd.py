@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from claude_proxy.cli import claude_settings, fence, readiness
+from claude_proxy.cli import claude_settings, diagnostics, fence
 from claude_proxy.cli.claude_settings import Document, Edit, Key
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy import rules as policy_rules
@@ -215,8 +214,10 @@ def apply(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None
         judge(target, scopes, after, say)
     say("")
     say("What remains yours to do:")
-    found = readiness.steps(target.name, target.http_port, target.socks_port)
-    for line in readiness.report(target.name, found):
+    found = diagnostics.remaining(
+        target.name, home=target.home, http_port=target.http_port, socks_port=target.socks_port
+    )
+    for line in diagnostics.remaining_lines(target.name, found):
         say(line)
     return ExitCode.OK
 
@@ -549,7 +550,3 @@ def sudo_user() -> tuple[int, int] | None:
     except (KeyError, ValueError):
         return None
     return (uid, gid) if uid != 0 else None
-
-
-def missing_sandbox_tools() -> list[tuple[str, str]]:
-    return fence.missing_tools(shutil.which)
