@@ -952,7 +952,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         print(f"claude-proxy: the proxy's ports: {found.describe()}", file=sys.stderr)
     home = setup_cmd.user_home() if getattr(args, "managed", False) else Path.home()
     if args.target == "claude-code":
-        target = setup_cmd.claude_code(
+        plan = setup_cmd.claude_code(
             home=home,
             project=args.project,
             http_port=found.port,
@@ -960,9 +960,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
             managed=args.managed,
         )
     else:
-        target = setup_cmd.srt(home=home, http_port=found.port, socks_port=found.socks_port)
+        plan = setup_cmd.srt(home=home, http_port=found.port, socks_port=found.socks_port)
     run = setup_cmd.undo if args.undo else setup_cmd.apply
-    return run(target, dry_run=args.dry_run, yes=args.yes)
+    return run(plan, dry_run=args.dry_run, yes=args.yes)
 
 
 def cmd_setup_undo_all(args: argparse.Namespace) -> int:
