@@ -624,20 +624,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from claude_proxy.state import ca, logs
 
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
-    if (
-        args.config_dir is not None
-        and not args.config_dir.is_dir()
-        and args.config_dir.absolute() != paths.config_dir()
-    ):
-        # A new folder would mean a new CA that nothing trusts: only the usual folder is made.
-        folder = shlex.quote(str(args.config_dir))
-        raise ProxyError(
-            f"--config-dir {args.config_dir} is not a folder: name the folder of your CA "
-            f"(`claude-proxy paths` shows it), or make it (mkdir -m 700 {folder}) to start a "
-            "new CA there",
-            ExitCode.USAGE,
-        )
-    confdir = args.config_dir.absolute() if args.config_dir else paths.config_dir()
+    confdir = config_dir_flag(args.config_dir)
     path = paths.config_file(confdir)
     loaded = config_cmd.load(path)  # a bad file or rule stops us before anything
     config_cmd.policy_for(path, args.allow)
@@ -682,6 +669,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     asyncio.run(service.serve(settings))
     return ExitCode.OK
+
+
+def config_dir_flag(folder: Path | None) -> Path:
+    """The CA's folder `--config-dir` names (`run`'s, and the agent's in `plist`), absolute; else
+    the usual one. A folder that is not there is refused: a new one would mean a new CA that
+    nothing trusts, so only the usual folder is made."""
+    if folder is None:
+        return paths.config_dir()
+    if not folder.is_dir() and folder.absolute() != paths.config_dir():
+        make = f"mkdir -m 700 {shlex.quote(str(folder))}"
+        raise ProxyError(
+            f"--config-dir {folder} is not a folder: name the folder of your CA "
+            f"(`claude-proxy paths` shows it), or make it ({make}) to start a new CA there",
+            ExitCode.USAGE,
+        )
+    return folder.absolute()
 
 
 def state_ready(state: Path) -> None:
@@ -848,7 +851,7 @@ def cmd_plist(args: argparse.Namespace) -> int:
         executable=executable,
         home=Path.home(),
         log_dir=paths.log_dir(),
-        config_dir=(args.config_dir or paths.config_dir()).absolute(),
+        config_dir=config_dir_flag(args.config_dir).absolute(),
         port=args.port,
         socks_port=args.socks_port,
     )
