@@ -895,16 +895,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_paths(args: argparse.Namespace) -> int:
-    """What the install scripts need, computed here only: `eval "$(claude-proxy paths)"`."""
+    """What the install scripts need, computed here only: `eval "$(claude-proxy paths)"`. The
+    ports are where every command finds the proxy (ports.resolve); with --installed, the
+    installed agent's plist names them (and the config folder) first."""
+    from claude_proxy.cli import ports
     from claude_proxy.macos import agent
     from claude_proxy.state import ca
 
     home = Path.home()
-    confdir, port_number, socks_port = (
-        paths.config_dir(),
-        defaults.DEFAULT_PORT,
-        defaults.DEFAULT_SOCKS_PORT,
-    )
+    confdir, port_number, socks_port = paths.config_dir(), None, None
     if args.installed:
         try:
             installed = agent.installed_plist(home)
@@ -912,8 +911,10 @@ def cmd_paths(args: argparse.Namespace) -> int:
             pass  # no usable plist: this environment's values
         else:
             confdir = installed.config_dir or confdir
-            port_number = installed.port or port_number
-            socks_port = installed.socks_port or socks_port
+            port_number, socks_port = installed.port, installed.socks_port
+    # Port 0 ([listen] may pick one at each start) is printed as it is: the install script is
+    # told --port then, and `plist` refuses 0 with its fix.
+    found = ports.resolve(port_number, socks_port, home=home, config_dir=confdir, fixed=False)
     values = {
         "LABEL": paths.LABEL,
         "PLIST": paths.plist_path(home),
@@ -924,8 +925,8 @@ def cmd_paths(args: argparse.Namespace) -> int:
         "LOG_DIR": paths.log_dir(),
         "LOG_FILE": paths.log_dir() / paths.LOG_FILE,
         "KEYCHAIN": paths.login_keychain(home),
-        "PORT": port_number,
-        "SOCKS_PORT": socks_port,
+        "PORT": found.port,
+        "SOCKS_PORT": found.socks_port,
     }
     for name, value in values.items():
         print(f"{name}={shlex.quote(str(value))}")
