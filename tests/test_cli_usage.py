@@ -258,6 +258,18 @@ def test_a_missing_config_dir_is_refused(home: Path, tmp_path: Path) -> None:
     assert not missing.exists()
 
 
+def test_a_plist_for_a_missing_config_dir_is_refused(home: Path, tmp_path: Path) -> None:
+    """The agent would not start with it: `run` refuses a --config-dir that is not there."""
+    missing = tmp_path / "no such folder"
+    output = tmp_path / "agent.plist"
+    result = cli(home, "plist", "--executable", str(EXECUTABLE), "--config-dir", str(missing),
+                 "--output", str(output))  # fmt: skip
+    line = one_line_usage_error(result)
+    assert str(missing) in line and "mkdir" in line and "claude-proxy paths" in line
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == [home.name]  # no plist, no folder
+
+
 def test_a_ca_folder_with_only_dhparam_keeps_config_toml(home: Path) -> None:
     confdir = home / ".config" / "claude-proxy"
     confdir.mkdir(parents=True)

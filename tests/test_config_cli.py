@@ -177,6 +177,22 @@ def test_config_edit_of_a_missing_file_starts_from_the_example(home: Path, tmp_p
     assert config_file(home).read_text() == "defaults = false\n"
 
 
+def test_config_edit_of_a_folder_says_it_is_a_folder(home: Path, tmp_path: Path) -> None:
+    path = config_file(home)
+    (path / "inside").mkdir(parents=True)
+    result = edit(home, tmp_path, "defaults = false\n")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"claude-proxy: {path} is a folder, where config.toml must be a file: move the folder "
+        f"aside (mv {shlex.quote(str(path))} {shlex.quote(str(path) + '.folder')}), then edit "
+        "again"
+    )
+    assert not (tmp_path / "editor.log").exists()  # no editor was started
+    assert [p.name for p in path.iterdir()] == ["inside"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.toml"]
+
+
 def test_an_edit_reaches_the_running_proxy(
     home: Path, tmp_path: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:

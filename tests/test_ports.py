@@ -5,12 +5,13 @@ defaults. And `status` off macOS is decided by the listeners, the CA and the set
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyProcess, start_proxy
+from tests.conftest import EXECUTABLE, ProxyProcess, start_proxy
 from tests.support.cli import run_cli
 from tests.support.ports import free_port
 from tests.upstream import Upstream
@@ -86,6 +87,35 @@ def test_every_command_finds_the_running_proxy(
         shown = run_cli(home, "config", "show")
         assert f"# the proxy on port {proxy.port} (pid" in shown.stdout
         assert env_proxy(home, "--port", "9999") == "http://127.0.0.1:9999"  # a flag wins
+    finally:
+        assert proxy.stop() == 0
+
+
+def paths_ports(home: Path, *args: str) -> tuple[int, int]:
+    result = run_cli(home, "paths", *args)
+    assert result.returncode == 0, result.stderr
+    values = dict(shlex.split(line)[0].split("=", 1) for line in result.stdout.splitlines())
+    return int(values["PORT"]), int(values["SOCKS_PORT"])
+
+
+def test_paths_takes_the_ports_as_every_command_does(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    assert paths_ports(home) == (9051, 9052)
+    listen = free_port(), free_port()
+    write_listen(home, *listen)
+    assert paths_ports(home) == listen
+    plist = home / "Library" / "LaunchAgents" / "local.claude-proxy.plist"
+    plist.parent.mkdir(parents=True)
+    agent = free_port(), free_port()
+    rendered = run_cli(home, "plist", "--executable", str(EXECUTABLE), "--port", str(agent[0]),
+                       "--socks-port", str(agent[1]), "--output", str(plist))  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    assert paths_ports(home) == agent  # the installed agent's plist outranks [listen]
+    proxy = start_proxy(home, upstream, upstream_ca_file, "--socks-port", "0")
+    try:
+        assert paths_ports(home) == (proxy.port, proxy.socks_port)  # the running proxy, first
+        assert paths_ports(home, "--installed") == agent  # what the installed agent is told
     finally:
         assert proxy.stop() == 0
 

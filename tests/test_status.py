@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 import trustme
 
-from claude_proxy.cli import status_checks
+from claude_proxy.cli import diagnostics
+from claude_proxy.cli.main import main
 from claude_proxy.macos import agent
 from tests.conftest import EXECUTABLE, read_head, start_proxy
 from tests.macos import Mac
 from tests.mountns import MountNamespace
 from tests.support.certs import sha1
-from tests.support.cli import run_cli
+from tests.support.cli import run, run_cli
 from tests.support.ports import free_port
 from tests.upstream import Upstream
 
@@ -163,19 +164,19 @@ def keychain(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Mac
 def test_keychain_check_is_the_trust_decision(keychain: Mac, home: Path) -> None:
     cert = keychain.confdir / "mitmproxy-ca-cert.pem"
     fingerprint = sha1(cert)
-    check = status_checks.keychain(home, cert)
+    check = diagnostics.keychain(home, cert)
     assert not check.ok  # not there at all
     assert check.fix == (
         "security add-trusted-cert -r trustRoot -p ssl -p basic -k "
         f"'{home}/Library/Keychains/login.keychain-db' '{cert}'"
     )
     keychain.put_in_keychain("0" * 40, "trusted")  # another mitmproxy CA is trusted, not ours
-    assert not status_checks.keychain(home, cert).ok
+    assert not diagnostics.keychain(home, cert).ok
     keychain.put_in_keychain(fingerprint, "never")  # there, but marked Never Trust
-    check = status_checks.keychain(home, cert)
+    check = diagnostics.keychain(home, cert)
     assert not check.ok and "CSSMERR_TP_NOT_TRUSTED" in check.detail
     keychain.put_in_keychain(fingerprint, "trusted")
-    assert status_checks.keychain(home, cert).ok
+    assert diagnostics.keychain(home, cert).ok
 
 
 def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
@@ -198,6 +199,27 @@ def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
     keychain.put_in_keychain(sha1(cert), "trusted")
     assert checks()["keychain"] is True
     assert proxy.stop() == 0
+
+
+def test_setup_asks_the_keychain_as_status_does(
+    keychain: Mac, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One keychain check: what setup leaves to do on macOS is status's keychain row, with its
+    fix, asked of local certificates only (-L)."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    cert = keychain.confdir / "mitmproxy-ca-cert.pem"
+    keychain.put_in_keychain(sha1(cert), "never")
+    ports = ["--port", str(free_port()), "--socks-port", str(free_port())]
+    assert main(["setup", "srt", "--yes", *ports]) == 0
+    check = diagnostics.keychain(home, cert)
+    assert f"TODO keychain: {check.detail}; {check.fix}" in capsys.readouterr().out.splitlines()
+    assert "CSSMERR_TP_NOT_TRUSTED" in check.detail
+    verify = f"security verify-cert -c {cert} -p ssl -L".replace(str(home), "~")
+    assert keychain.calls("security") == [verify, verify]  # setup's, then status's own
+    keychain.put_in_keychain(sha1(cert), "trusted")
+    assert main(["setup", "srt", "--yes", *ports]) == 0
+    assert "ok   keychain: trusts the CA for SSL" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.parametrize(
@@ -410,3 +432,24 @@ def test_managed_settings_outrank_the_project_in_status(
     result = scopes.status(managed_etc)
     [line] = lines(result, "FAIL claude-code managed settings: ")
     assert f"{managed} is owned by uid 65534" in line
+
+
+def test_missing_sandbox_programs_fail_status_with_their_fix(home: Path, tmp_path: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("bubblewrap and socat are what the sandbox needs on Linux")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    result = run(home, "status", "--port", str(free_port()), "--socks-port", str(free_port()),
+                 env={"PATH": str(bin_dir)})  # fmt: skip
+    assert result.returncode == 1
+    rows = result.stdout.splitlines()
+    [at] = [i for i, row in enumerate(rows) if row.startswith("FAIL sandbox programs: ")]
+    assert rows[at] == (
+        "FAIL sandbox programs: bwrap and socat not found: the sandbox cannot start, and with "
+        "failIfUnavailable Claude Code refuses to run commands"
+    )
+    assert rows[at + 1] == (
+        "     fix: install the package bubblewrap socat (apt-get install bubblewrap socat, "
+        "dnf install bubblewrap socat)"
+    )

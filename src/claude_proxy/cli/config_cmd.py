@@ -283,6 +283,13 @@ def cmd_edit(path: Path) -> int:
     import subprocess
     import tempfile
 
+    if path.is_dir():
+        aside = shlex.quote(str(path) + ".folder")
+        raise ProxyError(
+            f"{path} is a folder, where config.toml must be a file: move the folder aside "
+            f"(mv {shlex.quote(str(path))} {aside}), then edit again",
+            ExitCode.USAGE,
+        )
     config_file.ensure_file(path)
     original = path.read_bytes()
     mode = files.mode_of(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from claude_proxy.cli.claude_settings import ABSENT, Document, Key, dotted, show
-from claude_proxy.cli.status_checks import Check
+from claude_proxy.cli.diagnostics import Check
 from claude_proxy.state import ca
 
 # Where Claude Code reads the settings nothing else outranks (root-owned, one per machine).
@@ -32,7 +32,6 @@ MANAGED_SETTINGS = {
 }
 # A path rule names these literally: a path holding one would be read as a pattern.
 PATTERN_CHARACTERS = set("*?[]{}()\\!#")
-SANDBOX_TOOLS = (("bwrap", "bubblewrap"), ("socat", "socat"))  # what Claude Code's sandbox runs
 
 
 def managed_path(platform: str = sys.platform) -> Path | None:
@@ -483,10 +482,3 @@ def managed_owner(path: Path) -> Check | None:
                 f"sudo chown root {item} && sudo chmod go-w {item}",
             )
     return None
-
-
-def missing_tools(which: Callable[[str], str | None]) -> list[tuple[str, str]]:
-    """Linux: the programs Claude Code's sandbox needs, with their package names, not found."""
-    if not sys.platform.startswith("linux"):
-        return []
-    return [(tool, package) for tool, package in SANDBOX_TOOLS if which(tool) is None]

@@ -7,7 +7,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,9 +137,10 @@ class Unbuilt:
 
 def command(
     sub: argparse._SubParsersAction[Parser], only: str | None, name: str, summary: str,
-    description: str, *examples: str,
+    description: str, *examples: str, func: Callable[[argparse.Namespace], int],
 ) -> Parser:  # fmt: skip
-    """A subcommand with its one-line summary, a description, and examples under its help.
+    """A subcommand run by `func`, with its one-line summary, a description, and examples under
+    its help.
 
     With `only` set, the other commands get their summary alone (for `--help`)."""
     if only is not None and name != only:
@@ -152,6 +153,7 @@ def command(
     parser: Parser = sub.add_parser(
         name, help=summary, description=description, epilog=f"{label}:\n{shown}"
     )
+    parser.set_defaults(func=func)
     return parser
 
 
@@ -187,6 +189,7 @@ def build_parser(only: str | None = None) -> Parser:
         "Run the proxy in the foreground until SIGTERM or Ctrl-C; SIGHUP reads config.toml "
         "again. It listens on 127.0.0.1 and ::1, HTTP and SOCKS5.",
         "claude-proxy run --port 19051 --socks-port 19052",
+        func=cmd_run,
     )  # fmt: skip
     run.add_argument(
         "--host",
@@ -229,13 +232,13 @@ def build_parser(only: str | None = None) -> Parser:
         action="store_true",
         help="only errors on stderr, rate-limited (the log file has everything): for the agent",
     )
-    run.set_defaults(func=cmd_run)
 
     ca_cmd = command(
         sub, only, "ca", "make the CA if missing; print its path and fingerprints",
         "Make the proxy's certificate authority if there is none, then print where it is and "
         "its fingerprints. A damaged CA is never replaced: the message says what to do.",
         "claude-proxy ca --bundle",
+        func=cmd_ca,
     )  # fmt: skip
     ca_output = ca_cmd.add_mutually_exclusive_group()
     ca_output.add_argument("--sha1", action="store_true", help="print only the SHA-1 fingerprint")
@@ -247,7 +250,6 @@ def build_parser(only: str | None = None) -> Parser:
         help="write the system's trust roots plus the CA to PATH, 0644 "
         "(default: ca-bundle.pem beside the CA)",
     )
-    ca_cmd.set_defaults(func=cmd_ca)
 
     env = command(
         sub, only, "env", "print the environment Claude Code needs to use the proxy",
@@ -256,6 +258,7 @@ def build_parser(only: str | None = None) -> Parser:
         "The port is --port, else the running proxy's, else the installed agent's, else "
         "[listen] in config.toml, else the default.",
         'eval "$(claude-proxy env)"    # fish: claude-proxy env --shell fish | source',
+        func=cmd_env,
     )  # fmt: skip
     env.add_argument(
         "--shell", choices=SHELLS, help="the shell to write for (default: the one $SHELL names)"
@@ -264,14 +267,9 @@ def build_parser(only: str | None = None) -> Parser:
         "--host", type=client_host,
         help=f"the proxy's address as clients reach it: an IP or name ({defaults.DEFAULT_HOST})",
     )  # fmt: skip
-    env.add_argument(
-        "--port", type=fixed_port, help="the proxy's HTTP port, 1-65535 " +
-        PORT_HELP.format(default=defaults.DEFAULT_PORT),
-    )  # fmt: skip
-    env.add_argument(
-        "--socks-port", type=fixed_port, help="the proxy's SOCKS5 port, 1-65535, which must "
-        "differ from the HTTP port " + PORT_HELP.format(default=defaults.DEFAULT_SOCKS_PORT),
-    )  # fmt: skip
+    add_port(env, "--port", "the proxy's HTTP port, 1-65535")
+    add_port(env, "--socks-port", "the proxy's SOCKS5 port, 1-65535, which must differ from the "
+             "HTTP port")  # fmt: skip
     env.add_argument(
         "--tools",
         action="store_true",
@@ -285,7 +283,6 @@ def build_parser(only: str | None = None) -> Parser:
         help="set NO_PROXY to LIST (e.g. localhost,127.0.0.1,::1): those hosts are reached "
         "without the proxy (default: empty, everything goes through it)",
     )
-    env.set_defaults(func=cmd_env)
 
     check = command(
         sub, only, "check", "say whether a host, request or URL would be allowed, and why",
@@ -294,6 +291,7 @@ def build_parser(only: str | None = None) -> Parser:
         "GET unless named). Exit 0 when allowed, 1 when refused.",
         "claude-proxy check https://api.anthropic.com/v1/messages",
         "claude-proxy check api.anthropic.com POST /v1/files",
+        func=cmd_check,
     )  # fmt: skip
     check.add_argument(
         "words", nargs="*", metavar="HOST[:PORT] [METHOD PATH] | [METHOD] URL",
@@ -301,13 +299,13 @@ def build_parser(only: str | None = None) -> Parser:
     )  # fmt: skip
     add_allow(check)
     check.add_argument("--json", action="store_true", help="the decision as a JSON document")
-    check.set_defaults(func=cmd_check)
 
     config_cmd = command(
         sub, only, "config", "the policy file: path, edit, check, show",
         "The policy file, config.toml beside the CA: print its path, edit it safely, check it, "
         "or show the rules in force with their origins.",
         "claude-proxy config show",
+        func=cmd_config,
     )  # fmt: skip
     actions = config_cmd.add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=Parser,
@@ -333,19 +331,15 @@ def build_parser(only: str | None = None) -> Parser:
         "proxy has this file in force.",
     )  # fmt: skip
     add_allow(show)
-    show.add_argument(
-        "--port", type=fixed_port,
-        help="the running proxy whose --allow rules to include " +
-        PORT_HELP.format(default=defaults.DEFAULT_PORT),
-    )  # fmt: skip
+    add_port(show, "--port", "the running proxy whose --allow rules to include")
     show.add_argument("--json", action="store_true", help="the policy as a JSON document")
-    config_cmd.set_defaults(func=cmd_config)
 
     plist = command(
         sub, only, "plist", "render the launchd agent's plist from its template",
         "Render the launchd agent's plist (absolute paths, ports, config folder) from the "
         "template in the package; scripts/install-agent.sh uses it.",
         "claude-proxy plist --output ~/Library/LaunchAgents/local.claude-proxy.plist",
+        func=cmd_plist,
     )  # fmt: skip
     plist.add_argument(
         "--template", type=Path, help="another template (default: the one in the package)"
@@ -367,7 +361,6 @@ def build_parser(only: str | None = None) -> Parser:
         "--config-dir", type=Path, help="the CA's folder the agent uses (default: this one's)"
     )
     plist.add_argument("--output", type=Path, help="write here, mode 0644 (default: stdout)")
-    plist.set_defaults(func=cmd_plist)
 
     status = command(
         sub, only, "status", "would Claude Code work through the proxy? (exit 0 only then)",
@@ -375,19 +368,14 @@ def build_parser(only: str | None = None) -> Parser:
         "(a real TLS handshake through each), the keychain (macOS), the policy, the logs and "
         "the Claude Code settings that apply here. Exit 0 only when every row is ok.",
         "claude-proxy status --project ~/src/myproject",
+        func=cmd_status,
     )  # fmt: skip
     status.add_argument(
         "--host", type=client_host, default=defaults.DEFAULT_HOST,
         help="the proxy's address (%(default)s)",
     )  # fmt: skip
-    status.add_argument(
-        "--port", type=fixed_port,
-        help="HTTP port " + PORT_HELP.format(default=defaults.DEFAULT_PORT),
-    )  # fmt: skip
-    status.add_argument(
-        "--socks-port", type=fixed_port,
-        help="SOCKS5 port " + PORT_HELP.format(default=defaults.DEFAULT_SOCKS_PORT),
-    )  # fmt: skip
+    add_port(status, "--port", "HTTP port")
+    add_port(status, "--socks-port", "SOCKS5 port")
     status.add_argument(
         "--project",
         type=Path,
@@ -395,26 +383,26 @@ def build_parser(only: str | None = None) -> Parser:
         help="judge the Claude Code settings that apply in DIR (default: this folder)",
     )
     status.add_argument("--json", action="store_true", help="the rows as a JSON document")
-    status.set_defaults(func=cmd_status)
 
     paths_cmd = command(
         sub, only, "paths", "print the agent's names, paths and ports as shell assignments",
         "Print the agent's label, paths and ports as shell assignments: the install scripts "
         "take them from here rather than computing them again.",
         'eval "$(claude-proxy paths)"; echo "$CA_CERT"',
+        func=cmd_paths,
     )  # fmt: skip
     paths_cmd.add_argument(
         "--installed",
         action="store_true",
         help="the ports and config folder of the installed agent's plist, where it has one",
     )
-    paths_cmd.set_defaults(func=cmd_paths)
 
     log = command(
         sub, only, "log", "what the proxy decided, from its audit database",
         "What the proxy decided, from its audit database: a table, JSON lines, a summary of "
         "refusals, or [[allow]] rules that would allow what was refused.",
         "claude-proxy log --blocked --since 1h",
+        func=cmd_log,
     )  # fmt: skip
     log.add_argument(
         "-n", "--limit", type=count, default=50, help="the newest N (%(default)s; 0: all)"
@@ -431,7 +419,6 @@ def build_parser(only: str | None = None) -> Parser:
     shown.add_argument(
         "--suggest", action="store_true", help="[[allow]] rules for what was refused (TOML)"
     )
-    log.set_defaults(func=cmd_log)
 
     setup = command(
         sub, only, "setup",
@@ -439,6 +426,7 @@ def build_parser(only: str | None = None) -> Parser:
         "Write the settings that lock Claude Code's sandbox (or srt's) onto claude-proxy's "
         "ports, showing the change first; --undo takes back exactly what setup changed.",
         "claude-proxy setup claude-code --dry-run",
+        func=cmd_setup,
     )  # fmt: skip
     targets = setup.add_subparsers(
         dest="target", required=True, metavar="TARGET", parser_class=Parser,
@@ -462,47 +450,31 @@ def build_parser(only: str | None = None) -> Parser:
                 action="store_true",
                 help="the managed settings file, which outranks every other (root: use sudo)",
             )
-        target.add_argument(
-            "--port", type=fixed_port,
-            help="the proxy's HTTP port, 1-65535 " +
-            PORT_HELP.format(default=defaults.DEFAULT_PORT),
-        )  # fmt: skip
-        target.add_argument(
-            "--socks-port", type=fixed_port,
-            help="the proxy's SOCKS5 port, 1-65535 " +
-            PORT_HELP.format(default=defaults.DEFAULT_SOCKS_PORT),
-        )  # fmt: skip
-        target.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
-        target.add_argument(
-            "-y",
-            "--yes",
-            action="store_true",
-            help="write without asking, and remove the settings that open the fence",
-        )
+        add_port(target, "--port", "the proxy's HTTP port, 1-65535")
+        add_port(target, "--socks-port", "the proxy's SOCKS5 port, 1-65535")
+        add_writing(target, "write without asking, and remove the settings that open the fence")
         target.add_argument("--undo", action="store_true", help="take back what setup changed")
-        target.set_defaults(func=cmd_setup)
     undo_all = targets.add_parser(
         "undo-all", help="take back what setup changed in every file it has changed",
         description="Take back what setup changed in every file it has changed.",
     )  # fmt: skip
-    undo_all.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
-    undo_all.add_argument("-y", "--yes", action="store_true", help="write without asking")
-    undo_all.set_defaults(func=cmd_setup_undo_all)
+    add_writing(undo_all, "write without asking")
 
     orgs = command(
         sub, only, "orgs", "organizations seen in Anthropic's answers, per credential",
         "The Anthropic organizations seen in answers through the proxy, per credential "
         "(a fingerprint, never the key), and the pin.",
         "claude-proxy orgs --json",
+        func=cmd_orgs,
     )  # fmt: skip
     orgs.add_argument("--json", action="store_true", help="as a JSON document")
-    orgs.set_defaults(func=cmd_orgs)
 
     pin = command(
         sub, only, "pin", "let only one organization's credentials reach Anthropic",
         "Let only one organization's credentials reach Anthropic: a request with any other "
         "credential is refused before its body moves. A running proxy applies it at once.",
         "claude-proxy pin --first-seen",
+        func=cmd_pin,
     )  # fmt: skip
     which = pin.add_mutually_exclusive_group(required=True)
     which.add_argument("organization", nargs="?", metavar="ORG_UUID", help="this organization")
@@ -512,17 +484,28 @@ def build_parser(only: str | None = None) -> Parser:
         help="whichever organization the next authenticated answer names",
     )
     which.add_argument("--off", action="store_true", help="lift the pin")
-    pin.set_defaults(func=cmd_pin)
 
     completion = command(
         sub, only, "completion", "print a shell completion script (bash, zsh or fish)",
         "Print a completion script for bash, zsh or fish, generated from these commands.",
         'eval "$(claude-proxy completion bash)"    # in ~/.bashrc; zsh alike in ~/.zshrc',
         "claude-proxy completion fish > ~/.config/fish/completions/claude-proxy.fish",
+        func=cmd_completion,
     )  # fmt: skip
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
-    completion.set_defaults(func=cmd_completion)
     return parser
+
+
+def add_port(parser: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """--port or --socks-port of a command that finds the proxy as every command does (ports)."""
+    default = defaults.DEFAULT_PORT if flag == "--port" else defaults.DEFAULT_SOCKS_PORT
+    parser.add_argument(flag, type=fixed_port, help=f"{what} {PORT_HELP.format(default=default)}")
+
+
+def add_writing(parser: argparse.ArgumentParser, yes: str) -> None:
+    """--dry-run and --yes of a command that writes a file the user keeps."""
+    parser.add_argument("--dry-run", action="store_true", help="show the change, write nothing")
+    parser.add_argument("-y", "--yes", action="store_true", help=yes)
 
 
 def add_allow(parser: argparse.ArgumentParser) -> None:
@@ -624,20 +607,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from claude_proxy.state import ca, logs
 
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
-    if (
-        args.config_dir is not None
-        and not args.config_dir.is_dir()
-        and args.config_dir.absolute() != paths.config_dir()
-    ):
-        # A new folder would mean a new CA that nothing trusts: only the usual folder is made.
-        folder = shlex.quote(str(args.config_dir))
-        raise ProxyError(
-            f"--config-dir {args.config_dir} is not a folder: name the folder of your CA "
-            f"(`claude-proxy paths` shows it), or make it (mkdir -m 700 {folder}) to start a "
-            "new CA there",
-            ExitCode.USAGE,
-        )
-    confdir = args.config_dir.absolute() if args.config_dir else paths.config_dir()
+    confdir = config_dir_flag(args.config_dir)
     path = paths.config_file(confdir)
     loaded = config_cmd.load(path)  # a bad file or rule stops us before anything
     config_cmd.policy_for(path, args.allow)
@@ -682,6 +652,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     asyncio.run(service.serve(settings))
     return ExitCode.OK
+
+
+def config_dir_flag(folder: Path | None) -> Path:
+    """The CA's folder `--config-dir` names (`run`'s, and the agent's in `plist`), absolute; else
+    the usual one. A folder that is not there is refused: a new one would mean a new CA that
+    nothing trusts, so only the usual folder is made."""
+    if folder is None:
+        return paths.config_dir()
+    if not folder.is_dir() and folder.absolute() != paths.config_dir():
+        make = f"mkdir -m 700 {shlex.quote(str(folder))}"
+        raise ProxyError(
+            f"--config-dir {folder} is not a folder: name the folder of your CA "
+            f"(`claude-proxy paths` shows it), or make it ({make}) to start a new CA there",
+            ExitCode.USAGE,
+        )
+    return folder.absolute()
 
 
 def state_ready(state: Path) -> None:
@@ -848,7 +834,7 @@ def cmd_plist(args: argparse.Namespace) -> int:
         executable=executable,
         home=Path.home(),
         log_dir=paths.log_dir(),
-        config_dir=(args.config_dir or paths.config_dir()).absolute(),
+        config_dir=config_dir_flag(args.config_dir).absolute(),
         port=args.port,
         socks_port=args.socks_port,
     )
@@ -870,7 +856,7 @@ def cmd_plist(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from claude_proxy.cli import ports
+    from claude_proxy.cli import diagnostics, ports
     from claude_proxy.macos import agent
 
     found = ports.resolve(args.port, args.socks_port)
@@ -884,27 +870,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     ok = all(c.ok for c in checks)
     if args.json:
-        rows = [{"ok": c.ok, "what": c.what, "detail": c.detail, "fix": c.fix} for c in checks]
+        rows = diagnostics.status_rows(checks)
         print(json.dumps({"ok": ok, "ports": found.to_json(), "checks": rows}, indent=2))
-        return ExitCode.OK if ok else ExitCode.FAILURE
-    for check in checks:
-        print(f"{'ok' if check.ok else 'FAIL':<5}{check.what}: {check.detail}")
-        if not check.ok and check.fix:
-            print(f"     fix: {check.fix}")
+    else:
+        print("\n".join(diagnostics.status_lines(checks)))
     return ExitCode.OK if ok else ExitCode.FAILURE
 
 
 def cmd_paths(args: argparse.Namespace) -> int:
-    """What the install scripts need, computed here only: `eval "$(claude-proxy paths)"`."""
+    """What the install scripts need, computed here only: `eval "$(claude-proxy paths)"`. The
+    ports are where every command finds the proxy (ports.resolve); with --installed, the
+    installed agent's plist names them (and the config folder) first."""
+    from claude_proxy.cli import ports
     from claude_proxy.macos import agent
     from claude_proxy.state import ca
 
     home = Path.home()
-    confdir, port_number, socks_port = (
-        paths.config_dir(),
-        defaults.DEFAULT_PORT,
-        defaults.DEFAULT_SOCKS_PORT,
-    )
+    confdir, port_number, socks_port = paths.config_dir(), None, None
     if args.installed:
         try:
             installed = agent.installed_plist(home)
@@ -912,8 +894,10 @@ def cmd_paths(args: argparse.Namespace) -> int:
             pass  # no usable plist: this environment's values
         else:
             confdir = installed.config_dir or confdir
-            port_number = installed.port or port_number
-            socks_port = installed.socks_port or socks_port
+            port_number, socks_port = installed.port, installed.socks_port
+    # Port 0 ([listen] may pick one at each start) is printed as it is: the install script is
+    # told --port then, and `plist` refuses 0 with its fix.
+    found = ports.resolve(port_number, socks_port, home=home, config_dir=confdir, fixed=False)
     values = {
         "LABEL": paths.LABEL,
         "PLIST": paths.plist_path(home),
@@ -924,8 +908,8 @@ def cmd_paths(args: argparse.Namespace) -> int:
         "LOG_DIR": paths.log_dir(),
         "LOG_FILE": paths.log_dir() / paths.LOG_FILE,
         "KEYCHAIN": paths.login_keychain(home),
-        "PORT": port_number,
-        "SOCKS_PORT": socks_port,
+        "PORT": found.port,
+        "SOCKS_PORT": found.socks_port,
     }
     for name, value in values.items():
         print(f"{name}={shlex.quote(str(value))}")
@@ -950,12 +934,14 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     from claude_proxy.cli import ports, setup_cmd
 
+    if args.target == "undo-all":
+        return setup_cmd.undo_all(dry_run=args.dry_run, yes=args.yes)
     found = ports.resolve(args.port, args.socks_port)
     if {found.source, found.socks_source} - {ports.FLAGS, ports.DEFAULTS}:
         print(f"claude-proxy: the proxy's ports: {found.describe()}", file=sys.stderr)
     home = setup_cmd.user_home() if getattr(args, "managed", False) else Path.home()
     if args.target == "claude-code":
-        target = setup_cmd.claude_code(
+        plan = setup_cmd.claude_code(
             home=home,
             project=args.project,
             http_port=found.port,
@@ -963,15 +949,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
             managed=args.managed,
         )
     else:
-        target = setup_cmd.srt(home=home, http_port=found.port, socks_port=found.socks_port)
+        plan = setup_cmd.srt(home=home, http_port=found.port, socks_port=found.socks_port)
     run = setup_cmd.undo if args.undo else setup_cmd.apply
-    return run(target, dry_run=args.dry_run, yes=args.yes)
-
-
-def cmd_setup_undo_all(args: argparse.Namespace) -> int:
-    from claude_proxy.cli import setup_cmd
-
-    return setup_cmd.undo_all(dry_run=args.dry_run, yes=args.yes)
+    return run(plan, dry_run=args.dry_run, yes=args.yes)
 
 
 def cmd_orgs(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
 import stat
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from claude_proxy.cli import claude_settings, fence, readiness
+from claude_proxy.cli import claude_settings, diagnostics, fence
 from claude_proxy.cli.claude_settings import Document, Edit, Key
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy import rules as policy_rules
@@ -29,8 +28,11 @@ NOTHING_WRITTEN = "nothing was written"
 
 
 @dataclass(frozen=True)
-class Target:
-    name: str  # the setup subcommand: claude-code or srt
+class Plan:
+    """What setup writes for a target (claude-code or srt): the settings file, the values it
+    wants there, and what it judges them against."""
+
+    target: str  # the setup subcommand: claude-code or srt
     path: Path  # the settings file, as the user knows it
     wanted: dict[Key, Any]
     defaults: dict[Key, Any] = field(default_factory=dict)  # set only where missing
@@ -44,11 +46,11 @@ class Target:
 
     @property
     def command(self) -> str:
-        """The setup command that writes this target, as the user would type it."""
-        words = ["claude-proxy", "setup", self.name]
+        """The setup command that writes this plan, as the user would type it."""
+        words = ["claude-proxy", "setup", self.target]
         if self.managed:
             words = ["sudo", *words, "--managed"]
-        elif self.project is not None and self.name == "claude-code":
+        elif self.project is not None and self.target == "claude-code":
             words += ["--project", str(self.project)]
         return " ".join(words)
 
@@ -108,7 +110,7 @@ def claude_code(
     http_port: int,
     socks_port: int,
     managed: bool = False,
-) -> Target:
+) -> Plan:
     if project is not None and not project.is_dir():
         raise ProxyError(f"--project {project} is not a folder", ExitCode.USAGE)
     if managed and project is not None:
@@ -126,7 +128,7 @@ def claude_code(
             raise ProxyError(f"no managed settings file on {sys.platform}", ExitCode.USAGE)
     else:
         where = (home if project is None else project.absolute()) / ".claude" / "settings.json"
-    return Target(
+    return Plan(
         "claude-code",
         where,
         rules.wanted,
@@ -141,7 +143,7 @@ def claude_code(
     )
 
 
-def srt(*, home: Path, http_port: int, socks_port: int) -> Target:
+def srt(*, home: Path, http_port: int, socks_port: int) -> Plan:
     wanted: dict[Key, Any] = {
         ("network", "httpProxyPort"): http_port,
         ("network", "socksProxyPort"): socks_port,
@@ -156,7 +158,7 @@ def srt(*, home: Path, http_port: int, socks_port: int) -> Target:
         ("filesystem", "denyWrite"): [],
     }
     secret = private_files(home)
-    return Target(
+    return Plan(
         "srt",
         home / ".srt-settings.json",
         wanted,
@@ -169,64 +171,66 @@ def srt(*, home: Path, http_port: int, socks_port: int) -> Target:
     )
 
 
-def apply(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
-    if target.managed:
-        managed_preconditions(target.path)
-    real = Path(os.path.realpath(target.path))  # a linked settings file stays linked
-    before, document = read(target.path, real)
-    scopes = other_scopes(target)  # every file Claude Code also reads must parse, first
-    openings = fence.openings_in(document) if target.name == "claude-code" else []
+def apply(plan: Plan, *, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
+    if plan.managed:
+        managed_preconditions(plan.path)
+    real = Path(os.path.realpath(plan.path))  # a linked settings file stays linked
+    before, document = read(plan.path, real)
+    scopes = other_scopes(plan)  # every file Claude Code also reads must parse, first
+    openings = fence.openings_in(document) if plan.target == "claude-code" else []
     try:
         after, changes, created = claude_settings.merge(
             document,
-            wanted=target.wanted,
-            defaults=target.defaults,
-            members=target.members,
+            wanted=plan.wanted,
+            defaults=plan.defaults,
+            members=plan.members,
             remove=[o.key for o in openings] if yes else [],
         )
     except claude_settings.SettingsError as e:
-        message = f"{target.path}: {e}; fix it by hand: {NOTHING_WRITTEN}"
+        message = f"{plan.path}: {e}; fix it by hand: {NOTHING_WRITTEN}"
         raise ProxyError(message, ExitCode.USAGE) from None
     if openings:
-        say(f"{target.path} holds settings that open the fence:")
+        say(f"{plan.path} holds settings that open the fence:")
         for opening in openings:
             say(f"  {claude_settings.dotted(opening.key)}: {opening.opens}")
         if not yes:
             say("  (setup removes them only with --yes; or remove them by hand)")
     if not changes:
-        say(f"{target.path} already has these settings: nothing to change")
+        say(f"{plan.path} already has these settings: nothing to change")
     else:
         text = claude_settings.render(after, before or "")
-        say(diff(target.path, before, text).rstrip("\n"))
+        say(diff(plan.path, before, text).rstrip("\n"))
         if dry_run:
             say(f"dry run: {NOTHING_WRITTEN}")
             return ExitCode.OK
-        if not write(target, real, before, text, yes=yes, say=say):
+        if not write(plan, real, before, text, yes=yes, say=say):
             return ExitCode.FAILURE
         records = load_records()
-        key = str(target.path.absolute())
+        key = str(plan.path.absolute())
         records[key] = merged_record(
-            records.get(key), target, before is None, changes, created, document
+            records.get(key), plan, before is None, changes, created, document
         )
-        save_records(records, target.path)
+        save_records(records, plan.path)
     if dry_run:
         return ExitCode.OK
-    if target.name == "claude-code":
-        judge(target, scopes, after, say)
+    if plan.target == "claude-code":
+        judge(plan, scopes, after, say)
     say("")
     say("What remains yours to do:")
-    found = readiness.steps(target.name, target.http_port, target.socks_port)
-    for line in readiness.report(target.name, found):
+    found = diagnostics.remaining(
+        plan.target, home=plan.home, http_port=plan.http_port, socks_port=plan.socks_port
+    )
+    for line in diagnostics.remaining_lines(plan.target, found):
         say(line)
     return ExitCode.OK
 
 
-def other_scopes(target: Target) -> list[fence.Scope]:
-    """Every settings file Claude Code reads for the target's folder (the target's own included,
+def other_scopes(plan: Plan) -> list[fence.Scope]:
+    """Every settings file Claude Code reads for the plan's folder (its own file included,
     as it is now); an unparsable one stops setup before anything is written."""
-    if target.name != "claude-code":
+    if plan.target != "claude-code":
         return []
-    return read_scopes(target.home, target.project or Path.cwd())
+    return read_scopes(plan.home, plan.project or Path.cwd())
 
 
 def read_scopes(home: Path, project: Path) -> list[fence.Scope]:
@@ -239,31 +243,31 @@ def read_scopes(home: Path, project: Path) -> list[fence.Scope]:
 
 
 def judge(
-    target: Target, scopes: list[fence.Scope], written: Document, say: Callable[[str], None]
+    plan: Plan, scopes: list[fence.Scope], written: Document, say: Callable[[str], None]
 ) -> None:
-    """Say what still opens the fence, in any scope, once the target holds `written`."""
-    assert target.secret is not None
-    mine = target.path.absolute()
+    """Say what still opens the fence, in any scope, once the plan holds `written`."""
+    assert plan.secret is not None
+    mine = plan.path.absolute()
     scopes = [
         fence.Scope(s.name, s.path, written) if s.path.absolute() == mine else s for s in scopes
     ]
     review = fence.review(
         scopes,
-        secret=target.secret,
-        home=target.home,
-        http_port=target.http_port,
-        socks_port=target.socks_port,
-        setup_command=target.command,
+        secret=plan.secret,
+        home=plan.home,
+        http_port=plan.http_port,
+        socks_port=plan.socks_port,
+        setup_command=plan.command,
     )
     failing = [c for c in review if not c.ok]
     if failing:
         say("")
-        say(f"Still open (what Claude Code will apply in {target.project or Path.cwd()}):")
+        say(f"Still open (what Claude Code will apply in {plan.project or Path.cwd()}):")
         for check in failing:
             say(f"FAIL {check.what}: {check.detail}")
             if check.fix:
                 say(f"     fix: {check.fix}")
-    if not target.managed:
+    if not plan.managed:
         say("")
         say(
             "User and project settings cannot lock the sandbox: a project's own "
@@ -284,42 +288,42 @@ def managed_preconditions(path: Path) -> None:
         raise ProxyError(f"{check.detail}; fix: {check.fix}; {NOTHING_WRITTEN}")
 
 
-def undo(target: Target, *, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
+def undo(plan: Plan, *, dry_run: bool, yes: bool, say: Callable[[str], None] = print) -> int:
     records = load_records()
-    key = str(target.path.absolute())
+    key = str(plan.path.absolute())
     record = records.get(key)
     if record is None:
-        say(f"nothing to undo: setup has not changed {target.path} (no record in {record_file()})")
+        say(f"nothing to undo: setup has not changed {plan.path} (no record in {record_file()})")
         return ExitCode.OK
-    if target.managed:
-        managed_preconditions(target.path)
+    if plan.managed:
+        managed_preconditions(plan.path)
     try:
         changes = [claude_settings.edit_from_json(c) for c in record["changes"]]
         created: list[Key] = [tuple(k) for k in record["created"]]
     except (KeyError, TypeError, ValueError) as e:
-        damaged = f"setup's record for {target.path} in {record_file()} is damaged ({e})"
+        damaged = f"setup's record for {plan.path} in {record_file()} is damaged ({e})"
         raise ProxyError(damaged) from e
-    real = Path(os.path.realpath(target.path))
-    before, document = read(target.path, real)
+    real = Path(os.path.realpath(plan.path))
+    before, document = read(plan.path, real)
     after, notes = claude_settings.revert(document, changes, created)
     for note in notes:
         say(note)
     remove = record.get("created_file", False) and not after and before is not None
     if after == document and not remove:
-        say(f"nothing of setup's is left in {target.path}")
+        say(f"nothing of setup's is left in {plan.path}")
         if not dry_run:
             del records[key]
-            save_records(records, target.path)
+            save_records(records, plan.path)
         return ExitCode.OK
     text = None if remove else claude_settings.render(after, before or "")
-    say(diff(target.path, before, text).rstrip("\n"))
+    say(diff(plan.path, before, text).rstrip("\n"))
     if dry_run:
         say(f"dry run: {NOTHING_WRITTEN}")
         return ExitCode.OK
-    if not write(target, real, before, text, yes=yes, say=say):
+    if not write(plan, real, before, text, yes=yes, say=say):
         return ExitCode.FAILURE
     del records[key]
-    save_records(records, target.path)
+    save_records(records, plan.path)
     return ExitCode.OK
 
 
@@ -377,7 +381,7 @@ def diff(shown: Path, before: str | None, after: str | None) -> str:
 
 
 def write(
-    target: Target,
+    plan: Plan,
     real: Path,
     before: str | None,
     text: str | None,
@@ -386,7 +390,7 @@ def write(
     say: Callable[[str], None],
 ) -> bool:
     """Ask, back up and write `text` (None: remove the file). False if the user said no."""
-    shown = target.path
+    shown = plan.path
     if before is not None and read_only(real):
         raise ProxyError(
             f"{shown} is read-only (mode {files.mode_of(real):04o}): {NOTHING_WRITTEN}; "
@@ -398,7 +402,7 @@ def write(
     try:
         if before is None:
             made = not real.parent.exists()
-            folder_mode = 0o755 if target.managed else 0o700  # Claude Code must read managed
+            folder_mode = 0o755 if plan.managed else 0o700  # Claude Code must read managed
             real.parent.mkdir(mode=folder_mode, parents=True, exist_ok=True)
             if made:
                 real.parent.chmod(folder_mode)  # whatever the umask
@@ -407,7 +411,7 @@ def write(
         if text is None:
             real.unlink()
             say(f"removed {shown} (setup had created it)")
-        elif target.managed:
+        elif plan.managed:
             files.write_atomically(real, text.encode(), 0o644, owner=(0, 0))
             say(f"wrote {shown}")
         else:
@@ -478,7 +482,7 @@ def save_records(records: dict[str, Any], shown: Path) -> None:
 
 def merged_record(
     earlier: dict[str, Any] | None,
-    target: Target,
+    plan: Plan,
     created_file: bool,
     changes: list[Edit],
     created: list[Key],
@@ -491,8 +495,8 @@ def merged_record(
         created = [*(tuple(k) for k in earlier["created"]), *created]
         created_file = created_file or bool(earlier.get("created_file"))
     return {
-        "target": target.name,
-        "managed": target.managed,
+        "target": plan.target,
+        "managed": plan.managed,
         "created_file": created_file,
         "created": [list(k) for k in dict.fromkeys(created)],
         "changes": [c.to_json() for c in changes],
@@ -530,9 +534,9 @@ def undo_all(*, dry_run: bool, yes: bool, say: Callable[[str], None] = print) ->
             status = ExitCode.FAILURE
             continue
         kind = record.get("target", "claude-code") if isinstance(record, dict) else "claude-code"
-        target = Target(str(kind), path, {}, managed=managed)
+        plan = Plan(str(kind), path, {}, managed=managed)
         try:
-            if undo(target, dry_run=dry_run, yes=yes, say=say) != ExitCode.OK:
+            if undo(plan, dry_run=dry_run, yes=yes, say=say) != ExitCode.OK:
                 status = ExitCode.FAILURE
         except ProxyError as e:
             say(f"{path}: {e}")
@@ -549,7 +553,3 @@ def sudo_user() -> tuple[int, int] | None:
     except (KeyError, ValueError):
         return None
     return (uid, gid) if uid != 0 else None
-
-
-def missing_sandbox_tools() -> list[tuple[str, str]]:
-    return fence.missing_tools(shutil.which)

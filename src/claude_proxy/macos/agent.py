@@ -8,12 +8,12 @@ import re
 import shutil
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from claude_proxy import defaults
-from claude_proxy.cli import log_cmd, readiness, status_checks
-from claude_proxy.cli.status_checks import Check
+from claude_proxy.cli import diagnostics, log_cmd
+from claude_proxy.cli.diagnostics import Check
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy import config_file
 from claude_proxy.state import accounts, ca, paths, run_state
@@ -154,7 +154,7 @@ def status(
     """
     agent_check, installed = agent_state(home)
     told = installed or Installed(None, None, None, None, None)
-    target = status_checks.Target(
+    proxy = diagnostics.Proxy(
         host=host,
         port=port or told.port or defaults.DEFAULT_PORT,
         socks_port=socks_port or told.socks_port or defaults.DEFAULT_SOCKS_PORT,
@@ -164,23 +164,23 @@ def status(
     checks = [agent_check]
     if ports_from:
         checks.append(Check(True, "ports", ports_from))
-    ca_check, cert = certificate(target)
+    ca_check, cert = certificate(proxy)
     checks.append(ca_check)
-    checks.append(status_checks.probe_http(target, cert))
-    checks.append(status_checks.probe_socks(target, cert))
+    checks.append(diagnostics.probe_http(proxy, cert))
+    checks.append(diagnostics.probe_socks(proxy, cert))
     if sys.platform == "darwin":
-        checks.append(status_checks.keychain(home, cert or ca.cert_path(target.config_dir)))
+        checks.append(diagnostics.keychain(home, cert or ca.cert_path(proxy.config_dir)))
     checks.append(pin_check(paths.state_dir()))
-    checks.append(config_check(target.port, target.config_dir))
+    checks.append(config_check(proxy.port, proxy.config_dir))
     log = paths.log_dir() / paths.LOG_FILE
     checks.append(Check(True, "log", str(log) if log.exists() else f"{log} (not written yet)"))
     audit_ok, audit_detail = log_cmd.describe(paths.audit_db())
     checks.append(Check(audit_ok, "audit log", audit_detail))
-    checks += claude_code_settings(home, project or Path.cwd(), target)
+    checks += claude_code_settings(home, project or Path.cwd(), proxy)
     return checks
 
 
-def claude_code_settings(home: Path, project: Path, target: status_checks.Target) -> list[Check]:
+def claude_code_settings(home: Path, project: Path, proxy: diagnostics.Proxy) -> list[Check]:
     """The settings Claude Code will apply in `project`, judged key by key (`fence.review`)."""
     from claude_proxy.cli import fence, setup_cmd
 
@@ -190,11 +190,11 @@ def claude_code_settings(home: Path, project: Path, target: status_checks.Target
         return [Check(False, "Claude Code settings", str(e), "fix that file by hand")]
     secret = setup_cmd.private_files(home)
     review = fence.review(
-        scopes, secret=secret, home=home, http_port=target.port, socks_port=target.socks_port
+        scopes, secret=secret, home=home, http_port=proxy.port, socks_port=proxy.socks_port
     )
     checks = [Check(c.ok, f"claude-code {c.what}", c.detail, c.fix) for c in review]
-    if (step := readiness.sandbox_programs()) is not None:
-        checks.append(Check(step.state == readiness.OK, "sandbox programs", step.detail))
+    if (sandbox := diagnostics.sandbox_programs()) is not None:
+        checks.append(replace(sandbox, what="sandbox programs"))
     return checks
 
 
@@ -221,19 +221,19 @@ def launchd_agent(home: Path) -> tuple[Check, Installed | None]:
     try:
         installed = installed_plist(home)
     except FileNotFoundError:
-        return Check(False, "agent", f"not installed: no {plist}", status_checks.INSTALL), None
+        return Check(False, "agent", f"not installed: no {plist}", diagnostics.INSTALL), None
     except (OSError, ValueError) as e:
-        return Check(False, "agent", f"{plist} is unusable: {e}", status_checks.INSTALL), None
+        return Check(False, "agent", f"{plist} is unusable: {e}", diagnostics.INSTALL), None
     exe = installed.executable
     if exe is None or not os.access(exe, os.X_OK):
         missing = f"{plist} starts {exe}, which is not there"
-        return Check(False, "agent", missing, status_checks.INSTALL), None
+        return Check(False, "agent", missing, diagnostics.INSTALL), None
     return Check(True, "agent", f"{plist} (starts {exe})"), installed
 
 
-def certificate(target: status_checks.Target) -> tuple[Check, Path | None]:
-    confdir = target.config_dir
-    fix = status_checks.INSTALL if target.agent_installed else "claude-proxy ca"
+def certificate(proxy: diagnostics.Proxy) -> tuple[Check, Path | None]:
+    confdir = proxy.config_dir
+    fix = diagnostics.INSTALL if proxy.agent_installed else "claude-proxy ca"
     if not ca.key_path(confdir).exists():
         return Check(False, "CA", f"none in {confdir}", fix), None
     try:
