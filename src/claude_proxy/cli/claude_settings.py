@@ -296,7 +296,8 @@ def _parent(document: Document, key: Key, created: list[Key]) -> Document:
             where = dotted(key[:depth])
             raise SettingsError(f"{where} is {_kind(node[name])}, not an object")
         node = node[name]
-    return node
+    found: Document = node
+    return found
 
 
 def _find(document: Document, key: Key) -> Document | None:
@@ -305,7 +306,8 @@ def _find(document: Document, key: Key) -> Document | None:
         if not isinstance(node, dict) or not isinstance(node.get(name), dict):
             return None
         node = node[name]
-    return node
+    found: Document = node
+    return found
 
 
 def _kind(value: Any) -> str:

@@ -60,7 +60,8 @@ def limit(status: int, reason: str) -> http.Response:
 
 def limit_bytes(status: int, reason: str) -> bytes:
     """`limit`, as bytes to write on a socket."""
-    return http1.assemble_response(limit(status, reason))
+    assembled: bytes = http1.assemble_response(limit(status, reason))
+    return assembled
 
 
 def timeout(method: str, step: Step, reason: str) -> http.Response:

@@ -28,7 +28,7 @@ class Deadline:
 
     def passed(self, wakeup: events.Wakeup) -> layer.CommandGenerator[bool]:
         """Account for one of our wakeups; whether the deadline has passed."""
-        self.pending.pop(wakeup.command, None)  # type: ignore[call-overload]
+        self.pending.pop(wakeup.command, None)
         if self.at is None:
             return False
         if time.monotonic() >= self.at - 0.001:

@@ -451,7 +451,7 @@ class Enforcer:
         )
         self.recorder.decision(flow, decision, host=host, port=port, status=status)
 
-    def close_tunnel(self, context: layer.Context, target: Target, why: str) -> CloseTunnel:
+    def close_tunnel(self, context: Context, target: Target, why: str) -> CloseTunnel:
         refused = Decision(False, why)
         client = context.client
         started = client.timestamp_start

@@ -115,7 +115,7 @@ class PrivateLogFile(logging.handlers.RotatingFileHandler):
             # Its buffer could not be written either: those lines are lost.
             with contextlib.suppress(OSError, ValueError):
                 self.stream.close()
-            self.stream = None  # type: ignore[assignment]  # the next record opens it again
+            self.stream = None  # the next record opens it again
         if self.broken is None:
             why = getattr(error, "strerror", None) or str(error) or type(error).__name__
             self.broken = why
