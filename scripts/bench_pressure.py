@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
-import socket
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.support import burst as bursting
 from tests.support import processes
 
 CHURN_CLIENTS = 10  # threads opening, using and closing tunnels as fast as they can
@@ -129,49 +128,11 @@ def limited(executable: Path, work: Path) -> Path:
 def burst(port: int) -> dict[str, float]:
     """BURST clients connect at once and send a CONNECT; each keeps its socket until all are
     answered. The milliseconds from a client's connect to its 503 (median, p90, max)."""
-    selector = selectors.DefaultSelector()
-    clients: list[socket.socket] = []
-    started: list[float] = []
-    answers: dict[int, bytes] = {}
-    answered_at: dict[int, float] = {}
-    try:
-        for i in range(BURST):
-            sock = socket.socket()
-            sock.setblocking(False)
-            started.append(time.perf_counter())
-            sock.connect_ex(("127.0.0.1", port))
-            clients.append(sock)
-            selector.register(sock, selectors.EVENT_WRITE, i)
-        waiting = set(range(BURST))
-        deadline = time.monotonic() + 60
-        while waiting and time.monotonic() < deadline:
-            for key, events in selector.select(timeout=0.5):
-                i, sock = key.data, clients[key.data]
-                if events & selectors.EVENT_WRITE:
-                    try:
-                        sock.send(CONNECT)
-                        selector.modify(sock, selectors.EVENT_READ, i)
-                    except OSError:
-                        waiting.discard(i)
-                        selector.unregister(sock)
-                    continue
-                try:
-                    data = sock.recv(4096)
-                except OSError:
-                    data = b""
-                answers[i] = answers.get(i, b"") + data
-                if not data or b"\r\n\r\n" in answers[i]:
-                    answered_at[i] = time.perf_counter()
-                    waiting.discard(i)
-                    selector.unregister(sock)
-    finally:
-        selector.close()
-        for sock in clients:
-            sock.close()
+    got = bursting.burst(port, BURST, CONNECT, b"\r\n\r\n", 60)
+    answers = {i: a.data for i, a in enumerate(got) if a.seconds is not None}
+    answered_at = {i: a.seconds for i, a in enumerate(got) if a.seconds is not None}
     refused = sorted(
-        (answered_at[i] - started[i]) * 1000
-        for i, answer in answers.items()
-        if answer.startswith(b"HTTP/1.1 503")
+        answered_at[i] * 1000 for i, answer in answers.items() if answer.startswith(b"HTTP/1.1 503")
     )
     admitted = sum(1 for a in answers.values() if a.startswith(b"HTTP/1.1 200"))
     return {

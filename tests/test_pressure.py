@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import selectors
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from tests.conftest import (
     send_connect,
     start_proxy,
 )
+from tests.support import burst as bursting
 from tests.upstream import Upstream
 
 BURST = 500  # clients at once: about twice the descriptors the proxy may open
@@ -38,48 +38,12 @@ SOCKS_CONNECT = b"\x05\x01\x00\x03\x11api.anthropic.com\x01\xbb"
 
 
 def burst(port: int, first: bytes, complete: bytes) -> list[bytes]:
-    """BURST clients connect at once and send `first`; each reads until its answer holds
-    `complete` or the proxy closes. Every client keeps its socket until all are answered (as
-    clients that read a refusal do not close at once). A client with neither: b"" after the
-    deadline, which fails the caller."""
-    selector = selectors.DefaultSelector()
-    clients: list[socket.socket] = []
-    answers: dict[int, bytes] = {}
-    try:
-        for i in range(BURST):
-            sock = socket.socket()
-            sock.setblocking(False)
-            sock.connect_ex(("127.0.0.1", port))
-            clients.append(sock)
-            selector.register(sock, selectors.EVENT_WRITE, i)
-        open_ = set(range(BURST))
-        deadline = time.monotonic() + ANSWER_SECONDS
-        while open_ and time.monotonic() < deadline:
-            for key, events in selector.select(timeout=0.5):
-                i, sock = key.data, clients[key.data]
-                if events & selectors.EVENT_WRITE:
-                    try:
-                        sock.send(first)
-                    except OSError:
-                        answers[i] = answers.get(i, b"")
-                        open_.discard(i)
-                        selector.unregister(sock)
-                        continue
-                    selector.modify(sock, selectors.EVENT_READ, i)
-                    continue
-                try:
-                    data = sock.recv(4096)
-                except OSError:
-                    data = b""
-                answers[i] = answers.get(i, b"") + data
-                if not data or complete in answers[i]:
-                    open_.discard(i)
-                    selector.unregister(sock)
-        return [answers.get(i, b"") if i not in open_ else b"<no answer>" for i in range(BURST)]
-    finally:
-        selector.close()
-        for sock in clients:
-            sock.close()
+    """What each of BURST clients read; a client with no answer before ANSWER_SECONDS:
+    b"<no answer>", which fails the caller."""
+    return [
+        a.data if a.seconds is not None else b"<no answer>"
+        for a in bursting.burst(port, BURST, first, complete, ANSWER_SECONDS)
+    ]
 
 
 def log_file(proxy: ProxyProcess) -> str:

@@ -158,7 +158,6 @@ class TimedHttpLayer(layers.HttpLayer):
         # The line a failing timer writes: shared by every connection (Limits gives its own).
         self.failures = failures or Throttle(ERROR_LOG_SECONDS)
         self.recheck = recheck
-        self.expired: set[connection.Connection] = set()  # closed by a stream on a timeout
         self.checks: dict[TimedHttpStream, float] = {}  # stream → when to check it (monotonic)
         self.earliest: float | None = None  # no later than the earliest check; may be stale
         self.alarm = Deadline()  # set to `earliest`: it keeps few wakeups pending
@@ -204,7 +203,6 @@ class TimedHttpLayer(layers.HttpLayer):
             # mitmproxy fails every later request on a failed connection at once; a timeout may
             # pass, a name resolve again, so a retry on this client connection (kept alive after
             # the answer) gets a new upstream connection instead.
-            self.expired.discard(command.connection)
             self.connections.pop(command.connection, None)
 
     def client_gave_up(self, stream_id: int) -> bool:
@@ -537,7 +535,6 @@ class TimedHttpStream(HttpStream):
         if step is SLOT:
             yield from self._give_up_waiting(server, timed_out(step, host, port, seconds))
             return
-        self._http_layer().expired.add(server)
         for stream in self._streams_waiting_on(server):  # they all share this connection's fate
             stream.timed_out = (step, timed_out(step, host, port, seconds))
         yield commands.CloseConnection(server)
