@@ -31,6 +31,7 @@ from tests.mountns import MountNamespace
 from tests.support.certs import sha1
 from tests.support.cli import run, run_cli
 from tests.support.ports import free_port
+from tests.support.reload import config_file, wait_state, write_by_rename
 from tests.upstream import Upstream
 
 
@@ -453,3 +454,42 @@ def test_missing_sandbox_programs_fail_status_with_their_fix(home: Path, tmp_pat
         "     fix: install the package bubblewrap socat (apt-get install bubblewrap socat, "
         "dnf install bubblewrap socat)"
     )
+
+
+def fail_and_fix(result: subprocess.CompletedProcess[str], what: str) -> tuple[str, str]:
+    """The FAIL row of `what` and the line under it."""
+    rows = result.stdout.splitlines()
+    [at] = [i for i, row in enumerate(rows) if row.startswith(f"FAIL {what}: ")]
+    return rows[at], rows[at + 1] if at + 1 < len(rows) else ""
+
+
+def test_a_damaged_pin_fails_status_with_its_fix(home: Path) -> None:
+    state = home / ".local" / "state" / "claude-proxy"
+    state.mkdir(parents=True)
+    (state / "pin.json").write_text("{not a pin")
+    result = run(home, "status", "--port", str(free_port()), "--socks-port", str(free_port()))
+    row, fix = fail_and_fix(result, "organization pin")
+    assert "pin.json is damaged" in row
+    assert fix == "     fix: claude-proxy pin ORG_UUID, or claude-proxy pin --off, rewrites it"
+
+
+def test_an_invalid_config_fails_status_with_its_fix(home: Path) -> None:
+    config_file(home).parent.mkdir(parents=True)
+    config_file(home).write_text("[[allow]]\nhost = \n")
+    result = run(home, "status", "--port", str(free_port()), "--socks-port", str(free_port()))
+    row, fix = fail_and_fix(result, "config")
+    assert "config.toml:2" in row
+    assert fix == "     fix: claude-proxy config edit (it checks the file before it saves it)"
+
+
+def test_a_config_the_proxy_refused_fails_status_with_its_fix(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    write_by_rename(config_file(home), "[[allow]]\nhost = \n")
+    wait_state(proxy, lambda s: s["error"] is not None)
+    result = run(home, "status", "--port", str(proxy.port), "--socks-port", str(proxy.socks_port))
+    row, fix = fail_and_fix(result, "config")
+    assert row.endswith("the proxy keeps its previous policy")
+    assert fix == "     fix: claude-proxy config edit (it checks the file before it saves it)"
+    assert proxy.stop() == 0

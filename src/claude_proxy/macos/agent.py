@@ -198,12 +198,18 @@ def claude_code_settings(home: Path, project: Path, proxy: diagnostics.Proxy) ->
     return checks
 
 
+PIN_FIX = "claude-proxy pin ORG_UUID, or claude-proxy pin --off, rewrites it"
+CONFIG_FIX = "claude-proxy config edit (it checks the file before it saves it)"
+
+
 def pin_check(state: Path) -> Check:
     what = "organization pin"
     try:
         pin = accounts.load_pin(state)
     except accounts.StateError as e:
-        return Check(False, what, str(e))
+        damaged = "damaged" in str(e)
+        fix = PIN_FIX if damaged else f"make the state folder yours and readable: ls -la {state}"
+        return Check(False, what, str(e).removesuffix(accounts.PIN_FIX), fix)
     if pin is None:
         return Check(True, what, "off: credentials of any organization reach Anthropic")
     return Check(True, what, pin.describe())
@@ -249,14 +255,20 @@ def config_check(port: int, config_dir: Path) -> Check:
     path = paths.config_file(config_dir)
     running = run_state.read(port)
     if running is not None and running.error:
-        return Check(False, "config", f"{running.error}; the proxy keeps its previous policy")
+        detail = f"{running.error}; the proxy keeps its previous policy"
+        return Check(False, "config", detail, CONFIG_FIX)
     try:
         loaded = config_file.load(path)
     except config_file.ConfigError as e:
-        return Check(False, "config", str(e))
+        return Check(False, "config", str(e), CONFIG_FIX)
     if not loaded.exists:
         return Check(True, "config", f"{path} (not written yet: the built-in defaults apply)")
     if running is not None and running.digest != loaded.digest:
-        return Check(False, "config", f"{path} is valid but not yet in force")
+        return Check(
+            False,
+            "config",
+            f"{path} is valid but not yet in force",
+            f"read it now: kill -HUP {running.pid} (the proxy on port {port})",
+        )
     in_force = "in force" if running is not None else "valid"
     return Check(True, "config", f"{path} ({in_force}, {len(loaded.rules)} rules of its own)")
