@@ -28,6 +28,7 @@ from tests.conftest import (
     start_proxy,
 )
 from tests.support import burst as bursting
+from tests.support.audit import decisions
 from tests.upstream import Upstream
 
 BURST = 500  # clients at once: about twice the descriptors the proxy may open
@@ -73,7 +74,13 @@ def test_a_first_burst_past_the_descriptor_limit_is_answered(
     log = log_file(proxy)
     assert "cannot accept connections" not in log
     assert "Traceback" not in log and "crashed" not in log
-    assert proxy.stop() == 0
+    assert proxy.stop() == 0  # the audit writer has written what it was given
+    rows = decisions(proxy, "reason LIKE 'too many clients at once%'")
+    assert rows, "no refusal recorded"
+    listener = "http" if listener == "http" else "socks5"
+    assert [(r["client"].rsplit(":", 1)[0], r["listener"]) for r in rows] == [
+        ("127.0.0.1", listener)
+    ] * len(rows)  # each row names the client refused, wherever it was refused
 
 
 def test_serving_clients_imports_nothing(

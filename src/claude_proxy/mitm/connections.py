@@ -22,6 +22,7 @@ from mitmproxy import connection
 from mitmproxy.addons.proxyserver import Proxyserver
 
 SOCKS5 = "socks5"  # mitmproxy's mode name of a SOCKS5 listener
+REGULAR = "regular"  # and of an HTTP proxy listener
 
 
 class Connections:

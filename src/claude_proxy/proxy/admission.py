@@ -24,13 +24,13 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from claude_proxy.mitm.bounded_http import BoundedHttpLayer, Bounds
-from claude_proxy.mitm.connections import SOCKS5, Connections
+from claude_proxy.mitm.connections import REGULAR, SOCKS5, Connections
 from claude_proxy.mitm.timed_http import ERROR_LOG_SECONDS as TIMER_FAILURE_SECONDS
 from claude_proxy.proxy import answers, memory
 from claude_proxy.proxy.accept_gate import AcceptGate, descriptors_in_use, open_files_limit
 from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import Recheck
-from claude_proxy.record.decisions import Recorder
+from claude_proxy.record.decisions import Recorder, Unadmitted
 from claude_proxy.record.throttle import Throttle
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,9 @@ class Limits:
             reason = self.over_cap_reason()
             if (skipped := self.cap_log.allow()) is not None:
                 more = f"; {skipped} more refused since the last line" if skipped else ""
-                self.log_block(503, f"{reason}{more}")
+                peer = conn.getpeername()
+                refused = Unadmitted((peer[0], peer[1]), SOCKS5 if socks else REGULAR)
+                self.log_block(503, f"{reason}{more}", client=refused)
             conn.setblocking(False)
             try:
                 conn.send(SOCKS_NO_METHOD if socks else answers.limit_bytes(503, reason))
@@ -399,7 +401,10 @@ class Limits:
         self._cancel_setup(context.client.id)
 
     def log_block(
-        self, status: int | None, reason: str, client: connection.Client | None = None
+        self,
+        status: int | None,
+        reason: str,
+        client: connection.Client | Unadmitted | None = None,
     ) -> None:
         self.recorder.block(status, reason, client=client)
 

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -119,6 +120,23 @@ def proves_probe(shown: str | bytes | None) -> bool:
     return hmac.compare_digest(given, expected)
 
 
+@dataclass(frozen=True)
+class Unadmitted:
+    """A client refused on its raw socket, before mitmproxy made a connection of it."""
+
+    peername: tuple[str, int]
+    mode: str  # the listener's mitmproxy mode name: "regular" or "socks5"
+
+
+def who(client: connection.Client | Unadmitted | None) -> tuple[Any, str | None]:
+    """A client's address and the mode name of the listener it came to."""
+    if client is None:
+        return None, None
+    if isinstance(client, Unadmitted):
+        return client.peername, client.mode
+    return client.peername, client.proxy_mode.type_name
+
+
 class Recorder:
     """Writes every decision's log line and audit row; one per proxy (`service.build_master`
     makes it and hands it to every part that decides). The AuditLog addon opens and closes its
@@ -168,7 +186,7 @@ class Recorder:
         reason: str,
         context: Context | None = None,
         since: float | None = None,
-        client: connection.Client | None = None,
+        client: connection.Client | Unadmitted | None = None,
     ) -> None:
         """A refusal by one of the proxy's limits (no rule of the policy): one decision line.
         The destination is known inside a tunnel only; `since` is the monotonic time the refused
@@ -232,7 +250,7 @@ class Recorder:
         *,
         started: float,
         failure: str | None = None,
-        client: connection.Client | None = None,
+        client: connection.Client | Unadmitted | None = None,
         bytes_up: int | None = None,
         bytes_down: int | None = None,
         organization: str | None = None,
@@ -249,8 +267,7 @@ class Recorder:
         """
         now = time.time()
         if not decision.allowed and (repeats := self.repeats) is not None:
-            peer = client.peername if client is not None else None
-            mode = client.proxy_mode.type_name if client is not None else None
+            peer, mode = who(client)
             fields: dict[str, Any] = {  # each capped (printable): a run costs a few hundred bytes
                 "method": printable(method),
                 "destination": "-" if host is None else f"{printable(host)}:{port}",
@@ -294,8 +311,7 @@ class Recorder:
         if (writer := self.writer) is None:
             return
         try:
-            peer = client.peername if client is not None else None
-            mode = client.proxy_mode.type_name if client is not None else None
+            peer, mode = who(client)
             reason = failure if decision.allowed else decision.reason
             if failure and not decision.allowed:
                 reason = f"{decision.reason}; {failure}"
