@@ -320,6 +320,58 @@ def test_a_pin_closes_what_an_open_connection_carries_for_another_organization(
     assert "the pin now refuses it: credential" in proxy.log_text()
 
 
+def test_a_pin_closes_a_websocket_open_for_another_organization(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """A WebSocket open with B's key when the user pins A is closed at once: nothing it sends
+    afterwards reaches Anthropic."""
+    play_anthropic(upstream)
+    proxy = start_proxy(home, upstream, upstream_ca_file)
+    clear = b"\0\0\0\0"  # a mask of zeros (RFC 6455 allows it): the payload reads as sent
+
+    def frame(payload: bytes) -> bytes:
+        return bytes([0x81, 0x80 | len(payload)]) + clear + payload
+
+    try:
+        with client(proxy) as c:  # B's organization is known from an answer
+            assert c.get("https://api.anthropic.com/v1/x", headers={"x-api-key": KEY_B}).is_success
+        tls = open_tunnel(proxy, "api.anthropic.com")
+        tls.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: api.anthropic.com\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            + f"Sec-WebSocket-Version: 13\r\nx-api-key: {KEY_B}\r\n\r\n".encode()
+        )
+        assert read_head(tls).startswith(b"HTTP/1.1 101")
+        tls.sendall(frame(b"EARLY-4444"))
+        assert tls.recv(12) == b"\x81\x0aEARLY-4444"  # the barrier: the upstream echoed it
+        before = count_lines(proxy, f"organization pin: {ORG_A}")
+        assert cli(home, "pin", ORG_A).returncode == 0
+        wait_for_line(proxy, f"organization pin: {ORG_A}", before)
+        with contextlib.suppress(OSError):
+            tls.sendall(frame(b"LATE-4444"))
+        assert read_until_closed(tls) == b""
+        tls.close()
+    finally:
+        proxy.stop()
+    upstream.wait_idle()
+    raw = bytes(upstream.seen.raw)
+    after_upgrade = raw[raw.index(b"\r\n\r\n", raw.index(b"GET /ws ")) + 4 :]
+    assert text_frames(after_upgrade) == [b"EARLY-4444"]  # the proxy masks anew: unmask them
+    assert "the pin now refuses it: credential" in proxy.log_text()
+
+
+def text_frames(data: bytes) -> list[bytes]:
+    """The payloads of the small masked text frames in what a WebSocket client sent."""
+    found = []
+    while len(data) >= 6:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        mask, payload = data[2:6], data[6 : 6 + length]
+        if opcode == 0x1:
+            found.append(bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        data = data[6 + length :]
+    return found
+
+
 def test_a_first_seen_pin_closes_what_is_open_for_another_organization(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:

@@ -228,9 +228,9 @@ class OrgGuard:
             why = f"closed: the pin now refuses it: {reason}"
             if flow.metadata.pop(DECISION, None) is not None:
                 self.enforcer.in_flight -= 1  # ended here: the Enforcer will not finish it
-                self.enforcer.recorder.decision(
-                    flow, Decision(False, why), host=host, port=port, status=None
-                )
+            # One line for each, a WebSocket too (its request was logged when it opened).
+            refused = Decision(False, why)
+            self.enforcer.recorder.decision(flow, refused, host=host, port=port, status=None)
             self.enforcer.close_client(flow.client_conn.id, why)
 
     def refused_now(self, flow: http.HTTPFlow) -> str | None:
