@@ -20,16 +20,17 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
-from claude_proxy.mitm import closing, framing, hook_cache, wakeups
+from claude_proxy.mitm import closing, framing, hook_cache, socks5, wakeups
 from claude_proxy.policy import addresses
 from claude_proxy.policy.config_file import Config
 from claude_proxy.policy.rules import Policy
-from claude_proxy.proxy import crash_guard, listeners, socks
+from claude_proxy.proxy import crash_guard, listeners
 from claude_proxy.proxy.admission import Limits
 from claude_proxy.proxy.config_watcher import ConfigWatcher
 from claude_proxy.proxy.enforcer import Enforcer
 from claude_proxy.proxy.fetch_guard import FetchGuard
 from claude_proxy.proxy.org_guard import OrgGuard
+from claude_proxy.proxy.socks import SocksPolicy
 from claude_proxy.proxy.tls_guard import GuardedTlsConfig
 from claude_proxy.proxy.upstream_timeouts import Timeouts
 from claude_proxy.record.decisions import AuditLog
@@ -162,7 +163,6 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     closing.install()
     crash_guard.install()
     wakeups.install()
-    socks.install()
     try:
         modes = listeners.mode_specs(
             settings.hosts or listeners.loopback_hosts(), settings.port, settings.socks_port
@@ -172,6 +172,10 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
     logging.getLogger("mitmproxy.addons.proxyserver").addFilter(HideNextLayerWarning())
     enforcer = Enforcer()
     enforcer.use_policy(settings.policy)
+    limits = Limits()
+    socks5.install(
+        SocksPolicy(enforcer.open_tunnel, lambda client_id: client_id in limits.over_cap)
+    )
     watcher = ConfigWatcher(settings.config.path, settings.flags, enforcer, settings.config)
     m = master.Master(options.Options(), with_termlog=False)
     hook_cache.install(m)
@@ -191,7 +195,7 @@ def build_master(settings: Settings) -> tuple[master.Master, Enforcer, ConfigWat
             OrgGuard(enforcer, paths.state_dir()),  # acts only on requests the Enforcer allowed
             FetchGuard(enforcer),  # after the pin: a Messages body is read only for the right org
             Timeouts(),
-            Limits(),  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
+            limits,  # after the Enforcer: it bounds the layers the Enforcer is still waiting for
             GuardedTlsConfig(),
             disable_h2c.DisableH2C(),
             script.ScriptLoader(),
