@@ -11,8 +11,8 @@ from mitmproxy import connection, tls
 from mitmproxy.proxy import context
 from mitmproxy.test import taddons
 
+from claude_proxy.mitm.tls_config import GuardedTlsConfig
 from claude_proxy.proxy import tls_guard
-from claude_proxy.proxy.tls_guard import GuardedTlsConfig
 from tests.tlsclient import Hello, client_hello
 
 H2, H1, H10 = b"h2", b"http/1.1", b"http/1.0"

@@ -21,11 +21,11 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from claude_proxy.mitm.client_tls import GuardedClientTLSLayer
 from claude_proxy.policy import rules
 from claude_proxy.policy.addresses import is_loopback
 from claude_proxy.policy.rules import Decision, Policy
 from claude_proxy.proxy import admission, passthrough, upstream_failures, wellformed
-from claude_proxy.proxy.tls_guard import GuardedClientTLSLayer
 from claude_proxy.record.decisions import (
     FAILURE,
     REFUSED,

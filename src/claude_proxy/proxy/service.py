@@ -21,6 +21,7 @@ from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.mitm import closing, framing, hook_cache, socks5, wakeups
+from claude_proxy.mitm.tls_config import GuardedTlsConfig
 from claude_proxy.policy import addresses
 from claude_proxy.policy.config_file import Config
 from claude_proxy.policy.rules import Policy
@@ -31,7 +32,6 @@ from claude_proxy.proxy.enforcer import Enforcer
 from claude_proxy.proxy.fetch_guard import FetchGuard
 from claude_proxy.proxy.org_guard import OrgGuard
 from claude_proxy.proxy.socks import SocksPolicy
-from claude_proxy.proxy.tls_guard import GuardedTlsConfig
 from claude_proxy.proxy.upstream_timeouts import Timeouts
 from claude_proxy.record.decisions import AuditLog
 from claude_proxy.state import paths
