@@ -16,9 +16,9 @@ tests/test_mitm_internals.py checks that the contract is still there.
 Not reported upstream; the issue one would file: "TlsConfig: the client's ALPN is chosen from
 the ClientHello OpenSSL answers (the second, after HelloRetryRequest), while the upstream is
 offered the first hello's protocols, including ones the TCP path cannot serve (h3)". Without it:
-tests/test_tlsguard.py (`test_client_alpn_is_pinned_from_the_first_hello`,
-`test_upstream_is_offered_the_agreed_protocol`, whose `mitmproxy` cases show TlsConfig's own
-choice) and, end to end, tests/test_tls.py::test_a_supported_alpn_is_chosen_and_served.
+tests/test_tlsguard.py::test_the_client_protocol_comes_from_the_first_hello_and_only_it_goes_upstream
+(its `mitmproxy` case shows TlsConfig's own choice) and, end to end,
+tests/test_tls.py::test_a_supported_alpn_is_chosen_and_served.
 """
 
 from __future__ import annotations
