@@ -4,23 +4,23 @@ mitmproxy 12.3's `ClientTLSLayer` parses the first ClientHello for the SNI and A
 passes to the hooks and upstream, then gives OpenSSL every byte that follows, unchecked: after a
 HelloRetryRequest, OpenSSL negotiates from a second hello that may name another server or offer
 other protocols (a client could then speak h2 to the proxy while the upstream is offered
-HTTP/1.1, and framing is lost in the conversion). Its buffer for a ClientHello grows for as long
-as the record headers promise more, with no bound. A client that offers only protocols the TCP
+HTTP/1.1, and framing is lost in the conversion). A client that offers only protocols the TCP
 path cannot serve (h3 crashed the connection handler) is handshaken all the same: no hook can
-answer it with `no_application_protocol`. And when the handshake fails, its log line blames the
-client's trust in the proxy's CA, for refusals that are the proxy's own.
+answer it with `no_application_protocol`. And when a handshake fails, its log line blames the
+client's trust in the proxy's CA, whatever the cause.
 
-`GuardedClientTLSLayer` holds each hello until the checks in proxy/tls_guard.py pass: the first
-must offer a protocol the TCP path serves; after a HelloRetryRequest the second must repeat its
-SNI and ALPN offers; neither may grow past MAX_HELLO. A refusal is a TLS alert, one decision
-line, and a close. The Enforcer builds it (`next_layer`) where mitmproxy would build its own.
+`GuardedClientTLSLayer` holds each hello back until the checks in proxy/tls_guard.py pass: the
+first must offer a protocol the TCP path serves; after a HelloRetryRequest the second must repeat
+its SNI and ALPN offers. What it holds is bounded (MAX_HELLO: the first hello is bounded before,
+by the admission's `next_layer`). A refusal is a TLS alert, one decision line instead of
+mitmproxy's, and a close. The Enforcer builds it (`next_layer`) where mitmproxy would build its
+own.
 
 Not reported upstream; the issue one would file: "ClientTLSLayer hands OpenSSL a second
-ClientHello (after HelloRetryRequest) unchecked while SNI/ALPN come from the first, and buffers
-a ClientHello without a size limit". Without it: tests/test_sansio_tls.py (each test's
-`mitmproxy` case shows mitmproxy's own layer) and, end to end, tests/test_tls.py
-(`test_second_hello_must_repeat_sni_and_alpn`, `test_only_unsupported_alpn_is_refused`) and
-tests/test_limits.py::test_endless_client_hello_is_cut_off.
+ClientHello (after a HelloRetryRequest) unchecked, while the SNI and ALPN it passes on come from
+the first". Without it: tests/test_sansio_tls.py (each test's `mitmproxy` case shows mitmproxy's
+own layer) and, end to end, tests/test_tls.py (`test_second_hello_must_repeat_sni_and_alpn`,
+`test_only_unsupported_alpn_is_refused`).
 """
 
 from __future__ import annotations
