@@ -66,13 +66,15 @@ def decide() -> Iterator[Recorded]:
         yield Recorded(enforcer)
 
 
-over_cap: set[str] = set()
+@pytest.fixture
+def over_cap() -> set[str]:
+    """Client ids the client cap refused."""
+    return set()
 
 
 @pytest.fixture
-def policy(decide: Recorded) -> Iterator[SocksPolicy]:
-    yield SocksPolicy(decide, lambda client_id: client_id in over_cap)
-    over_cap.clear()
+def policy(decide: Recorded, over_cap: set[str]) -> SocksPolicy:
+    return SocksPolicy(decide, lambda client_id: client_id in over_cap)
 
 
 Make = Callable[[Context], layer.Layer]
@@ -143,7 +145,9 @@ def test_an_allowed_target_succeeds_once_decided(
         assert decide.asked == [] and client.id not in decide.enforcer.tunnels
 
 
-def test_a_client_over_the_cap_gets_no_acceptable_method(tctx: Context, make: Make) -> None:
+def test_a_client_over_the_cap_gets_no_acceptable_method(
+    tctx: Context, make: Make, over_cap: set[str]
+) -> None:
     over_cap.add(tctx.client.id)
     client = tctx.client
     playbook = Playbook(make(tctx))
