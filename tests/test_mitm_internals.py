@@ -14,11 +14,13 @@ import h2.connection
 import h2.stream
 import pytest
 from mitmproxy import addonmanager, master
+from mitmproxy.addons import tlsconfig
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import layer, mode_servers, server
 from mitmproxy.proxy import server as server_module
 from mitmproxy.proxy.layers import http, modes, tls
 from mitmproxy.proxy.layers.http import _http1, _http2, _http_h2
+from OpenSSL import SSL
 
 from claude_proxy.mitm.timed_http import TimedHttpLayer
 from claude_proxy.proxy.held_bodies import Held
@@ -41,6 +43,15 @@ NAMES = [
     ("asyncio.selector_events", "BaseSelectorEventLoop._accept_connection"),
     ("asyncio.selector_events", "BaseSelectorEventLoop._add_reader"),
     ("asyncio.selector_events", "BaseSelectorEventLoop._remove_reader"),
+    ("asyncio.events", "Handle._args"),  # a listener's accept loop arguments (mitm/accept.py)
+    ("mitmproxy.proxy.mode_servers", "Socks5Instance.make_top_layer"),  # socks5.install
+    ("mitmproxy.proxy.layers.modes", "Socks5Proxy.socks_err"),
+    ("mitmproxy.proxy.layers.modes", "Socks5Proxy.done"),
+    ("mitmproxy.proxy.layers.modes", "Socks5Proxy.state"),
+    ("mitmproxy.proxy.layers.modes", "Socks5Proxy.buf"),
+    ("mitmproxy.proxy.layers.tls", "ClientTLSLayer.errored"),
+    ("mitmproxy.addons.tlsconfig", "AppData"),
+    ("mitmproxy.addons.tlsconfig", "alpn_select_callback"),
 ]
 
 # Methods the proxy overrides (or calls from an override), with the parameters it was written
@@ -60,13 +71,35 @@ OVERRIDDEN = [
     (_http1.Http1Server, "read_body", ["self", "event"]),
     (_http1.Http1Client, "send", ["self", "event"]),
     (_http2.Http2Server, "handle_h2_event", ["self", "event"]),
+    (modes.Socks5Proxy, "__init__", ["self", "context"]),
     (modes.Socks5Proxy, "state_greet", ["self"]),
     (modes.Socks5Proxy, "state_connect", ["self"]),
+    (modes.Socks5Proxy, "finish_start", ["self"]),
+    (modes.Socks5Proxy, "socks_err", ["self", "message", "reply_code"]),
+    (mode_servers.Socks5Instance, "make_top_layer", ["self", "context"]),
+    (tls.ClientTLSLayer, "__init__", ["self", "context"]),
     (tls.ClientTLSLayer, "receive_handshake_data", ["self", "data"]),
     (tls.ClientTLSLayer, "on_handshake_error", ["self", "err"]),
     (tls.TLSLayer, "tls_interact", ["self"]),
+    (tls.TLSLayer, "on_handshake_error", ["self", "err"]),
+    (tlsconfig.TlsConfig, "tls_start_client", ["self", "tls_start"]),
+    (tlsconfig.TlsConfig, "tls_start_server", ["self", "tls_start"]),
     (server.ConnectionHandler, "handle_connection", ["self", "connection"]),
     (addonmanager.AddonManager, "trigger_event", ["self", "event"]),
+    (  # the accept gate calls it with these, positionally, as _start_serving registers it
+        asyncio.selector_events.BaseSelectorEventLoop,
+        "_accept_connection",
+        [
+            "self",
+            "protocol_factory",
+            "sock",
+            "sslcontext",
+            "server",
+            "backlog",
+            "ssl_handshake_timeout",
+            "ssl_shutdown_timeout",
+        ],
+    ),
 ]
 
 
@@ -119,10 +152,32 @@ def test_the_instance_state_the_proxy_reads_is_there() -> None:
     loop = asyncio.new_event_loop()
     try:
         assert all(
-            hasattr(loop, n) for n in ("_accept_connection", "_add_reader", "_remove_reader")
+            hasattr(loop, n)
+            for n in ("_accept_connection", "_add_reader", "_remove_reader", "_selector")
         )
     finally:
         loop.close()
+    # The accept gate re-registers a listener with the arguments _start_serving gave its reader.
+    start_serving = inspect.getsource(asyncio.selector_events.BaseSelectorEventLoop._start_serving)
+    assert "self._add_reader(sock.fileno(), self._accept_connection," in start_serving
+
+
+def test_tlsconfig_still_lets_the_client_alpn_in_app_data_decide() -> None:
+    """GuardedTlsConfig pins the client's protocol through TlsConfig's `AppData["client_alpn"]`,
+    which `alpn_select_callback` obeys: if it stopped, OpenSSL would choose again, silently."""
+    assert "client_alpn" in tlsconfig.AppData.__annotations__
+    pinned = tlsconfig.AppData(client_alpn=b"http/1.1", server_alpn=None, http2=True)
+
+    class Connection:
+        def get_app_data(self) -> tlsconfig.AppData:
+            return pinned
+
+    assert tlsconfig.alpn_select_callback(Connection(), [b"h2", b"http/1.1"]) == b"http/1.1"  # type: ignore[arg-type]
+    pinned["client_alpn"] = b""
+    assert (
+        tlsconfig.alpn_select_callback(Connection(), [b"h2"])  # type: ignore[arg-type]
+        == SSL.NO_OVERLAPPING_PROTOCOLS
+    )
 
 
 def test_what_connections_reads_of_the_proxyserver_is_there() -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import connection, tls
+from mitmproxy.addons import tlsconfig
 from mitmproxy.proxy import context
 from mitmproxy.test import taddons
 
+from claude_proxy.mitm.tls_config import GuardedTlsConfig
 from claude_proxy.proxy import tls_guard
-from claude_proxy.proxy.tls_guard import GuardedTlsConfig
 from tests.tlsclient import Hello, client_hello
 
 H2, H1, H10 = b"h2", b"http/1.1", b"http/1.0"
@@ -232,3 +233,33 @@ def test_upstream_offers_the_client_did_not_agree_to_fail_closed(
         addon.tls_start_server(tls_start)
         assert tls_start.ssl_conn is None
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "addon_class", [GuardedTlsConfig, tlsconfig.TlsConfig], ids=["ours", "mitmproxy"]
+)
+def test_the_client_protocol_comes_from_the_first_hello_and_only_it_goes_upstream(
+    tmp_path: Path, addon_class: type[tlsconfig.TlsConfig]
+) -> None:
+    """mitmproxy's TlsConfig leaves the choice to OpenSSL, from the hello it answers (after a
+    HelloRetryRequest, the second), and offers the upstream all the client offered, h3 included."""
+    addon = addon_class()
+    offers = [b"h3", H2, H1]
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, confdir=str(tmp_path), http2=True)
+        ctx = client_context(tctx)
+        ctx.client.alpn_offers = offers
+        client_start = tls.TlsData(ctx.client, ctx)
+        addon.tls_start_client(client_start)
+        assert client_start.ssl_conn is not None
+        pinned = client_start.ssl_conn.get_app_data()["client_alpn"]
+        ctx.client.alpn, ctx.client.timestamp_tls_setup = H2, time.time()  # what was agreed
+        server_start = tls.TlsData(ctx.server, ctx)
+        addon.tls_start_server(server_start)
+        assert server_start.ssl_conn is not None
+    if addon_class is GuardedTlsConfig:
+        assert pinned == H2
+        assert ctx.server.alpn_offers == [H2]
+    else:
+        assert pinned is None  # OpenSSL's callback picks from the hello in hand
+        assert list(ctx.server.alpn_offers) == offers

@@ -7,7 +7,8 @@ connection) fails, while asyncio waits a whole second before it accepts again. T
 each turn's accept loop only the room left below the open-files limit (less a spare), and stops
 accepting while there is none; a connection that closes opens the gate again. Its count is an
 estimate kept cheaply (accepts, clients, upstream connections); when it says "full", the real
-count of open descriptors is read and replaces it.
+count of open descriptors is read and replaces it. How it sits in front of asyncio's accept loop
+is mitm/accept.py; what is here is how many, and when.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+
+from claude_proxy.mitm import accept
+from claude_proxy.mitm.accept import PausedListener
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +40,6 @@ def descriptors_in_use() -> int:
     return len(os.listdir("/dev/fd")) - 1  # less the one listdir itself held
 
 
-class CountingSocket:
-    """A listening socket whose accepts are counted (asyncio's accept loop only calls these)."""
-
-    def __init__(self, sock: socket.socket, gate: AcceptGate) -> None:
-        self.sock = sock
-        self.gate = gate
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        while True:  # asyncio stops at the BlockingIOError when none is waiting
-            conn, address = self.sock.accept()
-            if self.gate.refuse is not None and self.gate.refuse(conn, self.sock):
-                continue  # answered here: mitmproxy never sees it
-            self.gate.unclaimed += 1
-            return conn, address
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
-
-
 class AcceptGate:
     def __init__(self, ceiling: Callable[[], int]) -> None:
         self.ceiling = ceiling  # descriptors the process may have open, less a spare
@@ -66,7 +47,7 @@ class AcceptGate:
         self.clients = 0  # client connections the proxy knows of
         self.upstreams = 0  # upstream connections open
         self.unclaimed = 0  # accepted, not yet known as clients
-        self.closed: dict[int, tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]] = {}
+        self.closed: dict[int, PausedListener] = {}  # listeners paused for want of room, by fd
         self.recheck: asyncio.TimerHandle | None = None
         self.closed_at = 0.0  # when the gate closed (monotonic)
         self.said = False  # whether that was logged
@@ -91,47 +72,21 @@ class AcceptGate:
     def install(self, loop: asyncio.AbstractEventLoop, servers: list[asyncio.Server]) -> None:
         """Put the gate in front of each listening socket's accept loop."""
         self.base = descriptors_in_use() - self.clients - self.upstreams
-        accept = getattr(loop, "_accept_connection", None)
-        selector = getattr(loop, "_selector", None)
-        if accept is None or selector is None:
-            logger.debug("the event loop has no accept loop to gate: %r", loop)
-            return
-        if not getattr(accept, "gated", False):
-            original = accept
+        accept.install(loop, servers, self)
 
-            def gated(*args: Any) -> None:
-                self._accept(loop, original, args)
+    # What the accept loop asks
 
-            gated.gated = True  # type: ignore[attr-defined]
-            loop._accept_connection = gated  # type: ignore[attr-defined]
-        for server in servers:
-            for sock in server.sockets:
-                fd = sock.fileno()
-                try:
-                    handle = selector.get_key(fd).data[0]
-                except (KeyError, ValueError):
-                    continue  # not accepting right now (asyncio retries with the gate)
-                args = handle._args
-                loop._remove_reader(fd)  # type: ignore[attr-defined]
-                loop._add_reader(fd, loop._accept_connection, *args)  # type: ignore[attr-defined]
+    def admit(self, conn: socket.socket, listener: socket.socket) -> bool:
+        if self.refuse is not None and self.refuse(conn, listener):
+            return False  # answered here: mitmproxy never sees it
+        self.unclaimed += 1
+        return True
 
-    def _accept(
-        self, loop: asyncio.AbstractEventLoop, original: Any, args: tuple[Any, ...]
-    ) -> None:
-        factory, sock, *rest = args
-        sock = sock.sock if isinstance(sock, CountingSocket) else sock
-        room = self.room()
-        if room <= 0:
-            loop._remove_reader(sock.fileno())  # type: ignore[attr-defined]
-            if not self.closed:
-                self.closed_at = time.monotonic()
-            self.closed[sock.fileno()] = (loop, (factory, sock, *rest))
-            self._recheck_later(loop)
-            return
-        ssl_context, server, backlog, *timeouts = rest
-        original(
-            factory, CountingSocket(sock, self), ssl_context, server, min(backlog, room), *timeouts
-        )
+    def paused(self, listener: PausedListener) -> None:
+        if not self.closed:
+            self.closed_at = time.monotonic()
+        self.closed[listener.fd] = listener
+        self._recheck_later(listener.loop)
 
     def reopen(self) -> None:
         """Accept again where the gate closed, if there is room now."""
@@ -141,10 +96,8 @@ class AcceptGate:
         if self.recheck is not None:
             self.recheck.cancel()
             self.recheck = None
-        for fd, (loop, args) in closed.items():
-            if args[1].fileno() != fd:  # the listener was closed meanwhile (a drain)
-                continue
-            loop._add_reader(fd, loop._accept_connection, *args)  # type: ignore[attr-defined]
+        for listener in closed.values():
+            listener.resume()  # not if it was closed meanwhile (a drain)
         if self.said:
             self.said = False
             logger.warning(
@@ -161,7 +114,7 @@ class AcceptGate:
         self.recheck = None
         if not self.closed:
             return
-        loop = next(iter(self.closed.values()))[0]
+        loop = next(iter(self.closed.values())).loop
         self.reopen()
         if not self.closed:
             return

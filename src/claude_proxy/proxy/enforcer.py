@@ -21,6 +21,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from claude_proxy.mitm.client_tls import GuardedClientTLSLayer
 from claude_proxy.mitm.connections import Connections
 from claude_proxy.policy import rules
 from claude_proxy.policy.addresses import is_loopback
@@ -28,7 +29,6 @@ from claude_proxy.policy.rules import Decision, Policy
 from claude_proxy.proxy import answers, passthrough, upstream_failures, wellformed
 from claude_proxy.proxy.admission import CloseTunnel, Limits
 from claude_proxy.proxy.held_bodies import Held
-from claude_proxy.proxy.tls_guard import GuardedClientTLSLayer
 from claude_proxy.record.decisions import (
     FAILURE,
     REFUSED,

@@ -20,19 +20,20 @@ from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, script
 from claude_proxy.defaults import DEFAULT_PORT
 from claude_proxy.defaults import DEFAULT_SOCKS_PORT as DEFAULT_SOCKS_PORT
 from claude_proxy.errors import ExitCode, ProxyError
-from claude_proxy.mitm import closing, crash_guard, framing, hook_cache, wakeups
+from claude_proxy.mitm import closing, crash_guard, framing, hook_cache, socks5, wakeups
 from claude_proxy.mitm.connections import SOCKS5, Connections
+from claude_proxy.mitm.tls_config import GuardedTlsConfig
 from claude_proxy.policy import addresses
 from claude_proxy.policy.config_file import Config
 from claude_proxy.policy.rules import Policy
-from claude_proxy.proxy import listeners, socks
+from claude_proxy.proxy import listeners
 from claude_proxy.proxy.admission import Limits
 from claude_proxy.proxy.config_watcher import ConfigWatcher
 from claude_proxy.proxy.enforcer import Enforcer
 from claude_proxy.proxy.fetch_guard import FetchGuard
 from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.org_guard import OrgGuard
-from claude_proxy.proxy.tls_guard import GuardedTlsConfig
+from claude_proxy.proxy.socks import SocksPolicy
 from claude_proxy.proxy.upstream_timeouts import Timeouts
 from claude_proxy.record.decisions import AuditLog, Recorder
 from claude_proxy.state import paths
@@ -182,7 +183,7 @@ def build_master(
     limits = Limits(held, recorder, connections)
     enforcer = Enforcer(recorder, limits, connections)
     enforcer.use_policy(settings.policy)
-    socks.install(enforcer.open_tunnel, limits.over_cap.__contains__, recorder)
+    socks5.install(SocksPolicy(enforcer.open_tunnel, limits.over_cap.__contains__, recorder))
     watcher = ConfigWatcher(
         settings.config.path, settings.flags, enforcer, settings.config, connections
     )
