@@ -2,6 +2,11 @@
 commands out, on a clock the test moves. Deadlines are then tested by handing the layer the
 wakeup it asked for, at the moment the test chooses, instead of waiting real seconds.
 
+Next to tests/support/playbook.py (mitmproxy's Playbook, which asserts the exact sequence of
+commands a layer yields): `Driver` completes every blocking hook itself and lets the test ask what
+was sent, closed or opened, for layers (the HTTP servers and streams) whose exact command order
+is mitmproxy's, not the proxy's, and would only make the tests brittle.
+
 The layers of `claude_proxy.mitm` are built here only (`bounded_layer`, `timed_layer`,
 `bounded_http1_server`, `bounded_http2_server`): when their constructors change, these change,
 not the tests.
