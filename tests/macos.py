@@ -92,15 +92,6 @@ def build_tool(tools: Path) -> Path:
         assert result.returncode == 0, result.stderr
     return tools / "bin" / "claude-proxy"
 
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` still exists (it is launchd's child, or the stand-in's, not ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

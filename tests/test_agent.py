@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from claude_proxy.cli.log_cmd import alive
 from claude_proxy.macos import agent
 from claude_proxy.state import paths
 from tests.conftest import EXECUTABLE as DEV_EXE
@@ -42,7 +43,6 @@ from tests.macos import (
     AnyMac,
     Mac,
     RealMac,
-    alive,
     build_tool,
     real_macos_skip_reason,
 )
