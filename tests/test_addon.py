@@ -447,8 +447,8 @@ ECH = ((passthrough.ENCRYPTED_CLIENT_HELLO, b"\x00" * 40),)
 @pytest.mark.parametrize(
     ("tunnel", "hello", "chosen"),
     [
-        ("claude.ai", hello_bytes("claude.ai"), passthrough.SplicedTunnel),
-        ("claude.ai", hello_bytes("CLAUDE.AI."), passthrough.SplicedTunnel),
+        ("claude.ai", hello_bytes("claude.ai"), layers.TCPLayer),
+        ("claude.ai", hello_bytes("CLAUDE.AI."), layers.TCPLayer),
         # another name
         ("claude.ai", hello_bytes("api.anthropic.com"), enforcer_module.CloseTunnel),
         ("claude.ai", hello_bytes(None), enforcer_module.CloseTunnel),  # no SNI
@@ -470,7 +470,7 @@ def test_pass_through_layer_decision(
     nextlayer.events.append(events.DataReceived(client, hello))
     enforcer.next_layer(nextlayer)
     assert type(nextlayer.layer) is chosen
-    assert (client.id in enforcer.spliced) is (chosen is passthrough.SplicedTunnel)
+    assert (client.id in enforcer.spliced) is (chosen is layers.TCPLayer)
 
 
 def test_a_tunnel_refused_between_connect_and_hello_closes(enforcer: Enforcer) -> None:
