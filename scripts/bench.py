@@ -63,7 +63,7 @@ MESSAGES_MB = 5  # the size of the Messages body the check reads
 
 
 @dataclass
-class Target:
+class Route:
     """How a client reaches the upstream: directly, or through a proxy on `port`."""
 
     name: str
@@ -134,7 +134,7 @@ def get(
     return received
 
 
-def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstream) -> Target:
+def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstream) -> Route:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     env.update(
         HOME=str(home),
@@ -156,7 +156,7 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
         raise RuntimeError(f"{name} did not start")
     elapsed = time.perf_counter() - began
     threading.Thread(target=output.read, daemon=True).start()  # keep the pipe drained
-    return Target(name, port, trust, process, elapsed)
+    return Route(name, port, trust, process, elapsed)
 
 
 def start_claude_proxy(
@@ -169,7 +169,7 @@ def start_claude_proxy(
     extra: tuple[str, ...] = ("--socks-port", "0"),
     pin: str | None = None,
     config: str | None = None,
-) -> Target:
+) -> Route:
     home = work / f"{name}-home".replace(" ", "-").replace(",", "")
     home.mkdir(exist_ok=True)
     if pin:
@@ -189,7 +189,7 @@ def start_claude_proxy(
     return start(name, args, home, trust, upstream)
 
 
-def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
+def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Route:
     confdir = work / "mitmdump-conf"
     args = [
         str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "--listen-port", "0",
@@ -199,7 +199,7 @@ def start_mitmdump(work: Path, upstream: Upstream, upstream_ca: Path) -> Target:
     return start("mitmdump", args, work, confdir / "mitmproxy-ca-cert.pem", upstream)
 
 
-def refused_per_second(target: Target, seconds: float, blocked: bytes = BLOCKED) -> float | None:
+def refused_per_second(target: Route, seconds: float, blocked: bytes = BLOCKED) -> float | None:
     if target.port is None:
         return None
     count, deadline = 0, time.perf_counter() + seconds
@@ -213,9 +213,7 @@ def refused_per_second(target: Target, seconds: float, blocked: bytes = BLOCKED)
     return count / (time.perf_counter() - began)
 
 
-def keepalive_per_second(
-    target: Target, upstream: Upstream, seconds: float, key: str = ""
-) -> float:
+def keepalive_per_second(target: Route, upstream: Upstream, seconds: float, key: str = "") -> float:
     sock = target.connect(upstream.port)
     get(sock, "/warm", key=key)
     count, began = 0, time.perf_counter()
@@ -226,7 +224,7 @@ def keepalive_per_second(
     return count / (time.perf_counter() - began)
 
 
-def fresh_connection_ms(target: Target, upstream: Upstream, rounds: int) -> float:
+def fresh_connection_ms(target: Route, upstream: Upstream, rounds: int) -> float:
     timings = []
     for _ in range(rounds):
         began = time.perf_counter()
@@ -237,7 +235,7 @@ def fresh_connection_ms(target: Target, upstream: Upstream, rounds: int) -> floa
     return statistics.median(timings)
 
 
-def first_event_ms(target: Target, upstream: Upstream, rounds: int) -> float:
+def first_event_ms(target: Route, upstream: Upstream, rounds: int) -> float:
     """Request to first SSE event, on an open connection; events are 50 ms apart."""
     timings = []
     for _ in range(rounds):
@@ -257,7 +255,7 @@ def first_event_ms(target: Target, upstream: Upstream, rounds: int) -> float:
     return statistics.median(timings)
 
 
-def download(target: Target, upstream: Upstream, size: int) -> tuple[float, int | None]:
+def download(target: Route, upstream: Upstream, size: int) -> tuple[float, int | None]:
     """MB/s for one `size`-byte body, and the proxy's peak RSS (kB) afterwards."""
     sock = target.connect(upstream.port)
     began = time.perf_counter()
@@ -269,7 +267,7 @@ def download(target: Target, upstream: Upstream, size: int) -> tuple[float, int 
 
 
 def measure(
-    target: Target, upstream: Upstream, args: argparse.Namespace
+    target: Route, upstream: Upstream, args: argparse.Namespace
 ) -> dict[str, float | int | None]:
     print(f"measuring {target.name}…", file=sys.stderr, flush=True)
     idle = target.rss_kb()
@@ -404,13 +402,13 @@ def policy_config(extra: str = "") -> str:
     return "\n\n".join(rules) + "\n"
 
 
-def cpu_seconds(target: Target) -> float:
+def cpu_seconds(target: Route) -> float:
     assert target.process is not None
     fields = Path(f"/proc/{target.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fresh_per_second(target: Target, upstream: Upstream, seconds: float) -> float:
+def fresh_per_second(target: Route, upstream: Upstream, seconds: float) -> float:
     """Allowed fresh connections (CONNECT, TLS, one GET) per second, one client."""
     count, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
@@ -422,11 +420,11 @@ def fresh_per_second(target: Target, upstream: Upstream, seconds: float) -> floa
 
 
 # A measurement: its figure, and how many operations it took (for the proxy's CPU per operation).
-Metric = Callable[[Target], tuple[float, int]]
+Metric = Callable[[Route], tuple[float, int]]
 
 
-def rate_metric(measure: Callable[[Target], float], seconds: float) -> Metric:
-    def run(target: Target) -> tuple[float, int]:
+def rate_metric(measure: Callable[[Route], float], seconds: float) -> Metric:
+    def run(target: Route) -> tuple[float, int]:
         rate = measure(target)
         return rate, max(1, round(rate * seconds))
 
@@ -434,7 +432,7 @@ def rate_metric(measure: Callable[[Target], float], seconds: float) -> Metric:
 
 
 def compare(
-    a: Target, b: Target, metrics: dict[str, Metric], rounds: int, label: str
+    a: Route, b: Route, metrics: dict[str, Metric], rounds: int, label: str
 ) -> dict[str, dict[str, float]]:
     """The same measurements on both, in rounds (AB, BA, AB, …: the machine's load drifts).
 
@@ -475,7 +473,7 @@ def cpu_key(key: str) -> str:
 
 
 def compare_policies(
-    defaults: Target, rules: Target, upstream: Upstream, seconds: float
+    defaults: Route, rules: Route, upstream: Upstream, seconds: float
 ) -> dict[str, dict[str, float]]:
     metrics = {
         "refused_per_s": rate_metric(
@@ -490,12 +488,12 @@ def compare_policies(
 
 
 def compare_versions(
-    before: Target, now: Target, upstream: Upstream, seconds: float
+    before: Route, now: Route, upstream: Upstream, seconds: float
 ) -> dict[str, dict[str, float]]:
     """This build against an earlier one: the figures a change must not make worse."""
     sse_rounds = 15
 
-    def first_sse(target: Target) -> tuple[float, int]:
+    def first_sse(target: Route) -> tuple[float, int]:
         return first_event_ms(target, upstream, sse_rounds), sse_rounds
 
     metrics = {
@@ -508,7 +506,7 @@ def compare_versions(
     return compare(before, now, metrics, VERSION_ROUNDS, "before vs now")
 
 
-def reload_under_load(target: Target, upstream: Upstream) -> dict[str, int]:
+def reload_under_load(target: Route, upstream: Upstream) -> dict[str, int]:
     """Keep-alive and fresh-connection clients run while the config is replaced RELOADS times
     (by rename, or in place plus SIGHUP); every request must get its 200."""
     home = target.trust.parent.parent.parent
@@ -581,7 +579,7 @@ def messages_body(megabytes: int) -> bytes:
     return json.dumps(body).encode()
 
 
-def post_messages_ms(target: Target, upstream: Upstream, body: bytes, rounds: int) -> float:
+def post_messages_ms(target: Route, upstream: Upstream, body: bytes, rounds: int) -> float:
     """A Messages POST on a new tunnel, to the first SSE event of its answer."""
     timings = []
     head = (
@@ -606,15 +604,15 @@ def post_messages_ms(target: Target, upstream: Upstream, body: bytes, rounds: in
 
 
 def compare_fetch_check(
-    on: Target, off: Target, upstream: Upstream, seconds: float
+    on: Route, off: Route, upstream: Upstream, seconds: float
 ) -> dict[str, dict[str, float]]:
     body = messages_body(MESSAGES_MB)
     sse_rounds, post_rounds = 15, 5
 
-    def first_sse(target: Target) -> tuple[float, int]:
+    def first_sse(target: Route) -> tuple[float, int]:
         return first_event_ms(target, upstream, sse_rounds), sse_rounds
 
-    def messages_post(target: Target) -> tuple[float, int]:
+    def messages_post(target: Route) -> tuple[float, int]:
         return post_messages_ms(target, upstream, body, post_rounds), post_rounds
 
     metrics = {
@@ -632,7 +630,7 @@ def run_fetch_check(work: Path, upstream: Upstream, upstream_ca: Path, seconds: 
     from claude_proxy.proxy.fetch_guard import FetchGuard
 
     off_config = f'[[allow]]\nhost = "{HOST}"\ncheck_server_fetch = false\n'
-    started: list[Target] = []
+    started: list[Route] = []
     try:
         started.append(on := start_claude_proxy(work, upstream, upstream_ca, name="check on"))
         started.append(
@@ -669,7 +667,7 @@ FLOOD_STREAMS = 100  # per connection: the most the proxy lets one open at once
 FLOOD_HEAD = 60_000  # bytes of header value per stream (the head limit is 64 KiB)
 
 
-def h2_flood(target: Target, connections: int) -> dict[str, float]:
+def h2_flood(target: Route, connections: int) -> dict[str, float]:
     """`connections` HTTP/2 connections, each with FLOOD_STREAMS streams whose 60 KB heads wait
     on a hung upstream; the proxy's RSS growth at its peak, and how many streams were answered
     503 (refused past the memory budget) within a second of the last one sent."""
@@ -768,7 +766,7 @@ def decision_cost() -> dict[str, dict[str, float]]:
 
 
 def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float) -> dict:
-    started: list[Target] = []
+    started: list[Route] = []
     try:
         started.append(defaults := start_claude_proxy(work, upstream, upstream_ca))
         started.append(
@@ -797,7 +795,7 @@ def run_policy(work: Path, upstream: Upstream, upstream_ca: Path, seconds: float
 def run_versions(
     work: Path, upstream: Upstream, upstream_ca: Path, executable: Path, seconds: float
 ) -> dict[str, dict[str, float]]:
-    started: list[Target] = []
+    started: list[Route] = []
     try:
         started.append(
             before := start_claude_proxy(
@@ -979,8 +977,8 @@ def main() -> int:
             return 0
         results: dict[str, dict[str, float | int | None]] = {}
         if not args.pin_only and not args.audit_only:
-            results["direct"] = measure(Target("direct", None, upstream_ca), upstream, args)
-            starters: list[Callable[[], Target]] = [
+            results["direct"] = measure(Route("direct", None, upstream_ca), upstream, args)
+            starters: list[Callable[[], Route]] = [
                 lambda: start_mitmdump(work, upstream, upstream_ca),
                 lambda: start_claude_proxy(work, upstream, upstream_ca),
             ]
@@ -1003,7 +1001,7 @@ def main() -> int:
                 **measure_pin(work, upstream, upstream_ca, args),
                 # What a probe costs at least: a fresh TLS connection and one GET.
                 "direct_fresh_conn_p50_ms": round(
-                    fresh_connection_ms(Target("direct", None, upstream_ca), upstream, args.rounds),
+                    fresh_connection_ms(Route("direct", None, upstream_ca), upstream, args.rounds),
                     2,
                 ),
             }

@@ -37,7 +37,9 @@ class Unreadable(ValueError):
 
 
 @dataclass(frozen=True)
-class Target:
+class Fetched:
+    """A host a Messages body would make Anthropic's servers reach, and where the body names it."""
+
     where: str  # the JSON path, for the refusal: mcp_servers[0].url
     host: str  # "" when the request names no host at all (web_fetch without allowed_domains)
     port: int
@@ -80,7 +82,7 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def targets(path: str, body: bytes) -> list[Target]:
+def targets(path: str, body: bytes) -> list[Fetched]:
     """Every host the body asks Anthropic's servers to reach; raises Unreadable."""
     sources: list[dict[str, Any]] = []  # every {"type": "url", "url": …} object, wherever it is
 
@@ -126,7 +128,7 @@ def _batch_params(document: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _in_document(path: str, document: dict[str, Any]) -> list[Target]:
+def _in_document(path: str, document: dict[str, Any]) -> list[Fetched]:
     if canonical(path).startswith(BATCHES):
         requests = document.get("requests")
         if not isinstance(requests, list):
@@ -140,7 +142,7 @@ def _in_document(path: str, document: dict[str, Any]) -> list[Target]:
     return list(_in_request(document, ""))
 
 
-def _in_request(request: dict[str, Any], prefix: str) -> Iterator[Target]:
+def _in_request(request: dict[str, Any], prefix: str) -> Iterator[Fetched]:
     servers = request.get("mcp_servers")
     if servers is not None:
         if not isinstance(servers, list):
@@ -159,17 +161,17 @@ def _in_request(request: dict[str, Any], prefix: str) -> Iterator[Target]:
                 yield from _web_fetch(tool, f"{prefix}tools[{i}]")
 
 
-def _web_fetch(tool: dict[str, Any], where: str) -> Iterator[Target]:
+def _web_fetch(tool: dict[str, Any], where: str) -> Iterator[Fetched]:
     """web_fetch reaches whatever URL the model writes: only its allowed_domains bound it."""
     domains = tool.get("allowed_domains")
     if not isinstance(domains, list) or not domains:
-        yield Target(f"{where} (web_fetch without allowed_domains)", "", 443)
+        yield Fetched(f"{where} (web_fetch without allowed_domains)", "", 443)
         return
     for i, domain in enumerate(domains):
         if not isinstance(domain, str) or not domain:
             raise Unreadable(f"{where}.allowed_domains[{i}] is not a domain")
         host = domain.split("/", 1)[0]  # a domain entry may carry a path prefix
-        yield Target(f"{where}.allowed_domains[{i}]", host, 443)
+        yield Fetched(f"{where}.allowed_domains[{i}]", host, 443)
 
 
 # What a URL's authority may hold here: a host name or an address, and a port. No userinfo, no
@@ -178,7 +180,7 @@ def _web_fetch(tool: dict[str, Any], where: str) -> Iterator[Target]:
 _AUTHORITY = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
-def _from_url(where: str, url: str) -> Target:
+def _from_url(where: str, url: str) -> Fetched:
     scheme, sep, rest = url.partition("://")
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if sep else ""
     if scheme.lower() not in ("https", "http") or not _AUTHORITY.fullmatch(authority):
@@ -192,4 +194,4 @@ def _from_url(where: str, url: str) -> Target:
         raise Unreadable(f"{where} is not a URL ({e})") from None
     if not parts.hostname:
         raise Unreadable(f"{where} is not an http(s) URL with a host")
-    return Target(where, parts.hostname, port or (443 if parts.scheme.lower() == "https" else 80))
+    return Fetched(where, parts.hostname, port or (443 if parts.scheme.lower() == "https" else 80))

@@ -75,7 +75,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
 PASS = "PASS"  # how pass-through tunnels appear in the decision log
 GENERATION = "claude_proxy.generation"  # flow.metadata: (policy generation, scheme) of a decision
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
-Target = tuple[str, int]
+Destination = tuple[str, int]
 
 
 class Enforcer:
@@ -99,7 +99,7 @@ class Enforcer:
         self.connections = connections
         self.policy = Policy((), source="no policy yet")  # refuses everything until one is given
         self.generation = 0  # how many policies there have been
-        self.tunnels: dict[str, Target] = {}  # client connection id → its CONNECT target
+        self.tunnels: dict[str, Destination] = {}  # client connection id → its CONNECT target
         self.spliced: set[str] = set()  # client connection ids of pass-through tunnels
         self.in_flight = 0  # allowed requests whose response has not ended
 
@@ -260,7 +260,7 @@ class Enforcer:
         return server_tls
 
     def splice(
-        self, context: Context, target: Target, hello: tls.ClientHello, decision: Decision
+        self, context: Context, target: Destination, hello: tls.ClientHello, decision: Decision
     ) -> layer.Layer:
         """A pass-through tunnel: the client's TLS goes to the upstream as it is."""
         started = time.time()
@@ -451,7 +451,7 @@ class Enforcer:
         )
         self.recorder.decision(flow, decision, host=host, port=port, status=status)
 
-    def close_tunnel(self, context: Context, target: Target, why: str) -> CloseTunnel:
+    def close_tunnel(self, context: Context, target: Destination, why: str) -> CloseTunnel:
         refused = Decision(False, why)
         client = context.client
         started = client.timestamp_start
@@ -474,7 +474,7 @@ def scheme_of(server: connection.Server) -> str:
     return rules.HTTPS if server.tls else rules.HTTP
 
 
-def misnamed(flow: http.HTTPFlow, target: Target) -> str | None:
+def misnamed(flow: http.HTTPFlow, target: Destination) -> str | None:
     """Why the request names another destination than `target`, or None when it does not.
 
     Host header, HTTP/2 :authority and an absolute-form URL's host must each name the target.
@@ -490,7 +490,7 @@ def misnamed(flow: http.HTTPFlow, target: Target) -> str | None:
     return None
 
 
-def names_target(authority: str, target: Target, *, port_allowed: bool = True) -> bool:
+def names_target(authority: str, target: Destination, *, port_allowed: bool = True) -> bool:
     """Whether `host[:port]` names `target`; a name that cannot be parsed names nothing."""
     try:
         host, port = rules.split_host_port(authority)
