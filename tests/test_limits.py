@@ -5,6 +5,7 @@ the client received, and the proxy's own memory (VmRSS) and log."""
 from __future__ import annotations
 
 import functools
+import logging
 import select
 import signal
 import socket
@@ -972,3 +973,30 @@ def test_an_http2_client_that_stops_reading_makes_the_proxy_stop_reading_its_ups
     finally:
         proxy.stop()
         relay.close()
+
+
+def test_a_client_reset_before_its_refusal_at_accept_is_refused_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the cap, a client that reset its connection while it waited in the listen queue has
+    no peer address left: it is still refused there (logged without one), never handed on."""
+    from claude_proxy.proxy.accept_gate import open_files_limit
+    from claude_proxy.proxy.admission import Limits
+    from claude_proxy.proxy.held_bodies import Held
+    from claude_proxy.record.decisions import Recorder
+
+    limits = Limits(Held(), Recorder())
+    limits.fd_limit, limits.cap, limits.clients = open_files_limit(), 1, 1  # the cap is reached
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, not a FIN
+        listener.settimeout(ANSWER_SECONDS)
+        conn, _ = listener.accept()
+        with pytest.raises(OSError):
+            conn.getpeername()  # gone: the kernel keeps no peer for it
+        caplog.set_level(logging.INFO)
+        assert limits.refuse_at_accept(conn, listener) is True
+    assert conn.fileno() == -1  # its descriptor given back at once
+    assert 'BLOCK - - - 503 "too many clients at once' in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -31,6 +31,7 @@ from claude_proxy.policy.rules import DEFAULT_RULES, Policy
 from claude_proxy.proxy import held_bodies
 from claude_proxy.proxy.enforcer import Enforcer
 from claude_proxy.proxy.org_guard import BUSY, MAX_WAITING, OrgGuard
+from claude_proxy.record.decisions import FINGERPRINTS, Recorder
 from claude_proxy.state import accounts
 from tests.conftest import (
     EXECUTABLE,
@@ -503,6 +504,34 @@ def test_a_failing_check_refuses_with_one_line(
             assert "internal error in the organization check" in (f.response.text or "")
     errors = [r for r in caplog.records if r.name == "claude_proxy.proxy.org_guard"]
     assert [r.levelname for r in errors] == ["ERROR"]  # once, however often it fails
+
+
+def test_a_failure_closing_one_flow_under_a_new_pin_leaves_none_open(tmp_path: Path) -> None:
+    """A new pin closes every connection carrying another organization's credential (a
+    WebSocket, an upload), even when recording one of them fails."""
+    closed: list[str] = []
+
+    class Open:  # mitmproxy's connections, as the Enforcer reaches them
+        def close(self, client_id: str, why: str) -> bool:
+            closed.append(client_id)
+            return True
+
+    class Failing(Recorder):
+        def line(self, *args: object, **kwargs: object) -> None:
+            raise OSError("the log cannot be written")
+
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        key = accounts.load_key(tmp_path)
+        fp = accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B))
+        flows = [api_request(**{"x-api-key": KEY_B}) for _ in range(2)]
+        for f in flows:
+            f.metadata[FINGERPRINTS] = [fp]
+            guard.carrying[f.id] = (f, "api.anthropic.com", 443)
+        enforcer.connections = Open()  # type: ignore[assignment]
+        enforcer.recorder = Failing()
+        guard.close_refused()
+    assert closed == [f.client_conn.id for f in flows]
+    assert guard.carrying == {}
 
 
 def test_a_new_credential_with_a_large_upload_is_refused_before_any_probe(

@@ -14,7 +14,7 @@ to resume are the gate's (proxy/accept_gate.py).
 
 Upstream: python/cpython#78021 ("connection limit on listening socket in asyncio", bpo-33840),
 closed without a change; the pause/resume proposal python/asyncio#448 was never merged. Without
-it: tests/test_sansio_accept.py::test_one_turn_accepts_only_the_room_there_is (its `asyncio`
+it: tests/test_accept.py::test_one_turn_accepts_only_the_room_there_is (its `asyncio`
 case shows asyncio's own accept loop) and, end to end,
 tests/test_pressure.py::test_a_first_burst_past_the_descriptor_limit_is_answered.
 """

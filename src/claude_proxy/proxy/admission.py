@@ -195,9 +195,7 @@ class Limits:
             reason = self.over_cap_reason()
             if (skipped := self.cap_log.allow()) is not None:
                 more = f"; {skipped} more refused since the last line" if skipped else ""
-                peer = conn.getpeername()
-                refused = Unadmitted((peer[0], peer[1]), SOCKS5 if socks else REGULAR)
-                self.log_block(503, f"{reason}{more}", client=refused)
+                self.log_block(503, f"{reason}{more}", client=unadmitted(conn, socks))
             conn.setblocking(False)
             try:
                 conn.send(SOCKS_NO_METHOD if socks else answers.limit_bytes(503, reason))
@@ -407,6 +405,16 @@ class Limits:
         client: connection.Client | Unadmitted | None = None,
     ) -> None:
         self.recorder.block(status, reason, client=client)
+
+
+def unadmitted(conn: socket.socket, socks: bool) -> Unadmitted | None:
+    """A connection refused on its raw socket, for its decision row; None once its client has
+    reset it (the kernel then keeps no peer address, and the refusal goes on without one)."""
+    try:
+        peer = conn.getpeername()
+    except OSError:
+        return None
+    return Unadmitted((peer[0], peer[1]), SOCKS5 if socks else REGULAR)
 
 
 def client_cap(limit: int, in_use: int) -> tuple[int, int]:

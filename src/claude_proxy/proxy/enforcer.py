@@ -124,28 +124,40 @@ class Enforcer:
             self.connections.close(client_id, why)
 
     def close_refused(self) -> None:
+        """Close each open tunnel the policy now refuses, each on its own: a pass-through relay
+        asks nothing afterwards, so one that a failure here skipped would stay open."""
         for client_id, (host, port) in list(self.tunnels.items()):
-            decision = self.decide(host, port)
-            spliced = client_id in self.spliced
-            if decision.allowed and decision.inspect != spliced:
-                continue
-            if (client := self.open_client(client_id)) is None:
-                continue
-            why = f"closed: the policy now refuses {host}:{port}"
-            if decision.allowed:  # allowed, but inspected where it was passed through, or back
-                why = f"closed: the policy now {'inspects' if spliced else 'passes through'} it"
-            socks = client.proxy_mode.type_name == "socks5"
-            self.recorder.line(
-                PASS if spliced else ("SOCKS5" if socks else "CONNECT"),
-                host,
-                port,
-                "-",
-                None,
-                Decision(False, f"{why} ({decision.reason})" if not decision.allowed else why),
-                started=time.time(),
-                client=client,
-            )
-            self.close_client(client_id, why)
+            try:
+                self._close_if_refused(client_id, host, port)
+            except Exception:  # fail closed: a tunnel that could not be decided again goes
+                logger.exception("closing the tunnels the new policy refuses: one failed")
+                try:
+                    self.close_client(client_id, "closed: the policy changed")
+                except Exception:
+                    logger.exception("closing a tunnel failed")
+
+    def _close_if_refused(self, client_id: str, host: str, port: int) -> None:
+        decision = self.decide(host, port)
+        spliced = client_id in self.spliced
+        if decision.allowed and decision.inspect != spliced:
+            return
+        if (client := self.open_client(client_id)) is None:
+            return
+        why = f"closed: the policy now refuses {host}:{port}"
+        if decision.allowed:  # allowed, but inspected where it was passed through, or back
+            why = f"closed: the policy now {'inspects' if spliced else 'passes through'} it"
+        socks = client.proxy_mode.type_name == "socks5"
+        self.recorder.line(
+            PASS if spliced else ("SOCKS5" if socks else "CONNECT"),
+            host,
+            port,
+            "-",
+            None,
+            Decision(False, f"{why} ({decision.reason})" if not decision.allowed else why),
+            started=time.time(),
+            client=client,
+        )
+        self.close_client(client_id, why)
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]

@@ -228,9 +228,13 @@ class OrgGuard:
             why = f"closed: the pin now refuses it: {reason}"
             if flow.metadata.pop(DECISION, None) is not None:
                 self.enforcer.in_flight -= 1  # ended here: the Enforcer will not finish it
-            # One line for each, a WebSocket too (its request was logged when it opened).
-            refused = Decision(False, why)
-            self.enforcer.recorder.decision(flow, refused, host=host, port=port, status=None)
+            # One line for each, a WebSocket too (its request was logged when it opened); closed
+            # even when that fails: the next check would be at the next pin change.
+            try:
+                refused = Decision(False, why)
+                self.enforcer.recorder.decision(flow, refused, host=host, port=port, status=None)
+            except Exception:
+                self.internal_error("recording a connection the pin now refuses")
             self.enforcer.close_client(flow.client_conn.id, why)
 
     def refused_now(self, flow: http.HTTPFlow) -> str | None:
