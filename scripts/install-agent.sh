@@ -120,8 +120,8 @@ stop_agent() {
       0 | 3 | 113) return 0 ;;
       36)
         tries=$((tries + 1))
-        [ "${tries}" -lt 80 ] || err "the running agent did not stop (launchctl bootout: 36)"
-        sleep 0.25 # 20 s in all
+        [ "${tries}" -lt 40 ] || err "the running agent did not stop (launchctl bootout: 36)"
+        sleep 0.5 # 20 s in all
         ;;
       *) err "launchctl bootout ${DOMAIN}/${LABEL} failed with ${code}" ;;
     esac
@@ -154,7 +154,7 @@ start_agent() {
 
 # `status` reads the installed plist: its proxy line is ok once a TLS handshake through the agent
 # verifies against the CA.
-# Asked every quarter second (it answers about a second after the bootstrap), for at least
+# Asked every half second (it answers about a second after the bootstrap), for at least
 # WAIT_SECONDS (SECONDS counts whole seconds: its difference passes the limit only after it).
 wait_until_serving() {
   local started="${SECONDS}"
@@ -165,7 +165,7 @@ wait_until_serving() {
       say "the proxy answers on 127.0.0.1:${PORT} with the CA in ${CONFIG_DIR}"
       return 0
     fi
-    sleep 0.25
+    sleep 0.5
   done
   warn "the proxy does not answer on 127.0.0.1:${PORT} after ${WAIT_SECONDS} s; what status says:"
   "${EXE}" status >&2 2>/dev/null
