@@ -120,8 +120,8 @@ stop_agent() {
       0 | 3 | 113) return 0 ;;
       36)
         tries=$((tries + 1))
-        [ "${tries}" -lt 20 ] || err "the running agent did not stop (launchctl bootout: 36)"
-        sleep 1
+        [ "${tries}" -lt 40 ] || err "the running agent did not stop (launchctl bootout: 36)"
+        sleep 0.5 # 20 s in all
         ;;
       *) err "launchctl bootout ${DOMAIN}/${LABEL} failed with ${code}" ;;
     esac
@@ -154,17 +154,18 @@ start_agent() {
 
 # `status` reads the installed plist: its proxy line is ok once a TLS handshake through the agent
 # verifies against the CA.
+# Asked every half second (it answers about a second after the bootstrap), for at least
+# WAIT_SECONDS (SECONDS counts whole seconds: its difference passes the limit only after it).
 wait_until_serving() {
-  local waited=0
+  local started="${SECONDS}"
   [ "${DRY_RUN}" -eq 1 ] && return 0
   say "waiting for the proxy on 127.0.0.1:${PORT}"
-  while [ "${waited}" -lt "${WAIT_SECONDS}" ]; do
+  while [ $((SECONDS - started)) -le "${WAIT_SECONDS}" ]; do
     if "${EXE}" status 2>/dev/null | grep -q '^ok   proxy on'; then
       say "the proxy answers on 127.0.0.1:${PORT} with the CA in ${CONFIG_DIR}"
       return 0
     fi
-    sleep 1
-    waited=$((waited + 1))
+    sleep 0.5
   done
   warn "the proxy does not answer on 127.0.0.1:${PORT} after ${WAIT_SECONDS} s; what status says:"
   "${EXE}" status >&2 2>/dev/null

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -97,6 +97,37 @@ class ProxyProcess:
         """Everything the proxy wrote: stderr and its rotating log file."""
         logs = list((self.home / ".local" / "state" / "claude-proxy").rglob("*.log*"))
         return "\n".join(self.stderr + [p.read_text() for p in logs])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
+    """Groups for pytest-xdist's `--dist loadgroup` (pyproject's addopts): a module's tests that
+    share one of its module-scoped fixtures (a proxy, Claude Code sessions) run on one worker, so
+    that fixture is set up once; tests already in a group (tests/support/shared.py) stay in it.
+
+    Each worker then marks a grouped test's id with its group, which is how a group reaches one
+    worker. A pytest on which that marking does nothing (pytest-dev/pytest-xdist#1386) would
+    spread the groups silently: stop instead."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = info is not None and any(
+            d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs
+        )
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    yield
+    if not config.getoption("loadgroup", False):
+        return
+    spread = [
+        i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+    ]
+    if spread:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {spread[0]} (and {len(spread) - 1} more): this pytest "
+            "breaks --dist loadgroup (pytest-dev/pytest-xdist#1386); use the locked one (uv sync)"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -292,12 +323,16 @@ def limited_descriptors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.fixture(scope="session")
 def made_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A HOME with a CA (made once: it takes mitmproxy) for the commands that read it."""
+    """A HOME with a CA (made once per session: it takes mitmproxy) for the commands that read
+    it; tests copy it (`ca_home`) and never write to it."""
     from tests.support.cli import run_cli
+    from tests.support.shared import built_once
 
-    home = tmp_path_factory.mktemp("ca-home")
-    assert run_cli(home, "ca").returncode == 0
-    return home
+    def make(home: Path) -> Path:
+        assert run_cli(home, "ca").returncode == 0
+        return home
+
+    return built_once(tmp_path_factory, "ca-home", make)
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from tests.macos import (
 from tests.support.certs import sha1
 from tests.support.cli import run_cli
 from tests.support.ports import free_port
+from tests.support.shared import built_once
 
 TEMPLATE = paths.PLIST_TEMPLATE
 
@@ -248,7 +249,7 @@ STANDINS_ONLY = pytest.mark.standins  # the stand-ins' call logs, or failures ma
 @pytest.fixture(scope="session")
 def built_tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tool, installed once per session by the real `uv tool install` (the slow part)."""
-    return build_tool(tmp_path_factory.mktemp("built-tool"))
+    return built_once(tmp_path_factory, "built-tool", build_tool)
 
 
 REAL_MARKS = [getattr(pytest.mark, REAL_MACOS_MARKER),

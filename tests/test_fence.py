@@ -36,6 +36,8 @@ WRITTEN = "# written by the Write tool"
 # A .pth file runs at every start of the environment's Python: the claude-proxy that enforces.
 PLANTED_PTH = Path(sysconfig.get_path("purelib")) / "claude_proxy_planted_by_agent.pth"
 APPENDED = "# appended by a sandboxed command"
+# On one worker: each arrangement's Claude Code session runs once per module (`sessions`).
+pytestmark = pytest.mark.xdist_group("fence")
 PLANTED_BY_WRITE = '{"sandbox": {"enabled": false}}'
 
 

@@ -34,6 +34,7 @@ from tests.conftest import (
     start_proxy,
 )
 from tests.support.h2 import H2Session, h2_events, h2_session, h2_tunnel
+from tests.support.shared import ONE_AT_A_TIME
 from tests.upstream import CountingRelay, PeakRss, SilentUpstream, SlowConnect, Upstream
 
 MIB = 1024 * 1024
@@ -100,6 +101,7 @@ def warm_up(proxy: ProxyProcess) -> None:
 # Head size
 
 
+@ONE_AT_A_TIME
 @pytest.mark.parametrize(
     ("where", "start", "status"),
     [
@@ -127,6 +129,7 @@ def test_endless_head_is_cut_off_and_its_memory_freed(
 TLS_RECORD = b"\x16\x03\x01\x40\x00"  # a handshake record of 16 KiB
 
 
+@ONE_AT_A_TIME
 def test_endless_client_hello_is_cut_off(proxy: ProxyProcess, upstream: Upstream) -> None:
     """A ClientHello that announces 16 MiB, sent in full records: never complete, never parsed."""
     warm_up(proxy)
@@ -208,6 +211,7 @@ def frame_head(kind: int, length: int) -> bytes:
 HEADERS, CONTINUATION = 0x1, 0x9
 
 
+@ONE_AT_A_TIME
 @pytest.mark.parametrize(
     ("start", "filler", "offered"),
     [
@@ -390,6 +394,7 @@ def test_clients_past_the_cap_are_refused_at_once(
     assert proxy.stop() == 0
 
 
+@ONE_AT_A_TIME
 def test_out_of_descriptors_logs_one_line_and_recovers(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:
@@ -532,6 +537,7 @@ def test_a_client_holding_the_pause_size_is_not_read_until_half_of_it_moved_on()
     assert held.paused == set() and calls[-1] == ("b", True)  # a closed socket needs no resume
 
 
+@ONE_AT_A_TIME
 def test_an_upload_larger_than_the_held_limit_passes_a_slow_connect(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:
@@ -558,6 +564,7 @@ def test_an_upload_larger_than_the_held_limit_passes_a_slow_connect(
     assert [len(body) for body in upstream.seen.bodies] == [size]
 
 
+@ONE_AT_A_TIME
 def test_a_client_waiting_on_a_hung_handshake_is_not_read_on(
     home: Path, upstream_ca_file: Path
 ) -> None:
@@ -601,6 +608,7 @@ def upload_head(i: int, size: int) -> list[tuple[str, str]]:
     ]
 
 
+@ONE_AT_A_TIME
 def test_http2_streams_holding_bodies_are_reset(home: Path, upstream_ca_file: Path) -> None:
     """Each stream holds 16 MiB; past the per-connection limit, the streams from then on reset."""
     silent = SilentUpstream()
@@ -774,6 +782,7 @@ def test_a_stream_waiting_for_a_free_upstream_connection_gets_504_in_time(
     assert not [r for r in upstream.seen.requests if r[1].startswith("/waits/")]
 
 
+@ONE_AT_A_TIME
 def test_an_http2_stream_flood_is_held_within_the_memory_budget(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:
@@ -873,6 +882,7 @@ def test_an_http2_client_may_open_a_hundred_streams_at_once(
     )
 
 
+@ONE_AT_A_TIME
 @pytest.mark.parametrize("kind", ["invalid-scheme", "killed"])
 def test_http2_streams_that_end_in_odd_ways_give_their_budget_back(
     home: Path, upstream: Upstream, upstream_ca_file: Path, kind: str
@@ -942,6 +952,7 @@ def test_a_stream_cancelled_while_it_waits_for_a_connection_is_never_sent(
     assert "/cancelled" not in [path for _, path, _ in upstream.seen.requests]
 
 
+@ONE_AT_A_TIME
 def test_an_http2_client_that_stops_reading_makes_the_proxy_stop_reading_its_upstream(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:

@@ -42,6 +42,7 @@ from tests.conftest import (
     start_proxy,
 )
 from tests.support.h2 import h2_events, h2_tunnel
+from tests.support.shared import ONE_AT_A_TIME
 from tests.upstream import PROBE_PATHS, Account, PeakRss, SilentUpstream, Upstream
 
 ORG_A = "0a0a0a0a-aaaa-4aaa-8aaa-00000000000a"
@@ -636,6 +637,7 @@ def test_too_many_requests_waiting_for_probes_are_refused_at_once(
 CLIENTS = 60
 
 
+@ONE_AT_A_TIME
 def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file: Path) -> None:
     """60 clients each send 8 MiB with a new key whose probe hangs: 480 MiB are offered, each
     client is read a few MiB ahead, 160 MiB in all are held, and every client past that is

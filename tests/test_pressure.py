@@ -29,6 +29,7 @@ from tests.conftest import (
 )
 from tests.support import burst as bursting
 from tests.support.audit import decisions
+from tests.support.shared import ONE_AT_A_TIME
 from tests.upstream import Upstream
 
 BURST = 500  # clients at once: about twice the descriptors the proxy may open
@@ -36,6 +37,8 @@ ANSWER_SECONDS = 20  # bound on the whole burst; running into it fails the test
 CONNECT = b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n"
 SOCKS_GREETING = b"\x05\x01\x00"
 SOCKS_CONNECT = b"\x05\x01\x00\x03\x11api.anthropic.com\x01\xbb"
+
+pytestmark = ONE_AT_A_TIME
 
 
 def burst(port: int, first: bytes, complete: bytes) -> list[bytes]:

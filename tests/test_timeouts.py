@@ -26,6 +26,7 @@ from mitmproxy.test import taddons
 from claude_proxy.proxy.held_bodies import Held
 from claude_proxy.proxy.upstream_timeouts import STEPS, Step, Timeouts
 from tests.conftest import SCRIPTS, ProxyProcess, open_tunnel, read_head
+from tests.support.shared import ONE_AT_A_TIME
 from tests.support.waiting import wait_until
 from tests.upstream import Upstream, rss
 
@@ -186,6 +187,7 @@ def test_response_limit_beyond_the_idle_timeout(
         assert proxy.stop() == 0
 
 
+@ONE_AT_A_TIME
 def test_a_long_keep_alive_connection_costs_no_memory_per_request(
     home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> None:
