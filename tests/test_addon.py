@@ -459,6 +459,17 @@ ECH = ((passthrough.ENCRYPTED_CLIENT_HELLO, b"\x00" * 40),)
         ("api.anthropic.com", hello_bytes("api.anthropic.com"), layers.ServerTLSLayer),
         ("api.anthropic.com", hello_bytes(None), layers.ServerTLSLayer),  # inspected: SNI optional
     ],
+    ids=[  # the hellos hold random bytes: ids of their own, the same in every worker
+        "sni",
+        "sni-in-capitals",
+        "other-name",
+        "no-sni",
+        "ech",
+        "partial-hello",
+        "not-tls",
+        "inspected",
+        "inspected-no-sni",
+    ],
 )
 def test_pass_through_layer_decision(
     enforcer: Enforcer, tunnel: str, hello: bytes, chosen: type
