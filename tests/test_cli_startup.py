@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import start_proxy
+from tests.support.waiting import wait_until
+from tests.upstream import Upstream
+
 HEAVY = ("mitmproxy", "cryptography", "asyncio")
 PROGRAM = """
 import json, sys
@@ -60,3 +64,26 @@ def test_commands_that_need_no_proxy_import_no_heavy_module(
     report = loaded_modules(ca_home, *args)
     assert report["heavy"] == [], report
     assert report["code"] in (code, None if code == 0 else code), report
+
+
+def test_run_does_not_import_the_addons_it_does_not_use(
+    home: Path, upstream: Upstream, upstream_ca_file: Path, tmp_path: Path
+) -> None:
+    """mitmproxy's addons package imports every default addon (Flask for the onboarding app,
+    ldap3 for proxy authentication, …): a running proxy loads only the ones it runs."""
+    report = tmp_path / "loaded"
+    proxy = start_proxy(
+        home,
+        upstream,
+        upstream_ca_file,
+        scripts=("route_to_upstream.py", "loaded_modules.py"),
+        env={"CLAUDE_PROXY_TEST_LOADED": str(report)},
+    )
+    try:
+        wait_until(report.exists, "the script's list of loaded modules")
+        loaded = set(report.read_text().split())
+    finally:
+        assert proxy.stop() == 0
+    assert {"mitmproxy.addons.proxyserver", "mitmproxy.addons.script"} <= loaded  # it ran them
+    unused = {"flask", "ldap3", "mitmproxy.addons.onboarding", "mitmproxy.addons.proxyauth"}
+    assert unused & loaded == set()

@@ -598,6 +598,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from claude_proxy import mitm
 
     mitm.check_version()  # before anything imports mitmproxy or patches it
+    from claude_proxy.mitm import lean
+
+    lean.install()  # before anything imports mitmproxy.addons
     import asyncio
     import logging
 
