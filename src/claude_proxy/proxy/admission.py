@@ -431,6 +431,7 @@ def preload() -> None:
     An import opens files: one that first happens while the descriptors are all taken fails,
     and the layer that needed it crashes with its client left hanging.
     """
+    import concurrent.futures.thread  # noqa: F401  (the loop's executor: memory release, DNS)
     import encodings.idna  # noqa: F401  (mitmproxy parses every CONNECT authority with it)
 
 
