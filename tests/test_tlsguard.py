@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mitmproxy import connection, tls
+from mitmproxy import certs, connection, tls
 from mitmproxy.addons import tlsconfig
 from mitmproxy.proxy import context
 from mitmproxy.test import taddons
@@ -263,3 +263,30 @@ def test_the_client_protocol_comes_from_the_first_hello_and_only_it_goes_upstrea
     else:
         assert pinned is None  # OpenSSL's callback picks from the hello in hand
         assert list(ctx.server.alpn_offers) == offers
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "mitmproxy"])
+def test_the_ca_is_loaded_once_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ours: bool
+) -> None:
+    """mitmproxy's TlsConfig loads the CA again when the proxy starts running, even when it was
+    just loaded for the same options (each load checks the RSA key: ~50 ms of every start)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # mitmproxy's default confdir is under it
+    loads: list[str] = []
+    load = certs.CertStore.from_store.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type, path: str, *args: object, **kwargs: object) -> certs.CertStore:
+        loads.append(path)
+        return load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(certs.CertStore, "from_store", classmethod(counted))
+    addon = GuardedTlsConfig() if ours else tlsconfig.TlsConfig()
+    confdir = tmp_path / "conf"
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, confdir=str(confdir))
+        loads.clear()  # what taddons' own configure of every option loaded does not count
+        tctx.configure(addon, confdir=str(confdir / "x"))
+        addon.running()
+        assert loads == ([str(confdir / "x")] if ours else [str(confdir / "x")] * 2)
+        tctx.configure(addon, confdir=str(confdir))  # changed after start: loaded again
+        assert loads[-1] == str(confdir)
