@@ -16,7 +16,8 @@ from claude_proxy.policy.rules import DEFAULT_RULES, Policy
 from claude_proxy.proxy import enforcer as enforcer_module
 from claude_proxy.proxy import passthrough, wellformed
 from claude_proxy.proxy.enforcer import Enforcer
-from claude_proxy.record.decisions import BodyCount, Recorder
+from claude_proxy.record.decisions import BodyCount
+from tests.support.fakes import FailingRecorder, OpenConnections
 from tests.tlsclient import Hello, client_hello
 
 
@@ -514,24 +515,11 @@ def test_a_failure_closing_one_refused_tunnel_leaves_none_open(enforcer: Enforce
     pass-through relay asks nothing afterwards, so a tunnel missed here would stay open."""
     use(enforcer, USER_POLICY)
     clients = [tflow.tclient_conn() for _ in range(2)]
-    closed: list[str] = []
-
-    class Open:  # mitmproxy's connections, as the Enforcer reaches them
-        def client(self, client_id: str) -> connection.Client | None:
-            return next((c for c in clients if c.id == client_id), None)
-
-        def close(self, client_id: str, why: str) -> bool:
-            closed.append(client_id)
-            return True
-
-    class Failing(Recorder):
-        def line(self, *args: object, **kwargs: object) -> None:
-            raise OSError("the log cannot be written")
-
-    enforcer.connections = Open()  # type: ignore[assignment]
-    enforcer.recorder = Failing()
+    connections = OpenConnections(clients)
+    enforcer.connections = connections  # type: ignore[assignment]
+    enforcer.recorder = FailingRecorder()
     for client in clients:
         enforcer.tunnels[client.id] = ("claude.ai", 443)
         enforcer.spliced.add(client.id)
     use(enforcer, "defaults = false\n[[allow]]\nhost = 'api.anthropic.com'\n")
-    assert closed == [c.id for c in clients]
+    assert connections.closed == [c.id for c in clients]

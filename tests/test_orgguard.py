@@ -31,7 +31,7 @@ from claude_proxy.policy.rules import DEFAULT_RULES, Policy
 from claude_proxy.proxy import held_bodies
 from claude_proxy.proxy.enforcer import Enforcer
 from claude_proxy.proxy.org_guard import BUSY, MAX_WAITING, OrgGuard
-from claude_proxy.record.decisions import FINGERPRINTS, Recorder
+from claude_proxy.record.decisions import FINGERPRINTS
 from claude_proxy.state import accounts
 from tests.conftest import (
     EXECUTABLE,
@@ -41,6 +41,7 @@ from tests.conftest import (
     read_until_closed,
     start_proxy,
 )
+from tests.support.fakes import FailingRecorder, OpenConnections
 from tests.support.h2 import h2_events, h2_tunnel
 from tests.support.shared import ONE_AT_A_TIME
 from tests.upstream import PROBE_PATHS, Account, PeakRss, SilentUpstream, Upstream
@@ -510,17 +511,7 @@ def test_a_failing_check_refuses_with_one_line(
 def test_a_failure_closing_one_flow_under_a_new_pin_leaves_none_open(tmp_path: Path) -> None:
     """A new pin closes every connection carrying another organization's credential (a
     WebSocket, an upload), even when recording one of them fails."""
-    closed: list[str] = []
-
-    class Open:  # mitmproxy's connections, as the Enforcer reaches them
-        def close(self, client_id: str, why: str) -> bool:
-            closed.append(client_id)
-            return True
-
-    class Failing(Recorder):
-        def line(self, *args: object, **kwargs: object) -> None:
-            raise OSError("the log cannot be written")
-
+    connections = OpenConnections()
     with pinned_guard(tmp_path) as (enforcer, guard):
         key = accounts.load_key(tmp_path)
         fp = accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B))
@@ -528,10 +519,10 @@ def test_a_failure_closing_one_flow_under_a_new_pin_leaves_none_open(tmp_path: P
         for f in flows:
             f.metadata[FINGERPRINTS] = [fp]
             guard.carrying[f.id] = (f, "api.anthropic.com", 443)
-        enforcer.connections = Open()  # type: ignore[assignment]
-        enforcer.recorder = Failing()
+        enforcer.connections = connections  # type: ignore[assignment]
+        enforcer.recorder = FailingRecorder()
         guard.close_refused()
-    assert closed == [f.client_conn.id for f in flows]
+    assert connections.closed == [f.client_conn.id for f in flows]
     assert guard.carrying == {}
 
 
