@@ -279,6 +279,7 @@ def test_refused_request_with_a_large_body_is_closed(
 ) -> None:
     f = tunnel_request(enforcer, host="evil.example", **headers)
     f.request.method = "POST"
+    f.request.data.content = None  # as at requestheaders: the body is still to come
     enforcer.requestheaders(f)
     assert f.killable is not killed
     assert (f.error is not None) is killed

@@ -77,10 +77,17 @@ def timeout(method: str, step: Step, reason: str) -> http.Response:
 
 
 def refusal(
-    method: str, host: str, port: int, decision: Decision, status: int = 403, *, source: str
+    method: str,
+    host: str,
+    port: int,
+    decision: Decision,
+    status: int = 403,
+    *,
+    source: str,
+    advice: str | None = None,
 ) -> http.Response:
     """The policy refused a request (403), or a request it cannot check: whose rule, and how to
-    ask which rule decides."""
+    ask which rule decides (or, from a later check, `advice` of its own)."""
     where = printable(f"{host}:{port}")
     reason = decision.reason
     decided = f"Decided by the rule at {printable(decision.origin)}.\n" if decision.origin else ""
@@ -88,8 +95,14 @@ def refusal(
         f"claude-proxy refused {where}: {printable(reason)}.\n"
         "This is the sandbox's policy, not a network fault: do not retry another way.\n"
         f"{decided}"
-        f"The policy is {printable(source)}; "
-        "`claude-proxy check HOST[:PORT] [METHOD PATH]` shows which rule decides.\n"
+        f"{advice or default_advice(source)}\n"
     )
     error = "http_request_denied" if status == 403 else "http_request_error"
     return proxy_answer(status, method, body, kind="refused", error=error, details=reason)
+
+
+def default_advice(source: str) -> str:
+    return (
+        f"The policy is {printable(source)}; "
+        "`claude-proxy check HOST[:PORT] [METHOD PATH]` shows which rule decides."
+    )

@@ -73,6 +73,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
 }
 PASS = "PASS"  # how pass-through tunnels appear in the decision log
+DECISION = "claude_proxy.decision"  # flow.metadata: (decision, host, port) of an allowed request
 GENERATION = "claude_proxy.generation"  # flow.metadata: (policy generation, scheme) of a decision
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Destination = tuple[str, int]
@@ -339,23 +340,15 @@ class Enforcer:
             host, port = flow.request.host, flow.request.port
             decision = Decision(False, "internal error in the policy check")
         if not decision.allowed:
-            if refused_body_too_large(flow.request, body_follows(flow)):
-                # mitmproxy reads a refused request's whole body before it answers: close instead.
-                flow.kill()
-                reason = f"{decision.reason}; closed without reading the request body"
-                self.recorder.decision(
-                    flow, Decision(False, reason), host=host, port=port, status=None
-                )
-            else:
-                self.refuse(flow, host, port, decision, status)
+            self.refuse_request(flow, host, port, decision, status)
             return
-        flow.metadata["claude_proxy.decision"] = (decision, host, port)
+        flow.metadata[DECISION] = (decision, host, port)
         flow.metadata[GENERATION] = (self.generation, scheme)
         flow.request.stream = count_body(flow, SENT_UP)
         self.in_flight += 1
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None or "claude_proxy.decision" not in flow.metadata:
+        if flow.response is None or DECISION not in flow.metadata:
             return
         try:
             raw = wellformed.switches_to_raw(flow)
@@ -364,8 +357,8 @@ class Enforcer:
             raw = True
         if raw:
             # Only a WebSocket may follow a 101: anything else would be an unchecked relay.
-            _, host, port = flow.metadata["claude_proxy.decision"]
-            flow.metadata["claude_proxy.decision"] = (
+            _, host, port = flow.metadata[DECISION]
+            flow.metadata[DECISION] = (
                 Decision(False, "the upstream switched to a protocol other than WebSocket"),
                 host,
                 port,
@@ -396,7 +389,7 @@ class Enforcer:
     def _finish(
         self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
     ) -> None:
-        allowed = flow.metadata.pop("claude_proxy.decision", None)
+        allowed = flow.metadata.pop(DECISION, None)
         if allowed is not None:
             self.in_flight -= 1
             decision, host, port = allowed
@@ -422,14 +415,14 @@ class Enforcer:
         """A request that waited (for its upstream connection, or for its body), decided again
         under the policy in force now: True when that refuses it (its refusal is then its
         response, and logged)."""
-        allowed = flow.metadata.get("claude_proxy.decision")
+        allowed = flow.metadata.get(DECISION)
         if allowed is None:
             return False
         _, host, port = allowed
         again = self.recheck(flow, host, port)
         if again is None or again.allowed:
             return False
-        del flow.metadata["claude_proxy.decision"]
+        del flow.metadata[DECISION]
         self.in_flight -= 1
         reason = f"the policy changed {waited}: {again.reason}"
         self.refuse(flow, host, port, Decision(False, reason, again.rule, origin=again.origin))
@@ -461,6 +454,36 @@ class Enforcer:
         flow.response = answers.refusal(
             flow.request.method, host, port, decision, status, source=self.policy.source
         )
+        self.recorder.decision(flow, decision, host=host, port=port, status=status)
+
+    def refuse_request(
+        self,
+        flow: http.HTTPFlow,
+        host: str,
+        port: int,
+        decision: Decision,
+        status: int = 403,
+        *,
+        advice: str | None = None,
+    ) -> None:
+        """Refuse a request, here or in a later check (the pin, the server-fetch check) of one
+        this Enforcer let through, which then no longer counts as in flight. A body still to
+        come and too large to read just to refuse it is not read: the client is closed instead
+        (mitmproxy would read it whole before it answers). One decision line either way."""
+        if flow.metadata.pop(DECISION, None) is not None:
+            self.in_flight -= 1  # the Enforcer will not finish it
+        if flow.request.raw_content is None and refused_body_too_large(
+            flow.request, body_follows(flow)
+        ):
+            flow.kill()
+            closed = Decision(False, f"{decision.reason}; closed without reading the request body")
+            self.recorder.decision(flow, closed, host=host, port=port, status=None)
+            return
+        flow.request.stream = False  # mitmproxy refuses a response set while the request streams
+        flow.response = answers.refusal(
+            flow.request.method, host, port, decision, status, source=self.policy.source,
+            advice=advice,
+        )  # fmt: skip
         self.recorder.decision(flow, decision, host=host, port=port, status=status)
 
     def close_tunnel(self, context: Context, target: Destination, why: str) -> CloseTunnel:

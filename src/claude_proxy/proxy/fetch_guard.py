@@ -17,14 +17,12 @@ from mitmproxy import connection, http
 from claude_proxy.policy import rules, server_fetch
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import held_bodies
-from claude_proxy.proxy.answers import refusal
-from claude_proxy.proxy.enforcer import Enforcer, body_follows, refused_body_too_large
+from claude_proxy.proxy.enforcer import DECISION, Enforcer, body_follows
 from claude_proxy.record.decisions import SENT_UP, BodyCount, printable
 from claude_proxy.state import accounts
 
 logger = logging.getLogger(__name__)
 
-DECISION = "claude_proxy.decision"  # set by the Enforcer on every request it let through
 HELD = "claude_proxy.fetchguard.held"  # flow.metadata: bytes reserved for this body
 THREAD_ABOVE = 1024 * 1024  # parse a larger body off the event loop
 # bodies held whole for one client connection (one full-size request)
@@ -124,25 +122,8 @@ class FetchGuard:
         return None
 
     def refuse(self, flow: http.HTTPFlow, host: str, port: int, why: str, status: int) -> None:
-        if flow.metadata.pop(DECISION, None) is not None:
-            self.enforcer.in_flight -= 1  # counted as allowed; the Enforcer will not finish it
         self.release(flow)
-        decision = Decision(False, why)
-        if flow.request.raw_content is None and refused_body_too_large(
-            flow.request, body_follows(flow)
-        ):
-            # mitmproxy reads a refused request's whole body before it answers: close instead.
-            flow.kill()
-            reason = f"{why}; closed without reading the request body"
-            self.enforcer.recorder.decision(
-                flow, Decision(False, reason), host=host, port=port, status=None
-            )
-            return
-        flow.request.stream = False  # mitmproxy refuses a response set while the request streams
-        flow.response = refusal(
-            flow.request.method, host, port, decision, status, source=self.enforcer.policy.source
-        )
-        self.enforcer.recorder.decision(flow, decision, host=host, port=port, status=status)
+        self.enforcer.refuse_request(flow, host, port, Decision(False, why), status)
         logger.debug("server-fetch guard: %s", printable(why))
 
     def release(self, flow: http.HTTPFlow) -> None:

@@ -22,15 +22,13 @@ from mitmproxy import connection, ctx, exceptions, http
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import org_probe, wellformed
-from claude_proxy.proxy.answers import refusal
-from claude_proxy.proxy.enforcer import Enforcer, body_follows, refused_body_too_large
-from claude_proxy.record.decisions import FINGERPRINTS, printable
+from claude_proxy.proxy.enforcer import DECISION, Enforcer, body_follows
+from claude_proxy.record.decisions import FINGERPRINTS
 from claude_proxy.state import accounts
 from claude_proxy.state.accounts import Credential, Pin, StateError, short
 
 logger = logging.getLogger(__name__)
 
-DECISION = "claude_proxy.decision"  # set by the Enforcer on every request it let through
 RELOAD_SECONDS = 1.0  # how often the pin file is looked at (one stat), rather than per request
 SAVE_SECONDS = 60.0  # counts and last-seen times reach the disk at most this often
 FAILURE_SECONDS = 10.0  # an unverifiable credential is refused this long without a new probe
@@ -177,29 +175,8 @@ class OrgGuard:
         return None
 
     def refuse(self, flow: http.HTTPFlow, host: str, port: int, reason: str) -> None:
-        if flow.metadata.pop(DECISION, None) is not None:
-            self.enforcer.in_flight -= 1  # counted as allowed; the Enforcer will not finish it
-        if refused_body_too_large(flow.request, body_follows(flow)):
-            # mitmproxy reads a refused request's whole body before it answers: close instead.
-            flow.kill()
-            reason = f"{reason}; closed without reading the request body"
-            self.enforcer.recorder.decision(
-                flow, Decision(False, reason), host=host, port=port, status=None
-            )
-            return
-        flow.request.stream = False  # mitmproxy refuses a response set while the request streams
-        decision = Decision(False, reason)
-        response = refusal(
-            flow.request.method, host, port, decision, source=self.enforcer.policy.source
-        )
-        if flow.request.method != "HEAD":
-            response.text = (
-                f"claude-proxy refused {printable(f'{host}:{port}')}: {printable(reason)}.\n"
-                "This is the sandbox's policy, not a network fault: do not retry another way.\n"
-                f"Only credentials of the pinned organization reach Anthropic. {HOW_TO_PIN}\n"
-            )
-        flow.response = response
-        self.enforcer.recorder.decision(flow, decision, host=host, port=port, status=403)
+        advice = f"Only credentials of the pinned organization reach Anthropic. {HOW_TO_PIN}"
+        self.enforcer.refuse_request(flow, host, port, Decision(False, reason), advice=advice)
 
     # Open connections under a new pin
 
