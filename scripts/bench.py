@@ -71,6 +71,7 @@ class Route:
     trust: Path
     process: subprocess.Popen[bytes] | None = None
     start_seconds: float = 0.0
+    start_cpu_seconds: float = 0.0  # the process's own CPU time from exec to listening
 
     def tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.trust))
@@ -156,7 +157,9 @@ def start(name: str, args: list[str], home: Path, trust: Path, upstream: Upstrea
         raise RuntimeError(f"{name} did not start")
     elapsed = time.perf_counter() - began
     threading.Thread(target=output.read, daemon=True).start()  # keep the pipe drained
-    return Route(name, port, trust, process, elapsed)
+    route = Route(name, port, trust, process, elapsed)
+    route.start_cpu_seconds = cpu_seconds(route)
+    return route
 
 
 def start_claude_proxy(
@@ -273,6 +276,7 @@ def measure(
     idle = target.rss_kb()
     result: dict[str, float | int | None] = {
         "start_s": round(target.start_seconds, 2) if target.process else None,
+        "start_cpu_s": round(target.start_cpu_seconds, 2) if target.process else None,
         "idle_rss_mb": round(idle / 1024, 1) if idle else None,
     }
     refused = refused_per_second(target, args.seconds)
