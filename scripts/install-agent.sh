@@ -65,7 +65,7 @@ install_tool() {
   say "installing the claude-proxy tool from ${REPO} with uv.lock's versions (uv tool install)"
   if [ "${DRY_RUN}" -eq 1 ]; then
     say "would run: uv export --frozen (uv.lock's versions) > CONSTRAINTS"
-    say "would run: uv tool install --reinstall --constraints CONSTRAINTS ${REPO}"
+    say "would run: uv tool install --reinstall --compile-bytecode --constraints CONSTRAINTS ${REPO}"
     return 0
   fi
   constraints=$(mktemp "${TMPDIR:-/tmp}/claude-proxy-constraints.XXXXXX") ||
@@ -75,7 +75,9 @@ install_tool() {
     rm -f "${constraints}"
     err "uv export failed: uv.lock is missing or out of date in ${REPO}; run 'uv lock' there and run this again"
   fi
-  if ! direct uv tool install --reinstall --constraints "${constraints}" "${REPO}"; then
+  # Compiled now, so that the agent never compiles its imports at start (nor writes into the tool).
+  if ! direct uv tool install --reinstall --compile-bytecode --constraints "${constraints}" \
+    "${REPO}"; then
     rm -f "${constraints}"
     err "uv tool install failed: see its output above; fix it and run this script again"
   fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import re
 import shutil
@@ -97,6 +98,17 @@ class ProxyProcess:
         """Everything the proxy wrote: stderr and its rotating log file."""
         logs = list((self.home / ".local" / "state" / "claude-proxy").rglob("*.log*"))
         return "\n".join(self.stderr + [p.read_text() for p in logs])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile claude_proxy once, before any worker starts: the suite starts the proxy and its
+    commands hundreds of times, and under PYTHONDONTWRITEBYTECODE (CI machines set it) each would
+    compile our modules again, as Python never writes their bytecode itself. uv compiles the
+    installed packages (`uv sync --compile-bytecode` in .ci/run) but not this editable source."""
+    if sys.dont_write_bytecode and not hasattr(config, "workerinput"):
+        import claude_proxy
+
+        compileall.compile_dir(Path(claude_proxy.__file__).parent, quiet=1)
 
 
 @pytest.hookimpl(wrapper=True)

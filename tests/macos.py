@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from claude_proxy.state import paths
+from tests import standins
 from tests.support.certs import sha1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def build_tool(tools: Path) -> Path:
     for command in (
         ["uv", "export", "--quiet", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project",
          "--no-header", "--project", str(ROOT), "--output-file", str(constraints)],
-        ["uv", "tool", "install", "--reinstall", "--constraints", str(constraints), str(ROOT)],
+        ["uv", *standins.INSTALL, str(constraints), str(ROOT)],
     ):  # fmt: skip
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr

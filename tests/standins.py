@@ -285,6 +285,9 @@ def security(args: list[str]) -> int:
 
 # uv's tool verbs
 
+# The one install the scripts make (tests/macos.build_tool builds the session's tool with it).
+INSTALL = ["tool", "install", "--reinstall", "--compile-bytecode", "--constraints"]
+
 
 def uv(args: list[str]) -> int:
     if args[:1] == ["-q"]:
@@ -306,10 +309,10 @@ def uv(args: list[str]) -> int:
         return 0
     if args[:1] == ["export"]:  # uv.lock's versions: the real uv reads the real lock
         os.execv(os.environ["FAKE_REAL_UV"], ["uv", *args])
-    if args[:4] == ["tool", "install", "--reinstall", "--constraints"] and len(args) == 6:
-        pins = Path(args[4]).read_text()  # the build the session made used the same constraints
+    if args[:5] == INSTALL and len(args) == 7:
+        pins = Path(args[5]).read_text()  # the build the session made used the same constraints
         if "\nmitmproxy==" not in "\n" + pins:
-            print(f"uv stand-in: no mitmproxy pin in {args[4]}", file=sys.stderr)
+            print(f"uv stand-in: no mitmproxy pin in {args[5]}", file=sys.stderr)
             return 64
         bin_dir.mkdir(parents=True, exist_ok=True)
         exe.unlink(missing_ok=True)

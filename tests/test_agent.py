@@ -170,6 +170,34 @@ def test_the_installed_tool_renders_from_the_template_in_launchd(
     assert result.stdout == expected
 
 
+def test_the_installed_tool_is_compiled_so_the_agent_compiles_nothing_at_start(
+    built_tool: Path,
+) -> None:
+    """install-agent.sh compiles at install: every module `run` imports from the tool has its
+    bytecode, so neither the agent nor a command compiles its imports each time it starts (a
+    fresh tool folder otherwise has none, and with PYTHONDONTWRITEBYTECODE never gets any)."""
+    python = built_tool.resolve().parent / "python"
+    code = (
+        "import importlib.util, os, sys\n"
+        "import claude_proxy.cli.main, claude_proxy.proxy.service\n"
+        "site = os.path.dirname(os.path.dirname(claude_proxy.__file__))\n"
+        "files = [m.__file__ for m in list(sys.modules.values())\n"
+        "         if (getattr(m, '__file__', None) or '').startswith(site)\n"
+        "         and m.__file__.endswith('.py')]\n"
+        "print(len(files))\n"
+        "for f in files:\n"
+        "    if not os.path.exists(importlib.util.cache_from_source(f)):\n"
+        "        print(f)\n"
+    )
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    count, *uncompiled = result.stdout.splitlines()
+    assert int(count) > 100  # claude_proxy, mitmproxy, cryptography, …
+    assert uncompiled == []
+
+
 def test_plist_names_the_installed_command_even_from_python_m(home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     result = subprocess.run(
@@ -439,7 +467,7 @@ def test_the_calls_the_scripts_make(fake: Mac) -> None:
         "uv tool dir --bin",
         "uv export --quiet --frozen --no-dev --no-hashes --no-emit-project --no-header "
         "--project <repo> --output-file <tmp>",
-        "uv tool install --reinstall --constraints <tmp> <repo>",
+        "uv tool install --reinstall --compile-bytecode --constraints <tmp> <repo>",
     ]
     first = fake.agent_pid()
     assert fake.starts() == [first]
@@ -549,7 +577,8 @@ def test_install_clears_proxy_variables_for_its_own_network_steps(fake: Mac) -> 
     result = fake.run("install-agent.sh", *ports(), "--no-keychain", HTTPS_PROXY=proxy,
                       HTTP_PROXY=proxy, https_proxy=proxy, ALL_PROXY=proxy)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "uv tool install --reinstall --constraints <tmp> <repo>" in fake.calls("uv")
+    install = "uv tool install --reinstall --compile-bytecode --constraints <tmp> <repo>"
+    assert install in fake.calls("uv")
 
 
 def tree_hashes(*roots: Path) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anthropic
 import httpx
 import pytest
 
@@ -38,6 +37,8 @@ def test_httpx_sees_refusal(proxy: ProxyProcess, upstream: Upstream) -> None:
 
 
 def test_anthropic_sdk_streams_a_message(proxy: ProxyProcess, upstream: Upstream) -> None:
+    import anthropic  # 1.2 s to import: only the tests that use it pay for it
+
     client = anthropic.Anthropic(
         api_key="sk-ant-test-secret-key-0123456789",
         base_url="https://api.anthropic.com",
