@@ -87,3 +87,20 @@ def test_run_does_not_import_the_addons_it_does_not_use(
     assert {"mitmproxy.addons.proxyserver", "mitmproxy.addons.script"} <= loaded  # it ran them
     unused = {"flask", "ldap3", "mitmproxy.addons.onboarding", "mitmproxy.addons.proxyauth"}
     assert unused & loaded == set()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--allow", "*.com"],
+        ["run", "--allow", "0.0.0.0"],
+        ["run", "--host", "0.0.0.0"],
+        ["run", "--port", "9051", "--socks-port", "9051"],
+    ],
+)
+def test_run_refuses_a_bad_flag_before_loading_mitmproxy(ca_home: Path, args: list[str]) -> None:
+    """A mistyped rule, host or port is answered at once, as `check` answers: the flags and
+    config.toml are checked before the proxy's half-second of imports."""
+    report = loaded_modules(ca_home, *args)
+    assert report["code"] == 2, report
+    assert report["heavy"] == [], report

@@ -595,19 +595,9 @@ def default_shell() -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from claude_proxy import mitm
-
-    mitm.check_version()  # before anything imports mitmproxy or patches it
-    from claude_proxy.mitm import lean
-
-    lean.install()  # before anything imports mitmproxy.addons
-    import asyncio
-    import logging
-
+    # The flags and config.toml first: a mistake is answered before mitmproxy's imports.
     from claude_proxy.cli import config_cmd
     from claude_proxy.policy import config_file
-    from claude_proxy.proxy import service
-    from claude_proxy.state import ca, logs
 
     os.umask(0o077)  # every file the proxy makes (logs, rotated logs, state) is the user's alone
     confdir = config_dir_flag(args.config_dir)
@@ -635,6 +625,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--port or --socks-port, or change [listen] in config.toml",
             ExitCode.USAGE,
         )
+    from claude_proxy import mitm
+
+    mitm.check_version()  # before anything imports mitmproxy or patches it
+    from claude_proxy.mitm import lean
+
+    lean.install()  # before anything imports mitmproxy.addons
+    import asyncio
+    import logging
+
+    from claude_proxy.proxy import service
+    from claude_proxy.state import ca, logs
+
     verbose = args.verbose or loaded.log_level == "debug"
     state_ready(paths.state_dir())  # before the log file: a start that cannot go on is one line
     logs.configure(paths.log_dir() / paths.LOG_FILE, verbose=verbose, quiet=args.quiet)
