@@ -19,8 +19,10 @@ from tests.support.waiting import wait_until
 from tests.upstream import Upstream
 
 HEAVY = ("mitmproxy", "cryptography", "asyncio")
-# What `paths` and `plist` do not use: status's checks, the audit log, TLS.
+# What `paths` and `plist` do not use: status's checks, the audit log, TLS, dataclasses (which
+# imports inspect).
 UNUSED = (
+    "dataclasses",
     "claude_proxy.cli.diagnostics",
     "claude_proxy.cli.log_cmd",
     "claude_proxy.cli.status_cmd",

@@ -8,8 +8,8 @@ import re
 import shutil
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.state import paths
@@ -90,8 +90,7 @@ def render_plist(
     return plistlib.dumps(rendered, sort_keys=False)
 
 
-@dataclass(frozen=True)
-class Installed:
+class Installed(NamedTuple):  # not a dataclass: `paths` reads it, and dataclasses is slow to import
     """What the installed plist tells the agent: its program, ports and config folder."""
 
     plist: Path | None
