@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from claude_proxy import defaults
-from claude_proxy.cli import diagnostics, fence, log_cmd, setup_cmd
+from claude_proxy.cli import diagnostics, fence, log_cmd, probes, setup_cmd
 from claude_proxy.cli.diagnostics import Check
 from claude_proxy.errors import ProxyError
 from claude_proxy.macos import agent
@@ -35,7 +35,7 @@ def status(
     """
     agent_check, installed = agent_state(home)
     told = installed or agent.Installed(None, None, None, None, None)
-    proxy = diagnostics.Proxy(
+    proxy = probes.Proxy(
         host=host,
         port=port or told.port or defaults.DEFAULT_PORT,
         socks_port=socks_port or told.socks_port or defaults.DEFAULT_SOCKS_PORT,
@@ -47,8 +47,8 @@ def status(
         checks.append(Check(True, "ports", ports_from))
     ca_check, cert = certificate(proxy)
     checks.append(ca_check)
-    checks.append(diagnostics.probe_http(proxy, cert))
-    checks.append(diagnostics.probe_socks(proxy, cert))
+    checks.append(probes.probe_http(proxy, cert))
+    checks.append(probes.probe_socks(proxy, cert))
     if sys.platform == "darwin":
         checks.append(diagnostics.keychain(home, cert or ca.cert_path(proxy.config_dir)))
     checks.append(pin_check(paths.state_dir()))
@@ -61,7 +61,7 @@ def status(
     return checks
 
 
-def claude_code_settings(home: Path, project: Path, proxy: diagnostics.Proxy) -> list[Check]:
+def claude_code_settings(home: Path, project: Path, proxy: probes.Proxy) -> list[Check]:
     """The settings Claude Code will apply in `project`, judged key by key (`fence.review`)."""
     try:
         scopes = setup_cmd.read_scopes(home, project)
@@ -116,7 +116,7 @@ def launchd_agent(home: Path) -> tuple[Check, agent.Installed | None]:
     return Check(True, "agent", f"{plist} (starts {exe})"), installed
 
 
-def certificate(proxy: diagnostics.Proxy) -> tuple[Check, Path | None]:
+def certificate(proxy: probes.Proxy) -> tuple[Check, Path | None]:
     confdir = proxy.config_dir
     fix = diagnostics.INSTALL if proxy.agent_installed else "claude-proxy ca"
     if not ca.key_path(confdir).exists():
