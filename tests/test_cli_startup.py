@@ -20,17 +20,20 @@ from tests.upstream import Upstream
 
 HEAVY = ("mitmproxy", "cryptography", "asyncio")
 # Modules that the commands the install scripts and the tests run most do without: status's
-# checks and probes, the audit log, TLS, dataclasses (which imports inspect).
+# checks and probes, the audit log, TLS, the policy's rules, dataclasses (which imports inspect),
+# subprocess (only macOS's keychain check runs a program).
 WATCHED = (
     "dataclasses",
     "claude_proxy.cli.diagnostics",
     "claude_proxy.cli.log_cmd",
     "claude_proxy.cli.probes",
     "claude_proxy.cli.status_cmd",
+    "claude_proxy.policy.rules",
     "claude_proxy.record.audit_db",
     "claude_proxy.state.accounts",
     "sqlite3",
     "ssl",
+    "subprocess",
 )
 SETUP_USES = {"dataclasses", "claude_proxy.cli.diagnostics"}  # its "what remains" checks
 PROGRAM = """
@@ -91,7 +94,7 @@ def test_commands_that_need_no_proxy_import_no_heavy_module(
         (["paths", "--installed"], set()),
         (["plist"], set()),
         (["setup", "claude-code", "--yes"], SETUP_USES),
-        (["setup", "srt", "--dry-run"], SETUP_USES),
+        (["setup", "srt", "--dry-run"], {*SETUP_USES, "claude_proxy.policy.rules"}),
         (["setup", "undo-all", "--yes"], SETUP_USES),
     ],
 )

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -180,6 +179,8 @@ def listening(host: str, port: int, timeout: float) -> socket.socket | str:
 def keychain(home: Path, cert: Path) -> Check:
     """The keychain's own trust decision for SSL (a "Never Trust" entry fails), not an entry;
     from local certificates only (-L). macOS's `security`: the callers ask it there only."""
+    import subprocess  # here: only on macOS do setup and status ask the keychain
+
     fix = (
         "security add-trusted-cert -r trustRoot -p ssl -p basic -k "
         f"{shlex.quote(str(paths.login_keychain(home)))} {shlex.quote(str(cert))}"
