@@ -8,7 +8,7 @@ then claude-proxy with a 200-rule config.toml against its default policy, and a 
         # also an earlier build: both running, measured in alternating rounds, and on its own
     uv run python scripts/bench.py --fetch-only     # the server-fetch check on vs off
     uv run python scripts/bench.py --flood-only     # RSS under an HTTP/2 stream flood
-    uv run python scripts/bench.py --startup-only   # env, check, --help against `python -c pass`
+    uv run python scripts/bench.py --startup-only   # env, check, --help, paths, status vs python
     uv run python scripts/bench.py --pressure-only [--churn-seconds 30] [--before OLD/claude-proxy]
         # RSS after churn and after 2000 idle tunnels close, against idle; 503s under a burst
 
@@ -862,6 +862,8 @@ STARTUP_COMMANDS = {
     "env": ["env", "--shell", "sh"],
     "check": ["check", "api.anthropic.com"],
     "--help": ["--help"],
+    "paths": ["paths"],
+    "status": ["status"],  # on two ports held bound but not listening: both probes are refused
 }
 
 
@@ -870,21 +872,25 @@ def startup_times(rounds: int = STARTUP_ROUNDS) -> dict[str, float]:
     interpreter, measured in alternating rounds (the machine is shared: same-run ratios count).
 
     Bytecode is written and used, as in an installed tool (one warm-up run of each first), and
-    HOME is a fresh one with a CA, as after `claude-proxy ca`.
+    HOME is a fresh one with a CA, as after `claude-proxy ca`; the commands run in it.
     """
     executable = BIN / "claude-proxy"
     python = BIN / "python"
-    with tempfile.TemporaryDirectory() as home:
+    with tempfile.TemporaryDirectory() as home, socket.socket() as http, socket.socket() as socks:
+        for held in (http, socks):
+            held.bind(("127.0.0.1", 0))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "PYTHON"))}
         env["HOME"] = home
         subprocess.run([executable, "ca"], env=env, check=True, capture_output=True)
         commands = {"python -c pass": [python, "-c", "pass"]}
         commands |= {name: [executable, *words] for name, words in STARTUP_COMMANDS.items()}
+        ports = [str(held.getsockname()[1]) for held in (http, socks)]
+        commands["status"] += ["--port", ports[0], "--socks-port", ports[1]]
         samples: dict[str, list[float]] = {name: [] for name in commands}
         for round_ in range(rounds + 1):
             for name, words in commands.items():
                 began = time.perf_counter()
-                subprocess.run(words, env=env, check=False, stdout=subprocess.DEVNULL,
+                subprocess.run(words, env=env, cwd=home, check=False, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
                 if round_:  # the first round is the warm-up: it writes the bytecode
                     samples[name].append(time.perf_counter() - began)
@@ -930,7 +936,7 @@ def main() -> int:
     parser.add_argument(
         "--startup-only",
         action="store_true",
-        help="only the start-up of env, check and --help against `python -c pass`",
+        help="only the start-up of env, check, --help, paths and status against `python -c pass`",
     )
     parser.add_argument(
         "--pressure-only", action="store_true", help="only memory after churn, and a burst"

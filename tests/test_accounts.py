@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from claude_proxy.cli import main
-from claude_proxy.macos import agent
+from claude_proxy.cli import main, status_cmd
+from claude_proxy.cli.diagnostics import Check
 from claude_proxy.proxy import org_probe
 from claude_proxy.state import accounts, paths
 from claude_proxy.state.accounts import Credential, Ledger, Pin, StateError
@@ -370,13 +370,13 @@ def test_orgs_lists_fingerprints_and_the_pin(
 
 
 def test_status_says_whether_a_pin_is_set(state: Path) -> None:
-    assert agent.pin_check(state) == agent.Check(
+    assert status_cmd.pin_check(state) == Check(
         True, "organization pin", "off: credentials of any organization reach Anthropic"
     )
     accounts.save_pin(state, Pin(ORG_A, "2026-01-03T00:00:00Z"))
-    assert agent.pin_check(state).detail == f"{ORG_A} (since 2026-01-03T00:00:00Z)"
+    assert status_cmd.pin_check(state).detail == f"{ORG_A} (since 2026-01-03T00:00:00Z)"
     (state / accounts.PIN_FILE).write_text("{")
-    check = agent.pin_check(state)
+    check = status_cmd.pin_check(state)
     assert not check.ok and "damaged" in check.detail
 
 

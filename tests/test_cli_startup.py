@@ -1,5 +1,6 @@
 """Commands that need no proxy start fast: they import neither mitmproxy nor cryptography nor
-asyncio (the benchmark's start-up row measures the time; this proves the imports)."""
+asyncio, and the ones the install scripts run often import only what they use (the benchmark's
+start-up rows measure the time; this proves the imports)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,30 @@ from pathlib import Path
 
 import pytest
 
+from claude_proxy.state import paths
 from tests.conftest import start_proxy
+from tests.support.cli import run_cli
 from tests.support.waiting import wait_until
 from tests.upstream import Upstream
 
 HEAVY = ("mitmproxy", "cryptography", "asyncio")
+# Modules that the commands the install scripts and the tests run most do without: status's
+# checks and probes, the audit log, TLS, the policy's rules, dataclasses (which imports inspect),
+# subprocess (only macOS's keychain check runs a program).
+WATCHED = (
+    "dataclasses",
+    "claude_proxy.cli.diagnostics",
+    "claude_proxy.cli.log_cmd",
+    "claude_proxy.cli.probes",
+    "claude_proxy.cli.status_cmd",
+    "claude_proxy.policy.rules",
+    "claude_proxy.record.audit_db",
+    "claude_proxy.state.accounts",
+    "sqlite3",
+    "ssl",
+    "subprocess",
+)
+SETUP_USES = {"dataclasses", "claude_proxy.cli.diagnostics"}  # its "what remains" checks
 PROGRAM = """
 import json, sys
 from claude_proxy.cli.main import main
@@ -24,14 +44,15 @@ try:
 except SystemExit as e:
     code = e.code
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
-print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+watched = sorted(set(sys.modules) & set(WATCHED))
+print(json.dumps({"code": code, "heavy": heavy, "watched": watched}), file=sys.stderr)
 """
 
 
 def loaded_modules(home: Path, *args: str) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     env["HOME"] = str(home)
-    program = f"HEAVY = {HEAVY!r}\n{PROGRAM}"
+    program = f"HEAVY = {HEAVY!r}\nWATCHED = {WATCHED!r}\n{PROGRAM}"
     result = subprocess.run(
         [sys.executable, "-c", program, *args],
         env=env,
@@ -64,6 +85,30 @@ def test_commands_that_need_no_proxy_import_no_heavy_module(
     report = loaded_modules(ca_home, *args)
     assert report["heavy"] == [], report
     assert report["code"] in (code, None if code == 0 else code), report
+
+
+@pytest.mark.parametrize(
+    ("args", "uses"),
+    [
+        (["paths"], set()),
+        (["paths", "--installed"], set()),
+        (["plist"], set()),
+        (["setup", "claude-code", "--yes"], SETUP_USES),
+        (["setup", "srt", "--dry-run"], {*SETUP_USES, "claude_proxy.policy.rules"}),
+        (["setup", "undo-all", "--yes"], SETUP_USES),
+    ],
+)
+def test_what_the_install_scripts_run_imports_only_what_it_uses(
+    ca_home: Path, args: list[str], uses: set[str]
+) -> None:
+    """`paths` and `plist` name files and render the plist, here with an agent installed; setup
+    writes settings and checks what remains, without status's probes or the audit log."""
+    plist = paths.plist_path(ca_home)
+    plist.parent.mkdir(parents=True)
+    assert run_cli(ca_home, "plist", "--port", "19051", "--output", str(plist)).returncode == 0
+    report = loaded_modules(ca_home, *args)
+    assert report["code"] in (0, None), report
+    assert sorted(set(report["watched"]) - uses) == [], report
 
 
 def test_run_does_not_import_the_addons_it_does_not_use(

@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from claude_proxy.cli.diagnostics import read_exactly
+from claude_proxy.cli.probes import read_exactly
 from tests.conftest import ProxyProcess, curl, read_head, read_until_closed
 from tests.support.net import REFUSED_CONNECTS, this_machines_address
 from tests.support.socks import (

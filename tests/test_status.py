@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 import trustme
 
-from claude_proxy.cli import diagnostics
+from claude_proxy.cli import diagnostics, status_cmd
 from claude_proxy.cli.main import main
-from claude_proxy.macos import agent
 from tests.conftest import EXECUTABLE, read_head, start_proxy
 from tests.macos import Mac
 from tests.mountns import MountNamespace
@@ -190,8 +189,8 @@ def test_status_on_macos_needs_the_keychain_to_trust_the_ca(
     keychain.put_in_keychain(sha1(cert), "never")
 
     def checks() -> dict[str, bool]:
-        found = agent.status(home=home, host="127.0.0.1", port=proxy.port,
-                              socks_port=proxy.socks_port)  # fmt: skip
+        found = status_cmd.status(home=home, host="127.0.0.1", port=proxy.port,
+                                  socks_port=proxy.socks_port)  # fmt: skip
         return {c.what.split(" ")[0]: c.ok for c in found if not c.what.startswith("claude-code")}
 
     assert checks() == {"agent": False, "CA": True, "proxy": True, "SOCKS5": True,

@@ -7,7 +7,7 @@ import socket
 import ssl
 import struct
 
-from claude_proxy.cli.diagnostics import read_exactly
+from claude_proxy.cli.probes import read_exactly
 from tests.conftest import ProxyProcess
 
 SUCCEEDED, NOT_ALLOWED, COMMAND_NOT_SUPPORTED, NO_ACCEPTABLE_METHOD = 0x00, 0x02, 0x07, 0xFF

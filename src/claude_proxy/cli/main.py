@@ -861,11 +861,10 @@ def cmd_plist(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from claude_proxy.cli import diagnostics, ports
-    from claude_proxy.macos import agent
+    from claude_proxy.cli import diagnostics, ports, status_cmd
 
     found = ports.resolve(args.port, args.socks_port)
-    checks = agent.status(
+    checks = status_cmd.status(
         home=Path.home(),
         host=args.host,
         port=found.port,

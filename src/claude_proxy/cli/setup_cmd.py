@@ -20,7 +20,6 @@ from typing import Any
 from claude_proxy.cli import claude_settings, diagnostics, fence
 from claude_proxy.cli.claude_settings import Document, Edit, Key
 from claude_proxy.errors import ExitCode, ProxyError
-from claude_proxy.policy import rules as policy_rules
 from claude_proxy.state import files, paths
 
 RECORD_FILE = "setup-record.json"
@@ -144,6 +143,8 @@ def claude_code(
 
 
 def srt(*, home: Path, http_port: int, socks_port: int) -> Plan:
+    from claude_proxy.policy import rules as policy_rules  # here: only srt's settings name them
+
     wanted: dict[Key, Any] = {
         ("network", "httpProxyPort"): http_port,
         ("network", "socksProxyPort"): socks_port,
