@@ -101,14 +101,15 @@ class ProxyProcess:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Compile claude_proxy once, before any worker starts: the suite starts the proxy and its
-    commands hundreds of times, and under PYTHONDONTWRITEBYTECODE (CI machines set it) each would
-    compile our modules again, as Python never writes their bytecode itself. uv compiles the
+    """Compile claude_proxy and the macOS stand-ins once, before any worker starts: the suite
+    runs them hundreds of times, and under PYTHONDONTWRITEBYTECODE (CI machines set it) each run
+    would compile them again, as Python never writes their bytecode itself. uv compiles the
     installed packages (`uv sync --compile-bytecode` in .ci/run) but not this editable source."""
     if sys.dont_write_bytecode and not hasattr(config, "workerinput"):
         import claude_proxy
 
         compileall.compile_dir(Path(claude_proxy.__file__).parent, quiet=1)
+        compileall.compile_file(Path(__file__).with_name("standins.py"), quiet=1)
 
 
 @pytest.hookimpl(wrapper=True)
