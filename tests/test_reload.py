@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from tests.support.reload import (
     write_by_rename,
     write_in_place,
 )
-from tests.upstream import GatedConnect, Upstream
+from tests.upstream import GatedConnect, PlainWebSocketUpstream, Upstream
 
 
 def status_of(proxy: ProxyProcess, host: str, path: str = "/") -> tuple[str, str]:
@@ -150,6 +151,64 @@ def test_an_upload_still_streaming_is_cut_when_its_host_is_removed(
     tunnel.close()
     upstream.wait_idle()
     assert b"LATE" not in bytes(upstream.seen.raw)
+
+
+def masked_frame(payload: bytes) -> bytes:
+    """One WebSocket text frame as a client sends it (masked; payload under 126 bytes)."""
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + body
+
+
+def frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of each WebSocket frame in `data` (payloads under 126 bytes)."""
+    found = []
+    while len(data) >= 2:
+        masked, size = data[1] & 0x80, data[1] & 0x7F
+        mask, start = (data[2:6], 6) if masked else (b"\0\0\0\0", 2)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(data[start : start + size]))
+        found.append((data[0] & 0x0F, payload))
+        data = data[start + size :]
+    return found
+
+
+def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
+    home: Path, upstream: Upstream, upstream_ca_file: Path
+) -> None:
+    """A `ws://` WebSocket has no tunnel: the connection that carries it is closed all the same."""
+    far = PlainWebSocketUpstream()
+    path = config_file(home)
+    path.parent.mkdir(parents=True)
+    text = allowing("api.anthropic.com") + '[[allow]]\nhost = "ws.example"\nscheme = "http"\n'
+    path.write_text(text)
+    route = {"CLAUDE_PROXY_TEST_ROUTE": f"ws.example={far.port}"}
+    proxy = start_proxy(home, upstream, upstream_ca_file, env=route)
+    try:
+        wait_applied(proxy, text)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET http://ws.example/socket HTTP/1.1\r\nHost: ws.example\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            assert read_head(sock).startswith(b"HTTP/1.1 101")
+            sock.sendall(masked_frame(b"first"))
+            far.wait_received(len(masked_frame(b"first")))  # barrier: the WebSocket is open
+            text = allowing("api.anthropic.com")
+            write_by_rename(path, text)
+            wait_applied(proxy, text)
+            read_until_closed(sock)  # closed at once, not at its next message
+            with contextlib.suppress(OSError):
+                sock.sendall(masked_frame(b"late"))
+        assert far.ended.wait(10), "the proxy kept its upstream connection open"
+        # Nothing the client sent after the change: "first", then the proxy's own close.
+        assert [(op, data) for op, data in frames(bytes(far.received)) if op != 0x8] == [
+            (0x1, b"first")
+        ]
+        assert "closed: the policy now refuses ws.example:80" in proxy.log_text()
+    finally:
+        assert proxy.stop() == 0
+        far.close()
 
 
 def test_a_request_waiting_for_its_upstream_connection_is_decided_again(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import socket
 import ssl
 import sys
@@ -593,3 +594,48 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+class PlainWebSocketUpstream(SilentUpstream):
+    """A cleartext HTTP server that answers a WebSocket upgrade with 101 and then records every
+    byte it receives: the far end of a `ws://` connection through the proxy."""
+
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.arrived = threading.Condition()
+        self.ended = threading.Event()  # the proxy closed its connection
+        super().__init__()
+
+    def accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                head += chunk
+            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+            accept = base64.b64encode(hashlib.sha1(key[1].strip() + self.GUID).digest())
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            self._record(head.partition(b"\r\n\r\n")[2])
+            while data := conn.recv(65536):
+                self._record(data)
+        except (OSError, TypeError):
+            pass
+        self.ended.set()
+
+    def _record(self, data: bytes) -> None:
+        with self.arrived:
+            self.received += data
+            self.arrived.notify_all()
+
+    def wait_received(self, size: int, timeout: float = 10) -> None:
+        """Barrier: at least `size` bytes have arrived after the upgrade."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: len(self.received) >= size, timeout):
+                raise AssertionError(f"only {len(self.received)} of {size} bytes arrived")

@@ -102,6 +102,9 @@ class Enforcer:
         self.generation = 0  # how many policies there have been
         self.tunnels: dict[str, Destination] = {}  # client connection id → its CONNECT target
         self.spliced: set[str] = set()  # client connection ids of pass-through tunnels
+        # flow id → an allowed request or WebSocket outside any tunnel (`GET http://…`), while
+        # it is open: it has no tunnel to close, so a new policy decides it on its own
+        self.untunnelled: dict[str, tuple[http.HTTPFlow, str, int]] = {}
         self.in_flight = 0  # allowed requests whose response has not ended
 
     def use_policy(self, new: Policy) -> None:
@@ -109,7 +112,7 @@ class Enforcer:
         refuses is closed at once (a WebSocket, an upload still streaming, a request waiting)."""
         self.policy = new
         self.generation += 1
-        if self.tunnels:
+        if self.tunnels or self.untunnelled:
             try:
                 self.close_refused()
             except Exception:
@@ -136,6 +139,15 @@ class Enforcer:
                     self.close_client(client_id, "closed: the policy changed")
                 except Exception:
                     logger.exception("closing a tunnel failed")
+        for flow_id, (flow, host, port) in list(self.untunnelled.items()):
+            try:
+                self._close_flow_if_refused(flow_id, flow, host, port)
+            except Exception:
+                logger.exception("closing the connections the new policy refuses: one failed")
+                try:
+                    self.close_client(flow.client_conn.id, "closed: the policy changed")
+                except Exception:
+                    logger.exception("closing a connection failed")
 
     def _close_if_refused(self, client_id: str, host: str, port: int) -> None:
         decision = self.decide(host, port)
@@ -159,6 +171,20 @@ class Enforcer:
             client=client,
         )
         self.close_client(client_id, why)
+
+    def _close_flow_if_refused(
+        self, flow_id: str, flow: http.HTTPFlow, host: str, port: int
+    ) -> None:
+        again = self.recheck(flow, host, port)
+        if again is None or again.allowed:
+            return
+        del self.untunnelled[flow_id]
+        why = f"closed: the policy now refuses {host}:{port}"
+        if flow.metadata.pop(DECISION, None) is not None:
+            self.in_flight -= 1  # ended here: _finish will not count it
+        refused = Decision(False, f"{why} ({again.reason})", again.rule, origin=again.origin)
+        self.recorder.decision(flow, refused, host=host, port=port, status=None)
+        self.close_client(flow.client_conn.id, why)
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
@@ -203,6 +229,9 @@ class Enforcer:
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)
         self.spliced.discard(client.id)
+        for flow_id, (flow, _, _) in list(self.untunnelled.items()):
+            if flow.client_conn.id == client.id:
+                del self.untunnelled[flow_id]
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
@@ -346,6 +375,8 @@ class Enforcer:
         flow.metadata[GENERATION] = (self.generation, scheme)
         flow.request.stream = count_body(flow, SENT_UP)
         self.in_flight += 1
+        if target is None:
+            self.untunnelled[flow.id] = (flow, host, port)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or DECISION not in flow.metadata:
@@ -373,6 +404,11 @@ class Enforcer:
         refused = flow.metadata.pop(REFUSED, None)
         status = flow.response.status_code if flow.response else None
         self._finish(flow, status, Decision(False, refused) if refused else None)
+        if flow.websocket is None:  # a WebSocket carries on until its end
+            self.untunnelled.pop(flow.id, None)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.untunnelled.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """The exchange ended without a whole response: the client left, the upstream broke off,
@@ -385,6 +421,7 @@ class Enforcer:
         # Every allowed response streams: once it has come, its head has gone to the client.
         status = flow.response.status_code if flow.response else None
         self._finish(flow, status, Decision(False, refused) if refused else None)
+        self.untunnelled.pop(flow.id, None)
 
     def _finish(
         self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
