@@ -311,10 +311,10 @@ def uv(args: list[str]) -> int:
         return 0
     if args[:1] == ["export"]:  # uv.lock's versions: the real uv reads the real lock
         os.execv(os.environ["FAKE_REAL_UV"], ["uv", *args])
-    if args[:5] == INSTALL and len(args) == 7:
-        pins = Path(args[5]).read_text()  # the build the session made used the same constraints
+    if args[: len(INSTALL)] == INSTALL and len(args) == len(INSTALL) + 2:
+        pins = Path(args[-2]).read_text()  # the build the session made used the same constraints
         if "\nmitmproxy==" not in "\n" + pins:
-            print(f"uv stand-in: no mitmproxy pin in {args[5]}", file=sys.stderr)
+            print(f"uv stand-in: no mitmproxy pin in {args[-2]}", file=sys.stderr)
             return 64
         bin_dir.mkdir(parents=True, exist_ok=True)
         exe.unlink(missing_ok=True)

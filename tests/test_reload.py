@@ -38,7 +38,7 @@ from tests.support.reload import (
     write_by_rename,
     write_in_place,
 )
-from tests.upstream import GatedConnect, PlainWebSocketUpstream, Upstream
+from tests.upstream import CleartextUpstream, GatedConnect, Upstream
 
 
 def status_of(proxy: ProxyProcess, host: str, path: str = "/") -> tuple[str, str]:
@@ -172,11 +172,12 @@ def frames(data: bytes) -> list[tuple[int, bytes]]:
     return found
 
 
-def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
+@pytest.fixture
+def cleartext(
     home: Path, upstream: Upstream, upstream_ca_file: Path
-) -> None:
-    """A `ws://` WebSocket has no tunnel: the connection that carries it is closed all the same."""
-    far = PlainWebSocketUpstream()
+) -> Iterator[tuple[ProxyProcess, CleartextUpstream]]:
+    """A proxy whose config.toml allows cleartext HTTP to ws.example, routed to a far end."""
+    far = CleartextUpstream()
     path = config_file(home)
     path.parent.mkdir(parents=True)
     text = allowing("api.anthropic.com") + '[[allow]]\nhost = "ws.example"\nscheme = "http"\n'
@@ -185,30 +186,64 @@ def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
     proxy = start_proxy(home, upstream, upstream_ca_file, env=route)
     try:
         wait_applied(proxy, text)
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            sock.sendall(
-                b"GET http://ws.example/socket HTTP/1.1\r\nHost: ws.example\r\n"
-                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            )
-            assert read_head(sock).startswith(b"HTTP/1.1 101")
-            sock.sendall(masked_frame(b"first"))
-            far.wait_received(len(masked_frame(b"first")))  # barrier: the WebSocket is open
-            text = allowing("api.anthropic.com")
-            write_by_rename(path, text)
-            wait_applied(proxy, text)
-            read_until_closed(sock)  # closed at once, not at its next message
-            with contextlib.suppress(OSError):
-                sock.sendall(masked_frame(b"late"))
-        assert far.ended.wait(10), "the proxy kept its upstream connection open"
-        # Nothing the client sent after the change: "first", then the proxy's own close.
-        assert [(op, data) for op, data in frames(bytes(far.received)) if op != 0x8] == [
-            (0x1, b"first")
-        ]
-        assert "closed: the policy now refuses ws.example:80" in proxy.log_text()
+        yield proxy, far
     finally:
         assert proxy.stop() == 0
         far.close()
+    assert "still open after" not in proxy.log_text()  # nothing counted in flight for ever
+
+
+def remove_ws_example(proxy: ProxyProcess) -> None:
+    text = allowing("api.anthropic.com")
+    write_by_rename(config_file(proxy.home), text)
+    wait_applied(proxy, text)
+
+
+def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
+    cleartext: tuple[ProxyProcess, CleartextUpstream],
+) -> None:
+    """A `ws://` WebSocket has no tunnel: the connection that carries it is closed all the same."""
+    proxy, far = cleartext
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET http://ws.example/socket HTTP/1.1\r\nHost: ws.example\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        sock.sendall(masked_frame(b"first"))
+        far.wait_received(len(masked_frame(b"first")))  # barrier: the WebSocket is open
+        remove_ws_example(proxy)
+        read_until_closed(sock)  # closed at once, not at its next message
+        with contextlib.suppress(OSError):
+            sock.sendall(masked_frame(b"late"))
+    assert far.ended.wait(10), "the proxy kept its upstream connection open"
+    # Nothing the client sent after the change: "first", then the proxy's own close.
+    assert [(op, data) for op, data in frames(bytes(far.received)) if op != 0x8] == [
+        (0x1, b"first")
+    ]
+    assert "closed: the policy now refuses ws.example:80" in proxy.log_text()
+
+
+def test_a_cleartext_upload_still_streaming_is_cut_when_its_host_is_removed(
+    cleartext: tuple[ProxyProcess, CleartextUpstream],
+) -> None:
+    proxy, far = cleartext
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST http://ws.example/upload HTTP/1.1\r\nHost: ws.example\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nEARLY\r\n"
+        )
+        far.wait_received(len(b"5\r\nEARLY\r\n"))  # barrier: the upload is under way
+        remove_ws_example(proxy)
+        read_until_closed(sock)
+        with contextlib.suppress(OSError):
+            sock.sendall(b"4\r\nLATE\r\n0\r\n\r\n")
+    assert far.ended.wait(10), "the proxy kept its upstream connection open"
+    assert b"LATE" not in far.received
+    assert proxy.stop() == 0  # barrier: every line it wrote has been read
+    lines = [line for line in proxy.stderr if "/upload" in line]
+    assert len(lines) == 1 and "closed: the policy now refuses ws.example:80" in lines[0], lines
 
 
 def test_a_request_waiting_for_its_upstream_connection_is_decided_again(

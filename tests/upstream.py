@@ -596,9 +596,10 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS in /proc/PID/status")
 
 
-class PlainWebSocketUpstream(SilentUpstream):
-    """A cleartext HTTP server that answers a WebSocket upgrade with 101 and then records every
-    byte it receives: the far end of a `ws://` connection through the proxy."""
+class CleartextUpstream(SilentUpstream):
+    """A cleartext HTTP server that records every byte after a request's head, and answers a
+    WebSocket upgrade with 101 (anything else, never): the far end of a `ws://` connection or
+    of an upload still streaming to `http://` through the proxy."""
 
     GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
 
@@ -616,18 +617,21 @@ class PlainWebSocketUpstream(SilentUpstream):
         try:
             while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
                 head += chunk
-            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-            accept = base64.b64encode(hashlib.sha1(key[1].strip() + self.GUID).digest())
-            conn.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-            )
+            if key := re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head):
+                self._switch(conn, key[1].strip())
             self._record(head.partition(b"\r\n\r\n")[2])
             while data := conn.recv(65536):
                 self._record(data)
-        except (OSError, TypeError):
+        except OSError:
             pass
         self.ended.set()
+
+    def _switch(self, conn: socket.socket, key: bytes) -> None:
+        accept = base64.b64encode(hashlib.sha1(key + self.GUID).digest())
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
 
     def _record(self, data: bytes) -> None:
         with self.arrived:
