@@ -193,10 +193,19 @@ def cleartext(
     assert "still open after" not in proxy.log_text()  # nothing counted in flight for ever
 
 
-def remove_ws_example(proxy: ProxyProcess) -> None:
+def remove_ws_example_midway(
+    proxy: ProxyProcess, far: CleartextUpstream, sock: socket.socket, arrived: int, late: bytes
+) -> None:
+    """Once `arrived` bytes have reached the far end, ws.example leaves config.toml: the client's
+    connection is closed at once (not at its next message), and `late`, sent after, goes nowhere."""
+    far.wait_received(arrived)  # barrier: under way
     text = allowing("api.anthropic.com")
     write_by_rename(config_file(proxy.home), text)
     wait_applied(proxy, text)
+    read_until_closed(sock)
+    with contextlib.suppress(OSError):
+        sock.sendall(late)
+    assert far.ended.wait(10), "the proxy kept its upstream connection open"
 
 
 def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
@@ -212,12 +221,7 @@ def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
         )
         assert read_head(sock).startswith(b"HTTP/1.1 101")
         sock.sendall(masked_frame(b"first"))
-        far.wait_received(len(masked_frame(b"first")))  # barrier: the WebSocket is open
-        remove_ws_example(proxy)
-        read_until_closed(sock)  # closed at once, not at its next message
-        with contextlib.suppress(OSError):
-            sock.sendall(masked_frame(b"late"))
-    assert far.ended.wait(10), "the proxy kept its upstream connection open"
+        remove_ws_example_midway(proxy, far, sock, len(masked_frame(b"first")), masked_frame(b"x"))
     # Nothing the client sent after the change: "first", then the proxy's own close.
     assert [(op, data) for op, data in frames(bytes(far.received)) if op != 0x8] == [
         (0x1, b"first")
@@ -234,12 +238,9 @@ def test_a_cleartext_upload_still_streaming_is_cut_when_its_host_is_removed(
             b"POST http://ws.example/upload HTTP/1.1\r\nHost: ws.example\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n5\r\nEARLY\r\n"
         )
-        far.wait_received(len(b"5\r\nEARLY\r\n"))  # barrier: the upload is under way
-        remove_ws_example(proxy)
-        read_until_closed(sock)
-        with contextlib.suppress(OSError):
-            sock.sendall(b"4\r\nLATE\r\n0\r\n\r\n")
-    assert far.ended.wait(10), "the proxy kept its upstream connection open"
+        remove_ws_example_midway(
+            proxy, far, sock, len(b"5\r\nEARLY\r\n"), b"4\r\nLATE\r\n0\r\n\r\n"
+        )
     assert b"LATE" not in far.received
     assert proxy.stop() == 0  # barrier: every line it wrote has been read
     lines = [line for line in proxy.stderr if "/upload" in line]
