@@ -24,7 +24,7 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons, tflow, tutils
 
 from claude_proxy.policy.rules import DEFAULT_RULES, Policy
 from claude_proxy.proxy import held_bodies
@@ -676,3 +676,70 @@ def test_bodies_held_for_a_probe_are_bounded_in_all(home: Path, upstream_ca_file
             tls.close()
         proxy.stop()
         silent.close()
+
+
+def test_an_upload_answered_early_is_still_closed_by_a_new_pin(tmp_path: Path) -> None:
+    """An upstream may answer before it has the whole body: the client can still send, so the
+    upload stays among what a new pin closes until its body has ended."""
+    connections = OpenConnections()
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        enforcer.connections = connections  # type: ignore[assignment]
+        key = accounts.load_key(tmp_path)
+        fp = accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B))
+        early, ended = api_request(**{"x-api-key": KEY_B}), api_request(**{"x-api-key": KEY_B})
+        for f in (early, ended):
+            f.metadata[FINGERPRINTS] = [fp]
+            guard.carrying[f.id] = (f, "api.anthropic.com", 443)
+            f.response = tutils.tresp()
+            f.request.timestamp_end = None  # its body still streams
+            guard.response(f)
+        ended.request.timestamp_end = time.time()
+        guard.request(ended)  # its body has ended: nothing more can be sent
+        guard.close_refused()
+    assert connections.closed == [early.client_conn.id]
+    assert guard.carrying == {}
+
+
+def test_a_connection_a_new_pin_closed_is_not_closed_again_by_a_new_policy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "claude_proxy.decisions")
+    connections = OpenConnections()
+    with pinned_guard(tmp_path) as (enforcer, guard):
+        enforcer.connections = connections  # type: ignore[assignment]
+        key = accounts.load_key(tmp_path)
+        f = api_request(**{"x-api-key": KEY_B})
+        enforcer.requestheaders(f)  # sent to the proxy without a tunnel: the Enforcer tracks it
+        f.metadata[FINGERPRINTS] = [
+            accounts.fingerprint(key, accounts.Credential("x-api-key", KEY_B))
+        ]
+        guard.carrying[f.id] = (f, "api.anthropic.com", 443)
+        guard.close_refused()
+        enforcer.use_policy(Policy.from_texts(["claude.ai"]))
+        assert enforcer.in_flight == 0
+    assert connections.closed == [f.client_conn.id]  # once
+    decisions = [r.getMessage() for r in caplog.records if r.name == "claude_proxy.decisions"]
+    assert len(decisions) == 1 and "the pin now refuses it" in decisions[0], decisions
+
+
+def test_a_policy_change_while_a_probe_is_out_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new policy closes the request's connection while its credential is being verified:
+    that close is its line; the guard adds no refusal of its own when the probe returns."""
+    caplog.set_level(logging.INFO, "claude_proxy.decisions")
+    with pinned_guard(tmp_path) as (enforcer, guard):
+
+        async def verify(credential: object, fp: str, host: str) -> tuple[str | None, str]:
+            enforcer.use_policy(Policy.from_texts(["claude.ai"]))  # meanwhile
+            return ORG_A, ""
+
+        monkeypatch.setattr(guard, "verify", verify)
+        f = api_request(**{"x-api-key": KEY_A2})
+        enforcer.requestheaders(f)
+        asyncio.run(guard.requestheaders(f))
+        assert f.response is None and f.error is not None  # killed, never answered
+        enforcer.error(f)
+        assert enforcer.in_flight == 0
+    decisions = [r.getMessage() for r in caplog.records if r.name == "claude_proxy.decisions"]
+    assert len(decisions) == 1 and "closed: the policy now refuses" in decisions[0], decisions

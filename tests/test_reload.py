@@ -172,12 +172,13 @@ def frames(data: bytes) -> list[tuple[int, bytes]]:
     return found
 
 
-@pytest.fixture
+@pytest.fixture(params=[b""], ids=["unanswered"])
 def cleartext(
-    home: Path, upstream: Upstream, upstream_ca_file: Path
+    request: pytest.FixtureRequest, home: Path, upstream: Upstream, upstream_ca_file: Path
 ) -> Iterator[tuple[ProxyProcess, CleartextUpstream]]:
-    """A proxy whose config.toml allows cleartext HTTP to ws.example, routed to a far end."""
-    far = CleartextUpstream()
+    """A proxy whose config.toml allows cleartext HTTP to ws.example, routed to a far end (which
+    answers a request at once with the parameter, if any)."""
+    far = CleartextUpstream(request.param)
     path = config_file(home)
     path.parent.mkdir(parents=True)
     text = allowing("api.anthropic.com") + '[[allow]]\nhost = "ws.example"\nscheme = "http"\n'
@@ -229,9 +230,17 @@ def test_a_cleartext_websocket_is_closed_once_its_host_is_removed(
     assert "closed: the policy now refuses ws.example:80" in proxy.log_text()
 
 
+@pytest.mark.parametrize(
+    "cleartext",
+    [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+    ids=["unanswered", "answered-before-its-end"],
+    indirect=True,
+)
 def test_a_cleartext_upload_still_streaming_is_cut_when_its_host_is_removed(
     cleartext: tuple[ProxyProcess, CleartextUpstream],
 ) -> None:
+    """Cut whether or not the upstream has answered: one that answers before the whole body
+    has come leaves the client sending all the same."""
     proxy, far = cleartext
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(
@@ -243,8 +252,8 @@ def test_a_cleartext_upload_still_streaming_is_cut_when_its_host_is_removed(
         )
     assert b"LATE" not in far.received
     assert proxy.stop() == 0  # barrier: every line it wrote has been read
-    lines = [line for line in proxy.stderr if "/upload" in line]
-    assert len(lines) == 1 and "closed: the policy now refuses ws.example:80" in lines[0], lines
+    closed = [line for line in proxy.stderr if "/upload" in line and "closed:" in line]
+    assert len(closed) == 1 and "the policy now refuses ws.example:80" in closed[0], closed
 
 
 def test_a_request_waiting_for_its_upstream_connection_is_decided_again(

@@ -598,12 +598,13 @@ def rss(pid: int) -> int:
 
 class CleartextUpstream(SilentUpstream):
     """A cleartext HTTP server that records every byte after a request's head, and answers a
-    WebSocket upgrade with 101 (anything else, never): the far end of a `ws://` connection or
-    of an upload still streaming to `http://` through the proxy."""
+    WebSocket upgrade with 101 (anything else with `answer`, at once, or never): the far end of
+    a `ws://` connection or of an upload still streaming to `http://` through the proxy."""
 
     GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"") -> None:
+        self.answer = answer  # sent at once to a request that is not an upgrade
         self.received = bytearray()
         self.arrived = threading.Condition()
         self.ended = threading.Event()  # the proxy closed its connection
@@ -619,6 +620,8 @@ class CleartextUpstream(SilentUpstream):
                 head += chunk
             if key := re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head):
                 self._switch(conn, key[1].strip())
+            elif self.answer:
+                conn.sendall(self.answer)
             self._record(head.partition(b"\r\n\r\n")[2])
             while data := conn.recv(65536):
                 self._record(data)

@@ -75,6 +75,7 @@ GUARDED_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
 PASS = "PASS"  # how pass-through tunnels appear in the decision log
 DECISION = "claude_proxy.decision"  # flow.metadata: (decision, host, port) of an allowed request
 GENERATION = "claude_proxy.generation"  # flow.metadata: (policy generation, scheme) of a decision
+CLOSED = "claude_proxy.closed"  # flow.metadata: its connection was closed for it (logged once)
 MAX_REFUSED_BODY = 64 * 1024  # a refused request with a larger body is closed, not answered
 Destination = tuple[str, int]
 
@@ -175,10 +176,14 @@ class Enforcer:
     def _close_flow_if_refused(
         self, flow_id: str, flow: http.HTTPFlow, host: str, port: int
     ) -> None:
+        if flow.metadata.get(CLOSED):  # closed already (a new pin): its connection is going
+            del self.untunnelled[flow_id]
+            return
         again = self.recheck(flow, host, port)
         if again is None or again.allowed:
             return
         del self.untunnelled[flow_id]
+        flow.metadata[CLOSED] = True
         why = f"closed: the policy now refuses {host}:{port}"
         if flow.metadata.pop(DECISION, None) is not None:
             self.in_flight -= 1  # ended here: _finish will not count it
@@ -229,9 +234,10 @@ class Enforcer:
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)
         self.spliced.discard(client.id)
-        for flow_id, (flow, _, _) in list(self.untunnelled.items()):
-            if flow.client_conn.id == client.id:
-                del self.untunnelled[flow_id]
+        if self.untunnelled:
+            for flow_id, (flow, _, _) in list(self.untunnelled.items()):
+                if flow.client_conn.id == client.id:
+                    del self.untunnelled[flow_id]
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
@@ -404,7 +410,12 @@ class Enforcer:
         refused = flow.metadata.pop(REFUSED, None)
         status = flow.response.status_code if flow.response else None
         self._finish(flow, status, Decision(False, refused) if refused else None)
-        if flow.websocket is None:  # a WebSocket carries on until its end
+        if not still_sending(flow):
+            self.untunnelled.pop(flow.id, None)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The request's body has ended: if its response had already, nothing more is sent."""
+        if flow.response is not None and not still_sending(flow):
             self.untunnelled.pop(flow.id, None)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -540,6 +551,12 @@ def requested_host(request: http.Request) -> str:
     except (UnicodeDecodeError, ValueError):
         return request.host  # refused by the policy as it is: not ASCII, or not host[:port]
     return host
+
+
+def still_sending(flow: http.HTTPFlow) -> bool:
+    """Whether a client may still send on this flow after its response: a WebSocket until its
+    end, and a request whose body still streams (an upstream may answer before it has all)."""
+    return flow.websocket is not None or flow.request.timestamp_end is None
 
 
 def scheme_of(server: connection.Server) -> str:

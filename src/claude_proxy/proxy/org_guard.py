@@ -22,7 +22,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import org_probe, wellformed
-from claude_proxy.proxy.enforcer import DECISION, Enforcer, body_follows
+from claude_proxy.proxy.enforcer import CLOSED, DECISION, Enforcer, body_follows, still_sending
 from claude_proxy.record.decisions import FINGERPRINTS
 from claude_proxy.state import accounts
 from claude_proxy.state.accounts import Credential, Pin, StateError, short
@@ -123,6 +123,11 @@ class OrgGuard:
         except Exception:
             self.internal_error("checking the organization of a request")
             reason = "internal error in the organization check"
+        if flow.error is None and DECISION not in flow.metadata:
+            # A new policy closed its connection while it waited (and said so): nothing to add.
+            if flow.killable:
+                flow.kill()
+            return
         if reason is None and flow.error is None:
             if FINGERPRINTS in flow.metadata or accounts.carries_cookie(
                 flow.request.headers.items(multi=True)
@@ -181,7 +186,12 @@ class OrgGuard:
     # Open connections under a new pin
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is None:  # a WebSocket carries on until its end
+        if not still_sending(flow):
+            self.carrying.pop(flow.id, None)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The request's body has ended: if its response had already, nothing more is sent."""
+        if flow.response is not None and not still_sending(flow):
             self.carrying.pop(flow.id, None)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -199,9 +209,13 @@ class OrgGuard:
     def close_refused(self) -> None:
         """Close every client connection whose open request or WebSocket the pin now refuses."""
         for flow_id, (flow, host, port) in list(self.carrying.items()):
+            if flow.metadata.get(CLOSED):  # closed already (a new policy): its connection is going
+                del self.carrying[flow_id]
+                continue
             if (reason := self.refused_now(flow)) is None:
                 continue
             del self.carrying[flow_id]
+            flow.metadata[CLOSED] = True
             why = f"closed: the pin now refuses it: {reason}"
             if flow.metadata.pop(DECISION, None) is not None:
                 self.enforcer.in_flight -= 1  # ended here: the Enforcer will not finish it
