@@ -105,7 +105,7 @@ class Enforcer:
         self.spliced: set[str] = set()  # client connection ids of pass-through tunnels
         # flow id → an allowed request or WebSocket outside any tunnel (`GET http://…`), while
         # it is open: it has no tunnel to close, so a new policy decides it on its own
-        self.untunnelled: dict[str, tuple[http.HTTPFlow, str, int]] = {}
+        self.untunnelled = OpenFlows()
         self.in_flight = 0  # allowed requests whose response has not ended
 
     def use_policy(self, new: Policy) -> None:
@@ -234,10 +234,7 @@ class Enforcer:
     def client_disconnected(self, client: connection.Client) -> None:
         self.tunnels.pop(client.id, None)
         self.spliced.discard(client.id)
-        if self.untunnelled:
-            for flow_id, (flow, _, _) in list(self.untunnelled.items()):
-                if flow.client_conn.id == client.id:
-                    del self.untunnelled[flow_id]
+        self.untunnelled.client_gone(client.id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         host, port = flow.request.host, flow.request.port
@@ -382,7 +379,7 @@ class Enforcer:
         flow.request.stream = count_body(flow, SENT_UP)
         self.in_flight += 1
         if target is None:
-            self.untunnelled[flow.id] = (flow, host, port)
+            self.untunnelled.add(flow, host, port)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is None or DECISION not in flow.metadata:
@@ -410,16 +407,13 @@ class Enforcer:
         refused = flow.metadata.pop(REFUSED, None)
         status = flow.response.status_code if flow.response else None
         self._finish(flow, status, Decision(False, refused) if refused else None)
-        if not still_sending(flow):
-            self.untunnelled.pop(flow.id, None)
+        self.untunnelled.response(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """The request's body has ended: if its response had already, nothing more is sent."""
-        if flow.response is not None and not still_sending(flow):
-            self.untunnelled.pop(flow.id, None)
+        self.untunnelled.request(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self.untunnelled.pop(flow.id, None)
+        self.untunnelled.ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """The exchange ended without a whole response: the client left, the upstream broke off,
@@ -432,7 +426,7 @@ class Enforcer:
         # Every allowed response streams: once it has come, its head has gone to the client.
         status = flow.response.status_code if flow.response else None
         self._finish(flow, status, Decision(False, refused) if refused else None)
-        self.untunnelled.pop(flow.id, None)
+        self.untunnelled.ended(flow)
 
     def _finish(
         self, flow: http.HTTPFlow, status: int | None, refused: Decision | None = None
@@ -551,6 +545,35 @@ def requested_host(request: http.Request) -> str:
     except (UnicodeDecodeError, ValueError):
         return request.host  # refused by the policy as it is: not ASCII, or not host[:port]
     return host
+
+
+class OpenFlows(dict[str, tuple[http.HTTPFlow, str, int]]):
+    """Flows a client may still send on, flow id → (flow, host, port): from their request until
+    both its body and its response have ended, a WebSocket until its end, any until its client
+    goes. What a new policy (Enforcer.untunnelled) or pin (OrgGuard.carrying) decides again; the
+    addon that keeps one passes it these hooks."""
+
+    def add(self, flow: http.HTTPFlow, host: str, port: int) -> None:
+        self[flow.id] = (flow, host, port)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if not still_sending(flow):
+            self.pop(flow.id, None)
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """Its body has ended: if its response had already, nothing more is sent."""
+        if flow.response is not None and not still_sending(flow):
+            self.pop(flow.id, None)
+
+    def ended(self, flow: http.HTTPFlow) -> None:
+        """A WebSocket's end, or an error."""
+        self.pop(flow.id, None)
+
+    def client_gone(self, client_id: str) -> None:
+        if self:
+            for flow_id, (flow, _, _) in list(self.items()):
+                if flow.client_conn.id == client_id:
+                    del self[flow_id]
 
 
 def still_sending(flow: http.HTTPFlow) -> bool:

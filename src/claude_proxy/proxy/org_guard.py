@@ -22,7 +22,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from claude_proxy.errors import ExitCode, ProxyError
 from claude_proxy.policy.rules import Decision
 from claude_proxy.proxy import org_probe, wellformed
-from claude_proxy.proxy.enforcer import CLOSED, DECISION, Enforcer, body_follows, still_sending
+from claude_proxy.proxy.enforcer import CLOSED, DECISION, Enforcer, OpenFlows, body_follows
 from claude_proxy.record.decisions import FINGERPRINTS
 from claude_proxy.state import accounts
 from claude_proxy.state.accounts import Credential, Pin, StateError, short
@@ -84,7 +84,7 @@ class OrgGuard:
         self.errors_suppressed = 0
         # Allowed flows with a credential (or a cookie) still open: a new pin is held against
         # them too. flow id → (flow, host, port)
-        self.carrying: dict[str, tuple[http.HTTPFlow, str, int]] = {}
+        self.carrying = OpenFlows()
 
     def load(self, loader: object) -> None:
         loader.add_option(  # type: ignore[attr-defined]
@@ -132,7 +132,7 @@ class OrgGuard:
             if FINGERPRINTS in flow.metadata or accounts.carries_cookie(
                 flow.request.headers.items(multi=True)
             ):
-                self.carrying[flow.id] = (flow, host, port)
+                self.carrying.add(flow, host, port)
             return
         if flow.error is not None:  # the client left meanwhile
             return
@@ -186,25 +186,19 @@ class OrgGuard:
     # Open connections under a new pin
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if not still_sending(flow):
-            self.carrying.pop(flow.id, None)
+        self.carrying.response(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """The request's body has ended: if its response had already, nothing more is sent."""
-        if flow.response is not None and not still_sending(flow):
-            self.carrying.pop(flow.id, None)
+        self.carrying.request(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self.carrying.pop(flow.id, None)
+        self.carrying.ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.carrying.pop(flow.id, None)
+        self.carrying.ended(flow)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        if self.carrying:
-            for flow_id, (flow, _, _) in list(self.carrying.items()):
-                if flow.client_conn.id == client.id:
-                    del self.carrying[flow_id]
+        self.carrying.client_gone(client.id)
 
     def close_refused(self) -> None:
         """Close every client connection whose open request or WebSocket the pin now refuses."""
