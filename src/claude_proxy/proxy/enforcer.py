@@ -8,6 +8,7 @@ client's own TLS to a pass-through destination of the user's policy (passthrough
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -129,26 +130,26 @@ class Enforcer:
             self.connections.close(client_id, why)
 
     def close_refused(self) -> None:
-        """Close each open tunnel the policy now refuses, each on its own: a pass-through relay
-        asks nothing afterwards, so one that a failure here skipped would stay open."""
+        """Close each open tunnel, and each flow outside a tunnel, the policy now refuses, each
+        on its own: a pass-through relay asks nothing afterwards, so one that a failure here
+        skipped would stay open."""
         for client_id, (host, port) in list(self.tunnels.items()):
-            try:
-                self._close_if_refused(client_id, host, port)
-            except Exception:  # fail closed: a tunnel that could not be decided again goes
-                logger.exception("closing the tunnels the new policy refuses: one failed")
-                try:
-                    self.close_client(client_id, "closed: the policy changed")
-                except Exception:
-                    logger.exception("closing a tunnel failed")
+            close = functools.partial(self._close_if_refused, client_id, host, port)
+            self._fail_closed(client_id, close)
         for flow_id, (flow, host, port) in list(self.untunnelled.items()):
+            close = functools.partial(self._close_flow_if_refused, flow_id, flow, host, port)
+            self._fail_closed(flow.client_conn.id, close)
+
+    def _fail_closed(self, client_id: str, close: Callable[[], None]) -> None:
+        """Decide one connection again; one that could not be decided is closed all the same."""
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the connections the new policy refuses: one failed")
             try:
-                self._close_flow_if_refused(flow_id, flow, host, port)
+                self.close_client(client_id, "closed: the policy changed")
             except Exception:
-                logger.exception("closing the connections the new policy refuses: one failed")
-                try:
-                    self.close_client(flow.client_conn.id, "closed: the policy changed")
-                except Exception:
-                    logger.exception("closing a connection failed")
+                logger.exception("closing a connection failed")
 
     def _close_if_refused(self, client_id: str, host: str, port: int) -> None:
         decision = self.decide(host, port)
@@ -183,13 +184,23 @@ class Enforcer:
         if again is None or again.allowed:
             return
         del self.untunnelled[flow_id]
-        flow.metadata[CLOSED] = True
         why = f"closed: the policy now refuses {host}:{port}"
+        refused = Decision(False, f"{why} ({again.reason})", again.rule, origin=again.origin)
+        self.close_flow(flow, host, port, refused, why)
+
+    def close_flow(
+        self, flow: http.HTTPFlow, host: str, port: int, refused: Decision, why: str
+    ) -> None:
+        """Close the client connection of an open flow (a request, a WebSocket) that a new policy
+        or pin refuses, with one line for it, a WebSocket's too (its request was logged when it
+        opened). Closed even when the line fails: the next check is at the next change."""
+        flow.metadata[CLOSED] = True
         if flow.metadata.pop(DECISION, None) is not None:
             self.in_flight -= 1  # ended here: _finish will not count it
-        refused = Decision(False, f"{why} ({again.reason})", again.rule, origin=again.origin)
-        self.recorder.decision(flow, refused, host=host, port=port, status=None)
-        self.close_client(flow.client_conn.id, why)
+        try:
+            self.recorder.decision(flow, refused, host=host, port=port, status=None)
+        finally:
+            self.close_client(flow.client_conn.id, why)
 
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]

@@ -209,18 +209,11 @@ class OrgGuard:
             if (reason := self.refused_now(flow)) is None:
                 continue
             del self.carrying[flow_id]
-            flow.metadata[CLOSED] = True
             why = f"closed: the pin now refuses it: {reason}"
-            if flow.metadata.pop(DECISION, None) is not None:
-                self.enforcer.in_flight -= 1  # ended here: the Enforcer will not finish it
-            # One line for each, a WebSocket too (its request was logged when it opened); closed
-            # even when that fails: the next check would be at the next pin change.
             try:
-                refused = Decision(False, why)
-                self.enforcer.recorder.decision(flow, refused, host=host, port=port, status=None)
+                self.enforcer.close_flow(flow, host, port, Decision(False, why), why)
             except Exception:
                 self.internal_error("recording a connection the pin now refuses")
-            self.enforcer.close_client(flow.client_conn.id, why)
 
     def refused_now(self, flow: http.HTTPFlow) -> str | None:
         """Why the pin in force refuses a request it let through before, from what is known."""
